@@ -1,0 +1,1 @@
+"""Triton kernels of prunedm's ops, installed as prunedm.kernels (placeholder until the kernels land)."""

@@ -1,0 +1,101 @@
+"""Loads the compiled extension prunedm._C defensively and reports which backends are usable.
+
+`import prunedm` never fails for want of the extension: every op has a reference path, and
+extension_info() says what was built, what can run here, and how to get what is missing."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+_REBUILD_HINT = (
+    "reinstall from source with `pip install --no-build-isolation -e .` (or `make build`) "
+    "against the torch you run"
+)
+
+
+@lru_cache(maxsize=1)
+def _load() -> tuple[object | None, str]:
+    try:
+        from prunedm import _C  # noqa: F401  (importing registers torch.ops.prunedm.*)
+    except ImportError as exc:
+        return None, f"prunedm._C failed to import ({exc}); {_REBUILD_HINT}"
+    # The ops' fake (meta) implementations are registered once the schemas exist.
+    from prunedm.ops import _fake  # noqa: F401
+
+    return _C, ""
+
+
+def extension_loaded() -> bool:
+    return _load()[0] is not None
+
+
+def cuda_kernels_built() -> bool:
+    module = _load()[0]
+    return bool(module is not None and getattr(module, "WITH_CUDA", 0))
+
+
+def _triton_status() -> tuple[bool, bool, str]:
+    """(importable, interpreter on, reason when unusable)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return False, False, f"triton is not installed ({exc}); `pip install triton`"
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return True, interpret, ""
+
+
+def extension_info() -> dict:
+    """Which backends (cpu, cuda, triton) are built and usable here, and why not.
+
+    Returns {"cpu": {...}, "cuda": {...}, "triton": {...}, "torch": version, ...}; each backend
+    entry has "built" and "usable" (bools) and "reason" (empty when usable)."""
+    module, load_error = _load()
+    cuda_device = torch.cuda.is_available()
+    info: dict = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
+
+    info["cpu"] = {"built": module is not None, "usable": module is not None, "reason": load_error}
+
+    if module is None:
+        cuda = {"built": False, "usable": False, "reason": load_error}
+    elif not getattr(module, "WITH_CUDA", 0):
+        cuda = {
+            "built": False,
+            "usable": False,
+            "reason": "built without CUDA kernels (no nvcc found, or PRUNEDM_SKIP_CUDA_BUILD=1): reinstall on a "
+            "machine with the CUDA toolkit's nvcc on PATH",
+        }
+    elif not cuda_device:
+        cuda = {"built": True, "usable": False, "reason": "no CUDA device is visible"}
+    else:
+        cuda = {"built": True, "usable": True, "reason": ""}
+    if cuda_device:
+        cuda["device"] = torch.cuda.get_device_name()
+        cuda["capability"] = "%d.%d" % torch.cuda.get_device_capability()
+    info["cuda"] = cuda
+
+    importable, interpret, reason = _triton_status()
+    triton_info = {"built": importable, "usable": False, "interpret": interpret, "reason": reason}
+    if importable:
+        import triton
+
+        triton_info["version"] = triton.__version__
+        if cuda_device or interpret:
+            triton_info["usable"] = True
+        else:
+            triton_info["reason"] = "no CUDA device; set TRITON_INTERPRET=1 to run the kernels on CPU tensors"
+    info["triton"] = triton_info
+    return info
+
+
+def triton_usable_on(device: torch.device) -> tuple[bool, str]:
+    importable, interpret, reason = _triton_status()
+    if not importable:
+        return False, reason
+    if device.type == "cuda" or (device.type == "cpu" and interpret):
+        return True, ""
+    if device.type == "cpu":
+        return False, "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (set before importing prunedm)"
+    return False, f"Triton kernels do not run on {device.type} tensors"

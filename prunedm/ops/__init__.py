@@ -1,0 +1,21 @@
+"""prunedm's ops: N:M masks, 2:4 compression, conv weight layout. Each has a reference in
+prunedm.ops.reference (the spec) and fast paths chosen by `backend=` ("auto" picks)."""
+
+from prunedm.ops import reference
+from prunedm.ops._dispatch import BACKENDS
+from prunedm.ops.conv_layout import conv_weight_to_matrix, matrix_to_conv_weight
+from prunedm.ops.nm import is_nm_sparse, nm_mask, nm_violations
+from prunedm.ops.sparse24 import compress_2to4, decompress_2to4, to_semi_structured
+
+__all__ = [
+    "BACKENDS",
+    "compress_2to4",
+    "conv_weight_to_matrix",
+    "decompress_2to4",
+    "is_nm_sparse",
+    "matrix_to_conv_weight",
+    "nm_mask",
+    "nm_violations",
+    "reference",
+    "to_semi_structured",
+]

@@ -1,0 +1,131 @@
+"""Argument checks of the public ops, shared by every backend so that errors read the same.
+
+They mirror csrc/common/checks.h: ValueError for a wrong shape or value, TypeError for a wrong dtype."""
+
+from __future__ import annotations
+
+import torch
+
+MAX_GROUP_SIZE = 64
+ROW_TILE = 32
+COL_TILE = 32
+SIXTEEN_BIT_FLOATS = (torch.float16, torch.bfloat16)
+
+
+def check_tensor(op: str, arg: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_nm(op: str, n, m) -> None:
+    for name, v in (("n", n), ("m", m)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
+    if not 1 <= m <= MAX_GROUP_SIZE:
+        raise ValueError(f"{op}: m must be in [1, {MAX_GROUP_SIZE}], got {m}")
+    if not 0 <= n <= m:
+        raise ValueError(f"{op}: n must be in [0, m] = [0, {m}], got {n}")
+
+
+def check_last_dim_groups(op: str, arg: str, t: torch.Tensor, m: int) -> None:
+    if t.dim() < 1:
+        raise ValueError(f"{op}: {arg} must have at least 1 dimension, got a 0-D tensor")
+    if t.shape[-1] % m != 0:
+        raise ValueError(f"{op}: the last dim of {arg} ({t.shape[-1]}) must be divisible by m = {m}")
+
+
+def check_nm_mask(weight, n, m) -> None:
+    check_tensor("nm_mask", "weight", weight)
+    check_nm("nm_mask", n, m)
+    if not weight.is_floating_point():
+        raise TypeError(f"nm_mask: weight must be a floating-point tensor, got {weight.dtype}")
+    check_last_dim_groups("nm_mask", "weight", weight, m)
+
+
+def check_nm_violations(op: str, t, n, m) -> None:
+    check_tensor(op, "t", t)
+    check_nm(op, n, m)
+    if t.is_complex():
+        raise TypeError(f"{op}: t must be real, got {t.dtype}")
+    check_last_dim_groups(op, "t", t, m)
+
+
+def check_16bit_float(op: str, arg: str, t: torch.Tensor) -> None:
+    if t.dtype not in SIXTEEN_BIT_FLOATS:
+        raise TypeError(f"{op}: {arg} must be float16 or bfloat16, got {t.dtype}")
+
+
+def check_compress(dense) -> None:
+    check_tensor("compress_2to4", "dense", dense)
+    if dense.dim() != 2:
+        raise ValueError(f"compress_2to4: dense must be 2-D, got {dense.dim()}-D")
+    check_16bit_float("compress_2to4", "dense", dense)
+    rows, cols = dense.shape
+    if rows % ROW_TILE or cols % COL_TILE:
+        raise ValueError(
+            f"compress_2to4: dense's rows and columns must be multiples of {ROW_TILE} and {COL_TILE}, "
+            f"got {list(dense.shape)}"
+        )
+
+
+def violation_error(dense: torch.Tensor, count: int) -> ValueError:
+    """The error compress_2to4 raises for a matrix that is not 2:4 sparse."""
+    over = ((dense != 0).reshape(dense.shape[0], -1, 4).sum(-1) > 2).nonzero()
+    row, group = (int(v) for v in over[0]) if len(over) else (-1, -1)
+    return ValueError(
+        f"compress_2to4: dense is not 2:4 sparse: {count} group(s) of 4 along a row hold more than 2 non-zeros "
+        f"(the first at row {row}, columns {4 * group}..{4 * group + 3}); prune it first, "
+        "e.g. dense * prunedm.ops.nm_mask(dense)"
+    )
+
+
+def check_decompress(values, meta) -> None:
+    check_tensor("decompress_2to4", "values", values)
+    check_tensor("decompress_2to4", "meta", meta)
+    if values.dim() != 2:
+        raise ValueError(f"decompress_2to4: values must be 2-D, got {values.dim()}-D")
+    check_16bit_float("decompress_2to4", "values", values)
+    if meta.dtype != torch.int16:
+        raise TypeError(f"decompress_2to4: meta must be int16, got {meta.dtype}")
+    if values.device != meta.device:
+        raise ValueError(
+            f"decompress_2to4: values and meta must be on one device, got {values.device} and {meta.device}"
+        )
+    rows, cols = values.shape[0], 2 * values.shape[1]
+    if rows % ROW_TILE or cols % COL_TILE:
+        raise ValueError(
+            f"decompress_2to4: values must be [R, C/2] with R a multiple of {ROW_TILE} and C of {COL_TILE}, "
+            f"got {list(values.shape)}"
+        )
+    if meta.dim() != 2 or list(meta.shape) != [rows, cols // 16]:
+        raise ValueError(
+            f"decompress_2to4: meta must be [{rows}, {cols // 16}] for values of shape {list(values.shape)}, "
+            f"got {list(meta.shape)}"
+        )
+
+
+def invalid_meta_error(count: int) -> ValueError:
+    return ValueError(
+        f"decompress_2to4: meta holds {count} invalid 2:4 index pair(s) (each 4-bit entry must name two "
+        "increasing indices); was it made by compress_2to4 for values of this shape?"
+    )
+
+
+def check_conv_weight(w) -> None:
+    check_tensor("conv_weight_to_matrix", "w", w)
+    if w.dim() != 4:
+        raise ValueError(f"conv_weight_to_matrix: w must be 4-D [Cout, Cin, kh, kw], got {w.dim()}-D")
+
+
+def check_conv_matrix(mat, shape) -> tuple[int, int, int, int]:
+    check_tensor("matrix_to_conv_weight", "mat", mat)
+    shape = tuple(shape)
+    if len(shape) != 4 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ValueError(f"matrix_to_conv_weight: shape must be 4 positive ints (Cout, Cin, kh, kw), got {shape}")
+    cout, cin, kh, kw = shape
+    if mat.dim() != 2 or tuple(mat.shape) != (cout, kh * kw * cin):
+        raise ValueError(
+            f"matrix_to_conv_weight: mat must be [Cout, kh*kw*Cin] = [{cout}, {kh * kw * cin}] for shape {shape}, "
+            f"got {list(mat.shape)}"
+        )
+    return shape

@@ -1,0 +1,67 @@
+"""PEP 517 backend: setuptools, building prunedm._C against the torch of the target environment.
+
+Under pip's build isolation the backend runs with the target environment's interpreter but with
+its site-packages hidden. A compiled extension must match the torch it will load next to, so we
+ask that interpreter (outside the isolation) where its torch lives and put that first on the
+path. Only when the target has no torch is torch requested for the isolated environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from setuptools import build_meta as _orig
+from setuptools.build_meta import *  # noqa: F401,F403  (the PEP 517 hooks we do not override)
+
+_ISOLATION_VARS = ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")
+
+
+def _target_torch_site() -> str | None:
+    env = {k: v for k, v in os.environ.items() if k not in _ISOLATION_VARS}
+    probe = "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    site = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    return site or None
+
+
+def _use_target_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+
+        return True
+    except ImportError:
+        pass
+    site = _target_torch_site()
+    if site is None:
+        return False
+    sys.path.insert(0, site)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH", "")) if p)
+    return True
+
+
+def _extra_requires() -> list[str]:
+    return [] if _use_target_torch() else ["torch"]
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    return _orig.get_requires_for_build_wheel(config_settings) + _extra_requires()
+
+
+def get_requires_for_build_editable(config_settings=None):
+    return _orig.get_requires_for_build_editable(config_settings) + _extra_requires()
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    _use_target_torch()
+    return _orig.build_wheel(wheel_directory, config_settings, metadata_directory)
+
+
+def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
+    _use_target_torch()
+    return _orig.build_editable(wheel_directory, config_settings, metadata_directory)
