@@ -14,6 +14,7 @@ from setuptools import setup
 
 PACKAGES = [
     "prunedm",
+    "prunedm.cli",
     "prunedm.ops",
     "prunedm.kernels",
 ]
@@ -41,6 +42,8 @@ def _cuda_home() -> str | None:
 
     if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
         return CUDA_HOME
+    if os.environ.get("PRUNEDM_REQUIRE_CUDA_BUILD", "0") == "1":
+        raise RuntimeError("PRUNEDM_REQUIRE_CUDA_BUILD=1 but no nvcc was found: set CUDA_HOME or put nvcc on PATH")
     return None
 
 
@@ -84,5 +87,4 @@ setup(
     package_dir={"prunedm.kernels": "kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
-    entry_points={"console_scripts": ["prunedm=prunedm.cli:main"]},
 )
