@@ -55,7 +55,9 @@ def _extensions():
     include_dirs = [os.path.abspath("csrc/include")]
     cuda_home = _cuda_home()
     if cuda_home is None:
-        return [CppExtension("prunedm._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})]
+        return [
+            CppExtension("prunedm._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+        ]
 
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         supported = _nvcc_archs(os.path.join(cuda_home, "bin", "nvcc"))

@@ -11,8 +11,7 @@ from functools import lru_cache
 import torch
 
 _REBUILD_HINT = (
-    "reinstall from source with `pip install --no-build-isolation -e .` (or `make build`) "
-    "against the torch you run"
+    "reinstall from source with `pip install --no-build-isolation -e .` (or `make build`) against the torch you run"
 )
 
 

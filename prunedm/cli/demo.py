@@ -68,6 +68,8 @@ def run_demo(device: str = "auto", seed: int = 0) -> int:
             f"packed {packed_bytes / dense_bytes:.4f} of dense bytes, round trip exact, "
             f"{matmul_note}, {elapsed_ms:.0f} ms"
         )
-    print(f"block total: {total_packed / 2**20:.2f} MiB packed vs {total_dense / 2**20:.2f} MiB dense "
-          f"({total_packed / total_dense:.4f}; 9/16 = 0.5625)")
+    print(
+        f"block total: {total_packed / 2**20:.2f} MiB packed vs {total_dense / 2**20:.2f} MiB dense "
+        f"({total_packed / total_dense:.4f}; 9/16 = 0.5625)"
+    )
     return 0

@@ -6,6 +6,7 @@ import torch
 
 from prunedm.ops import _checks, reference
 from prunedm.ops._dispatch import check_same_device, pick_backend
+from prunedm.ops.nm import nm_violations
 
 
 def compress_2to4(dense: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,9 +69,7 @@ def to_semi_structured(dense: torch.Tensor):
             compressed_swizzled_bitmask=None,
             requires_grad=dense.requires_grad,
         )
-    count = int(torch.ops.prunedm.nm_violations(dense, 2, 4)) if pick_backend(
-        "to_semi_structured", "auto", dense
-    ) == "extension" else int(reference.nm_violations_ref(dense, 2, 4))
+    count = nm_violations(dense, 2, 4)
     if count:
         raise _checks.violation_error(dense, count)
     return SparseSemiStructuredTensorCUSPARSELT.from_dense(dense)

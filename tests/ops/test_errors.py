@@ -64,7 +64,9 @@ def test_compress_refuses_groups_with_more_than_two_nonzeros(backend, dtype):
     dense = torch.zeros(64, 64, dtype=dtype)
     dense[5, 8:11] = 1.0  # three non-zeros in the group at columns 8..11
     dense[40, :4] = 2.0
-    with pytest.raises(ValueError, match=r"2 group\(s\) .* more than 2 non-zeros \(the first at row 5, columns 8..11\)"):
+    with pytest.raises(
+        ValueError, match=r"2 group\(s\) .* more than 2 non-zeros \(the first at row 5, columns 8..11\)"
+    ):
         ops.compress_2to4(dense, backend=backend)
 
 

@@ -64,9 +64,7 @@ def test_negative_zero_is_zero_and_keeps_its_bits():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_nm_mask_ref_keeps_largest_with_ties_to_lower_index(dtype):
     w = torch.tensor([[1.0, -3.0, 3.0, 0.5], [2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, -0.0]], dtype=dtype)
-    expected = torch.tensor(
-        [[False, True, True, False], [True, True, False, False], [True, True, False, False]]
-    )
+    expected = torch.tensor([[False, True, True, False], [True, True, False, False], [True, True, False, False]])
     assert torch.equal(reference.nm_mask_ref(w, 2, 4), expected)
 
 

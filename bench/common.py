@@ -1,0 +1,100 @@
+"""What every benchmark row records: device, versions, git commit; timing; atomic JSON/CSV output."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+# Peak DRAM bandwidth (GB/s) of GPUs whose properties do not report it.
+KNOWN_BANDWIDTH_GBPS = {"H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H200": 4800.0, "A100-SXM4-80GB": 2039.0}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+        env["capability"] = "%d.%d" % torch.cuda.get_device_capability(device)
+    else:
+        env["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return env
+
+
+def peak_bandwidth_gbps(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", 0)
+    bus_bits = getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9  # double data rate
+    return next((bw for name, bw in KNOWN_BANDWIDTH_GBPS.items() if name in props.name), None)
+
+
+def time_ms(fn, device: torch.device, min_run_time: float = 0.2) -> dict:
+    """Median and 20/80% quantiles of fn's latency in ms (CUDA: do_bench with warm-up; CPU: torch.utils.benchmark)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        fn()
+        median, q20, q80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return {"median_ms": median, "q20_ms": q20, "q80_ms": q80}
+    import torch.utils.benchmark as benchmark
+
+    fn()
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    times = sorted(m.times)
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] * 1e3  # noqa: E731
+    return {"median_ms": m.median * 1e3, "q20_ms": pick(0.2), "q80_ms": pick(0.8)}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_results(out_dir: str | os.PathLike, name: str, env: dict, rows: list[dict]) -> tuple[Path, Path]:
+    """Write DIR/name.json ({environment, rows}) and DIR/name.csv (rows with the environment columns)."""
+    out = Path(out_dir)
+    json_path, csv_path = out / f"{name}.json", out / f"{name}.csv"
+    _write_atomic(json_path, json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+    flat = [{**row, **{f"env_{k}": v for k, v in env.items()}} for row in rows]
+    columns = list(dict.fromkeys(key for row in flat for key in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(flat)
+    _write_atomic(csv_path, buf.getvalue())
+    return json_path, csv_path

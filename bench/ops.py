@@ -1,0 +1,116 @@
+"""Benchmark of the 2:4 format ops: nm_mask and compress_2to4 against their baselines, in one run.
+
+CPU: our C++ kernel against the reference (and torch's CUTLASS converter for compression).
+GPU: our CUDA and Triton kernels against torch.sparse.to_sparse_semi_structured, and as a
+fraction of peak memory bandwidth. Every timed output is first checked against the reference.
+
+    python -m bench.ops --out bench/out [--device cpu|cuda] [--quick]"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+
+import prunedm
+from bench.common import environment, peak_bandwidth_gbps, time_ms, write_results
+from prunedm import ops
+
+# Weight shapes (out, in) of real models: DiT-XL/2 (hidden 1152) and SD 1.5 UNet (320..1280).
+SHAPES = {
+    "dit-xl2.qkv": (3456, 1152),
+    "dit-xl2.mlp_in": (4608, 1152),
+    "dit-xl2.mlp_out": (1152, 4608),
+    "sd15.attn_640": (640, 640),
+    "sd15.ff_1280": (10240, 1280),
+    "sd15.conv3x3_320": (320, 2880),
+}
+QUICK_SHAPES = ["dit-xl2.qkv", "sd15.attn_640"]
+
+
+def _backends(device: torch.device) -> list[str]:
+    info = prunedm.extension_info()
+    names = []
+    if info["cuda" if device.type == "cuda" else "cpu"]["built"]:
+        names.append("extension")
+    if device.type == "cuda" and info["triton"]["usable"]:
+        names.append("triton")
+    return names
+
+
+def bench_shape(label: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> list[dict]:
+    weight = torch.randn(shape, dtype=dtype, device=device)
+    pruned = weight * ops.nm_mask(weight, backend="reference")
+    expected_mask = ops.nm_mask(weight.cpu(), backend="reference")
+    expected_values, expected_meta = sparse_semi_structured_from_dense_cutlass(pruned.cpu())
+    bandwidth = peak_bandwidth_gbps(device)
+    rows = []
+
+    def row(op: str, backend: str, fn, moved_bytes: int, baseline: dict | None) -> dict:
+        timing = time_ms(fn, device)
+        r = {"op": op, "shape": f"{label} {shape[0]}x{shape[1]}", "dtype": str(dtype).removeprefix("torch."),
+             "backend": backend, **timing}  # fmt: skip
+        r["speedup_vs_baseline"] = baseline["median_ms"] / timing["median_ms"] if baseline else 1.0
+        r["baseline"] = baseline["backend"] if baseline else backend
+        if device.type == "cuda":
+            r["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            gbps = moved_bytes / (timing["median_ms"] * 1e-3) / 1e9
+            r["achieved_gbps"] = gbps
+            r["bandwidth_fraction"] = gbps / bandwidth if bandwidth else None
+        rows.append(r)
+        return r
+
+    # nm_mask: reads the weight, writes a bool mask.
+    mask_bytes = weight.numel() * (weight.element_size() + 1)
+    mask_base = row("nm_mask", "reference", lambda: ops.nm_mask(weight, backend="reference"), mask_bytes, None)
+    for backend in _backends(device):
+        got = ops.nm_mask(weight, backend=backend)
+        assert torch.equal(got.cpu(), expected_mask), f"nm_mask {backend} differs from the reference"
+        row("nm_mask", backend, lambda b=backend: ops.nm_mask(weight, backend=b), mask_bytes, mask_base)
+
+    # compress_2to4: reads the dense matrix, writes values (half) and metadata (1/16 x int16).
+    compress_bytes = pruned.numel() * pruned.element_size() * (1 + 9 / 16)
+    if device.type == "cuda":
+        from torch.sparse import to_sparse_semi_structured
+
+        baseline = row("compress_2to4", "torch.to_sparse_semi_structured",
+                       lambda: to_sparse_semi_structured(pruned), compress_bytes, None)  # fmt: skip
+    else:
+        baseline = row("compress_2to4", "torch_cutlass_converter",
+                       lambda: sparse_semi_structured_from_dense_cutlass(pruned), compress_bytes, None)  # fmt: skip
+        row("compress_2to4", "reference", lambda: ops.compress_2to4(pruned, backend="reference"),
+            compress_bytes, baseline)  # fmt: skip
+    for backend in _backends(device):
+        values, meta = ops.compress_2to4(pruned, backend=backend)
+        assert torch.equal(values.cpu(), expected_values) and torch.equal(meta.cpu(), expected_meta), backend
+        row("compress_2to4", backend, lambda b=backend: ops.compress_2to4(pruned, backend=b), compress_bytes, baseline)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/out", help="directory for ops.json and ops.csv")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="two shapes, fp16 only")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
+    if device.type == "auto":
+        device = torch.device("cpu")
+    names = QUICK_SHAPES if args.quick else list(SHAPES)
+    dtypes = [torch.float16] if args.quick else [torch.float16, torch.bfloat16]
+    rows = []
+    for name in names:
+        for dtype in dtypes:
+            rows += bench_shape(name, SHAPES[name], dtype, device)
+            last = [r for r in rows if r["shape"].startswith(name)][-1]
+            print(
+                f"{name} {dtype}: compress {last['backend']} {last['speedup_vs_baseline']:.2f}x vs {last['baseline']}"
+            )
+    json_path, csv_path = write_results(args.out, "ops", environment(device), rows)
+    print(f"wrote {json_path} and {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
