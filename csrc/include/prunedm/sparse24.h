@@ -22,9 +22,11 @@ constexpr int kRowTile = 32;
 constexpr int kColTile = 32;
 
 // Orders keys for "keep the n largest": NaN is larger than every number (as in torch.sort),
-// two NaNs are equal.
-PRUNEDM_HD bool key_greater(float a, float b) { return (a != a) ? (b == b) : (a > b); }
-PRUNEDM_HD bool key_greater(double a, double b) { return (a != a) ? (b == b) : (a > b); }
+// two NaNs are equal. Bitwise operators keep it branch-free (a > b is false when either is NaN).
+template <typename Key>
+PRUNEDM_HD bool key_greater(Key a, Key b) {
+  return ((a != a) & (b == b)) | (a > b);
+}
 
 // Bit i is set when keys[i] is among the n largest of keys[0..m); ties go to the lower index.
 // An element's rank is the number of elements that beat it; it is kept when its rank is below n.
@@ -34,8 +36,8 @@ PRUNEDM_HD uint64_t top_n_bits(const Key* keys, int n, int m) {
   for (int i = 0; i < m; ++i) {
     int rank = 0;
     for (int j = 0; j < m; ++j) {
-      const bool beats = key_greater(keys[j], keys[i]) || (j < i && !key_greater(keys[i], keys[j]));
-      rank += beats ? 1 : 0;
+      const bool beats = key_greater(keys[j], keys[i]) | ((j < i) & !key_greater(keys[i], keys[j]));
+      rank += int(beats);
     }
     if (rank < n) kept |= (uint64_t{1} << i);
   }
