@@ -1,6 +1,5 @@
 """Triton kernels of prunedm's ops, installed as prunedm.kernels: the backend="triton" path of prunedm.ops.
-
-Each op is also registered as torch.ops.prunedm_triton.<name>; arguments are validated by prunedm.ops."""
+Each op is also registered as torch.ops.prunedm_triton.<name>; prunedm.ops validates the arguments."""
 
 from __future__ import annotations
 

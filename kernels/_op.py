@@ -3,6 +3,8 @@ and the integer views through which the kernels read floating-point values bit-e
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 try:
@@ -40,6 +42,21 @@ def register(name: str, kernel, fake):
         return op
 
     return decorate
+
+
+def wrap_triton(kernel):
+    """torch.library.wrap_triton(kernel), passing an interpreted kernel through as it is.
+
+    Interpreted kernels run eagerly inside an opaque op (see register), and older torch releases
+    refuse them. Called by this name so that triton_op finds the kernels an op launches."""
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def on_device_of(t: torch.Tensor):
+    """Context making t's GPU the current one: Triton launches on the current device, not the tensor's."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def magnitude_bits(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from prunedm.kernels import _op
+from prunedm.kernels._op import wrap_triton
 
 # Work per program: rank comparisons for nm_mask (BLOCK_G * M * M), loaded elements for
 # nm_violations (BLOCK_G * M). Enough to hide memory latency, few enough to stay in registers.
@@ -66,17 +67,18 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     bits, magnitude_mask, inf_bits = _op.magnitude_bits(weight)
     padded_m = _padded_group_size(m)
     block_g = max(1, _COMPARISONS_PER_PROGRAM // (padded_m * padded_m))
-    torch.library.wrap_triton(_nm_mask_kernel)[(triton.cdiv(groups, block_g),)](
-        bits,
-        keep.view(torch.uint8),  # bool is stored as one byte of 0 or 1
-        groups,
-        n,
-        m,
-        MAGNITUDE_MASK=magnitude_mask,
-        INF_BITS=inf_bits,
-        M=padded_m,
-        BLOCK_G=block_g,
-    )
+    with _op.on_device_of(weight):
+        wrap_triton(_nm_mask_kernel)[(triton.cdiv(groups, block_g),)](
+            bits,
+            keep.view(torch.uint8),  # bool is stored as one byte of 0 or 1
+            groups,
+            n,
+            m,
+            MAGNITUDE_MASK=magnitude_mask,
+            INF_BITS=inf_bits,
+            M=padded_m,
+            BLOCK_G=block_g,
+        )
     return keep
 
 
@@ -117,7 +119,8 @@ def nm_violations(t: torch.Tensor, n: int, m: int) -> torch.Tensor:
     block_g = max(1, _ELEMENTS_PER_PROGRAM // padded_m)
     programs = triton.cdiv(groups, block_g)
     partial = torch.empty(programs, dtype=torch.int32, device=t.device)
-    torch.library.wrap_triton(_nm_violations_kernel)[(programs,)](
-        bits, partial, groups, n, m, NONZERO_MASK=nonzero_mask, M=padded_m, BLOCK_G=block_g
-    )
+    with _op.on_device_of(t):
+        wrap_triton(_nm_violations_kernel)[(programs,)](
+            bits, partial, groups, n, m, NONZERO_MASK=nonzero_mask, M=padded_m, BLOCK_G=block_g
+        )
     return partial.sum()  # int32 partials sum to int64

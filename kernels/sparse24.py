@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from prunedm.kernels import _op
+from prunedm.kernels._op import wrap_triton
 from prunedm.ops import reference
 
 # reference._NIBBLE_FOR_NONZERO_BITS as one 64-bit word (entry k in bits 4k..4k+3), so the kernel
@@ -93,17 +94,18 @@ def compress_2to4(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
         return values, meta, dense.new_zeros((), dtype=torch.int64)
     programs = triton.cdiv(meta_elements, _META_PER_PROGRAM)
     partial = dense.new_empty((programs,), dtype=torch.int32)
-    torch.library.wrap_triton(_compress_2to4_kernel)[(programs,)](
-        dense.contiguous().view(torch.int16),
-        values.view(torch.int16),
-        meta,
-        partial,
-        rows,
-        cols // 16,
-        meta_elements,
-        NIBBLE_TABLE=_NIBBLE_TABLE,
-        BLOCK=_META_PER_PROGRAM,
-    )
+    with _op.on_device_of(dense):
+        wrap_triton(_compress_2to4_kernel)[(programs,)](
+            dense.contiguous().view(torch.int16),
+            values.view(torch.int16),
+            meta,
+            partial,
+            rows,
+            cols // 16,
+            meta_elements,
+            NIBBLE_TABLE=_NIBBLE_TABLE,
+            BLOCK=_META_PER_PROGRAM,
+        )
     return values, meta, partial.sum()
 
 
@@ -163,14 +165,15 @@ def decompress_2to4(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Ten
         return dense, values.new_zeros((), dtype=torch.int64)
     programs = triton.cdiv(meta_elements, _META_PER_PROGRAM)
     partial = values.new_empty((programs,), dtype=torch.int32)
-    torch.library.wrap_triton(_decompress_2to4_kernel)[(programs,)](
-        values.contiguous().view(torch.int16),
-        meta.contiguous(),
-        dense.view(torch.int16),
-        partial,
-        rows,
-        half_cols // 8,
-        meta_elements,
-        BLOCK=_META_PER_PROGRAM,
-    )
+    with _op.on_device_of(values):
+        wrap_triton(_decompress_2to4_kernel)[(programs,)](
+            values.contiguous().view(torch.int16),
+            meta.contiguous(),
+            dense.view(torch.int16),
+            partial,
+            rows,
+            half_cols // 8,
+            meta_elements,
+            BLOCK=_META_PER_PROGRAM,
+        )
     return dense, partial.sum()

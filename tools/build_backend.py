@@ -45,23 +45,14 @@ def _use_target_torch() -> bool:
     return True
 
 
-def _extra_requires() -> list[str]:
-    return [] if _use_target_torch() else ["torch"]
+# Every PEP 517 hook runs in a fresh process that imports this module, and setup.py imports
+# torch, so the target's torch goes on the path here, before any hook runs setuptools.
+_TARGET_HAS_TORCH = _use_target_torch()
 
 
 def get_requires_for_build_wheel(config_settings=None):
-    return _orig.get_requires_for_build_wheel(config_settings) + _extra_requires()
+    return _orig.get_requires_for_build_wheel(config_settings) + ([] if _TARGET_HAS_TORCH else ["torch"])
 
 
 def get_requires_for_build_editable(config_settings=None):
-    return _orig.get_requires_for_build_editable(config_settings) + _extra_requires()
-
-
-def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
-    _use_target_torch()
-    return _orig.build_wheel(wheel_directory, config_settings, metadata_directory)
-
-
-def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
-    _use_target_torch()
-    return _orig.build_editable(wheel_directory, config_settings, metadata_directory)
+    return _orig.get_requires_for_build_editable(config_settings) + ([] if _TARGET_HAS_TORCH else ["torch"])

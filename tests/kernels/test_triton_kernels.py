@@ -1,10 +1,11 @@
 """The Triton kernels (prunedm.kernels) against the reference and torch's CUTLASS converter.
-
 Without a GPU they run on CPU tensors through Triton's interpreter, so shapes stay small."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -302,3 +303,47 @@ def _opcheck_cases():
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
+
+
+# Compiling for a GPU without one: catches what the interpreter accepts but the compiler refuses.
+
+_COMPILE_FOR_SM80 = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from prunedm.kernels import nm, sparse24
+
+def build(kernel, signature, constexprs):
+    signature = dict(signature, **{name: "constexpr" for name in constexprs})
+    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 80, 32))
+
+sizes = {"groups": "i64", "n": "i32", "m": "i32"}
+build(nm._nm_mask_kernel, {"bits_ptr": "*i16", "keep_ptr": "*u8", **sizes},
+      {"MAGNITUDE_MASK": 0x7FFF, "INF_BITS": 0x7C00, "M": 4, "BLOCK_G": 512})
+build(nm._nm_mask_kernel, {"bits_ptr": "*i64", "keep_ptr": "*u8", **sizes},
+      {"MAGNITUDE_MASK": 2**63 - 1, "INF_BITS": 0x7FF0 << 48, "M": 64, "BLOCK_G": 2})
+build(nm._nm_violations_kernel, {"bits_ptr": "*i8", "partial_ptr": "*i32", **sizes},
+      {"NONZERO_MASK": -1, "M": 8, "BLOCK_G": 512})
+meta_sizes = {"rows": "i32", "meta_cols": "i32", "meta_elements": "i64"}
+build(sparse24._compress_2to4_kernel, {"dense_ptr": "*i16", "values_ptr": "*i16", "meta_ptr": "*i16",
+      "partial_ptr": "*i32", **meta_sizes}, {"NIBBLE_TABLE": sparse24._NIBBLE_TABLE, "BLOCK": 128})
+build(sparse24._decompress_2to4_kernel, {"values_ptr": "*i16", "meta_ptr": "*i16", "dense_ptr": "*i16",
+      "partial_ptr": "*i32", **meta_sizes}, {"BLOCK": 128})
+"""
+
+
+def _can_compile_for_nvidia() -> bool:
+    try:
+        from triton.backends import backends
+    except ImportError:
+        return False
+    return "nvidia" in backends
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="with a GPU every test above compiles the kernels")
+@pytest.mark.skipif(not _can_compile_for_nvidia(), reason="this triton has no NVIDIA backend")
+def test_kernels_compile_for_sm80():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM80], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
