@@ -35,25 +35,65 @@ def _nvcc_archs(nvcc: str) -> set[str]:
     return archs
 
 
-def _cuda_home() -> str | None:
-    if os.environ.get("PRUNEDM_SKIP_CUDA_BUILD", "0") == "1":
-        return None
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
-        return CUDA_HOME
-    if os.environ.get("PRUNEDM_REQUIRE_CUDA_BUILD", "0") == "1":
-        raise RuntimeError("PRUNEDM_REQUIRE_CUDA_BUILD=1 but no nvcc was found: set CUDA_HOME or put nvcc on PATH")
+def _toolkit_root(candidate: str | None) -> str | None:
+    if candidate and os.path.isfile(os.path.join(candidate, "bin", "nvcc")):
+        if os.path.isfile(os.path.join(candidate, "include", "cuda_runtime.h")):
+            return candidate
     return None
 
 
+def _find_cuda_home() -> str | None:
+    """The CUDA toolkit to compile with: CUDA_HOME/CUDA_PATH, else the one behind `nvcc` on PATH.
+
+    nvcc on PATH may be a wrapper script (e.g. /usr/local/bin/nvcc), whose parent is not a
+    toolkit, so each candidate must hold bin/nvcc and include/cuda_runtime.h."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:  # a wrapper script: ask nvcc where its toolkit is
+            dryrun = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True).stderr
+            candidates += [os.path.normpath(line.split("=", 1)[1].strip()) for line in dryrun.splitlines()
+                           if line.startswith("#$ TOP=")]  # fmt: skip
+        except OSError:
+            pass
+    candidates.append("/usr/local/cuda")
+    return next((root for root in map(_toolkit_root, candidates) if root), None)
+
+
+def _cuda_home() -> str | None:
+    if os.environ.get("PRUNEDM_SKIP_CUDA_BUILD", "0") == "1":
+        return None
+    cuda_home = _find_cuda_home()
+    if cuda_home is None and os.environ.get("PRUNEDM_REQUIRE_CUDA_BUILD", "0") == "1":
+        raise RuntimeError("PRUNEDM_REQUIRE_CUDA_BUILD=1 but no CUDA toolkit (bin/nvcc, include/cuda_runtime.h) "
+                           "was found: set CUDA_HOME or put nvcc on PATH")  # fmt: skip
+    if cuda_home:
+        # torch.utils.cpp_extension reads CUDA_HOME when it is first imported.
+        os.environ["CUDA_HOME"] = cuda_home
+    return cuda_home
+
+
+def _library_header_dirs(cuda_home: str) -> list[str]:
+    """Include dirs of the CUDA libraries torch's headers use (cuBLAS, cuSPARSE, ...).
+
+    A toolkit installed with nvcc alone lacks them; torch's wheels bring them as nvidia-* packages
+    next to torch, so those include dirs are used then."""
+    if os.path.isfile(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    import torch
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(d))
+
+
 def _extensions():
+    cuda_home = _cuda_home()  # before torch.utils.cpp_extension is imported: it reads CUDA_HOME once
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     cpp_sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for
     include_dirs = [os.path.abspath("csrc/include")]
-    cuda_home = _cuda_home()
     if cuda_home is None:
         return [
             CppExtension("prunedm._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
@@ -70,7 +110,7 @@ def _extensions():
         CUDAExtension(
             "prunedm._C",
             cpp_sources + sorted(glob.glob("csrc/cuda/*.cu")),
-            include_dirs=include_dirs,
+            include_dirs=include_dirs + _library_header_dirs(cuda_home),
             library_dirs=library_dirs,
             define_macros=[("PRUNEDM_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},

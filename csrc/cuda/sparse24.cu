@@ -107,7 +107,8 @@ __device__ __forceinline__ int64_t grid_stride() { return int64_t(gridDim.x) * b
 // never more than the work needs.
 int blocks_for(int64_t work) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  const int64_t resident = int64_t(props->multiProcessorCount) * std::max(1, props->maxThreadsPerMultiProcessor / kThreads);
+  const int64_t blocks_per_sm = std::max(1, props->maxThreadsPerMultiProcessor / kThreads);
+  const int64_t resident = int64_t(props->multiProcessorCount) * blocks_per_sm;
   const int64_t needed = (work + kThreads - 1) / kThreads;
   return int(std::max<int64_t>(1, std::min(needed, 4 * resident)));
 }

@@ -426,6 +426,7 @@ def _cusparselt_available() -> bool:
         return False
 
 
+@pytest.mark.sm80
 @pytest.mark.parametrize("shape", [(64, 128), (128, 256), (256, 64)])
 def test_to_semi_structured_matmul_matches_torch_sparse(shape):
     major, _ = torch.cuda.get_device_capability()
