@@ -52,7 +52,9 @@ def _find_cuda_home() -> str | None:
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
         try:  # a wrapper script: ask nvcc where its toolkit is
-            dryrun = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True).stderr
+            dryrun = subprocess.run(
+                [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True, text=True
+            ).stderr
             candidates += [os.path.normpath(line.split("=", 1)[1].strip()) for line in dryrun.splitlines()
                            if line.startswith("#$ TOP=")]  # fmt: skip
         except OSError:
