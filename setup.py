@@ -10,14 +10,10 @@ import os
 import shutil
 import subprocess
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = [
-    "prunedm",
-    "prunedm.cli",
-    "prunedm.ops",
-    "prunedm.kernels",
-]
+# prunedm and its subpackages, plus the Triton kernels (top-level kernels/) as prunedm.kernels.
+PACKAGES = [*find_packages(include=["prunedm", "prunedm.*"]), "prunedm.kernels"]
 DEFAULT_ARCHS = ["8.0", "8.6", "8.9", "9.0a"]
 
 
