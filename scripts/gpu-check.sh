@@ -20,8 +20,13 @@ fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 arch=$(python3 -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}' + ('a' if c[0] == 9 else ''))")
 start=$(date +%s)
-MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" \
-  python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -50 "$OUT/build.log"; exit 1; }
+export MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}"
+# An image without `wheel` (or with an old setuptools) cannot build editable wheels: build in place then.
+if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  python3 setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || { echo "build failed"; tail -50 "$OUT/build.log"; exit 1; }
+  ln -sfn ../kernels prunedm/kernels  # what package_dir maps when installed
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 echo "build_seconds=$(( $(date +%s) - start ))" | tee "$OUT/build-time.txt"
 python3 -c "import prunedm, json; print(json.dumps(prunedm.extension_info(), indent=1))" | tee "$OUT/extension-info.json"
 

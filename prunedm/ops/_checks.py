@@ -129,3 +129,66 @@ def check_conv_matrix(mat, shape) -> tuple[int, int, int, int]:
             f"got {list(mat.shape)}"
         )
     return shape
+
+
+# Gumbel N:M sampling (mirrors check_gumbel_* in csrc/cpu/gumbel.cpp)
+
+MAX_PATTERN_GROUP_SIZE = 16  # gumbel_pattern_sample: C(16, 8) = 12870 candidate patterns per group
+GUMBEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
+def check_tau(op: str, tau) -> None:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"{op}: tau must be a float, got {type(tau).__name__}")
+    if not (0 < tau < float("inf")):
+        raise ValueError(f"{op}: tau must be a finite number > 0, got {tau}")
+
+
+def check_seed(op: str, seed) -> None:
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{op}: seed must be an int or None, got {type(seed).__name__}")
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(f"{op}: seed must fit in 64 signed bits, got {seed}")
+
+
+def _check_gumbel_input(op: str, arg: str, t, hard) -> None:
+    check_tensor(op, arg, t)
+    if t.dtype not in GUMBEL_DTYPES:
+        raise TypeError(f"{op}: {arg} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not isinstance(hard, bool):
+        raise TypeError(f"{op}: hard must be a bool, got {type(hard).__name__}")
+
+
+def check_gumbel_nm(logits, n, m, tau, hard, seed) -> None:
+    op = "gumbel_nm_sample"
+    _check_gumbel_input(op, "logits", logits, hard)
+    check_nm(op, n, m)
+    check_last_dim_groups(op, "logits", logits, m)
+    check_tau(op, tau)
+    check_seed(op, seed)
+
+
+def num_patterns(n: int, m: int) -> int:
+    import math
+
+    return math.comb(m, n)
+
+
+def check_gumbel_pattern(pattern_logits, n, m, tau, hard, seed) -> None:
+    op = "gumbel_pattern_sample"
+    _check_gumbel_input(op, "pattern_logits", pattern_logits, hard)
+    check_nm(op, n, m)
+    if m > MAX_PATTERN_GROUP_SIZE:
+        raise ValueError(f"{op}: m must be in [1, {MAX_PATTERN_GROUP_SIZE}] (C(m, n) candidate patterns per group), "
+                         f"got {m}")  # fmt: skip
+    patterns = num_patterns(n, m)
+    if pattern_logits.dim() < 2 or pattern_logits.shape[-1] != patterns:
+        raise ValueError(
+            f"{op}: pattern_logits must be [..., G, C(m, n)] = [..., G, {patterns}] for n = {n}, m = {m}, "
+            f"got {list(pattern_logits.shape)}"
+        )
+    check_tau(op, tau)
+    check_seed(op, seed)

@@ -25,3 +25,47 @@ def _compress_2to4_fake(dense):
 def _decompress_2to4_fake(values, meta):
     rows, half_cols = values.shape
     return values.new_empty((rows, 2 * half_cols))
+
+
+# Gumbel N:M sampling: fake implementations, and the autograd formulas of the forward ops (their
+# backward ops recompute noise and relaxation from the seed, so only the logits are saved). Skipped
+# by an extension built before these ops existed (rebuild it to get them).
+
+
+def _register_gumbel() -> None:
+    @torch.library.register_fake("prunedm::gumbel_nm_sample")
+    def _gumbel_nm_sample_fake(logits, n, m, tau, hard, seed):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("prunedm::gumbel_nm_sample_backward")
+    def _gumbel_nm_sample_backward_fake(grad, logits, n, m, tau, seed):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("prunedm::gumbel_pattern_sample")
+    def _gumbel_pattern_sample_fake(pattern_logits, n, m, tau, hard, seed):
+        *batch, groups, _ = pattern_logits.shape
+        return pattern_logits.new_empty((*batch, groups * m))
+
+    @torch.library.register_fake("prunedm::gumbel_pattern_sample_backward")
+    def _gumbel_pattern_sample_backward_fake(grad, pattern_logits, n, m, tau, seed):
+        return torch.empty_like(pattern_logits, memory_format=torch.contiguous_format)
+
+    def save_inputs(ctx, inputs, output):
+        logits, n, m, tau, _hard, seed = inputs
+        ctx.save_for_backward(logits)
+        ctx.args = (n, m, tau, seed)
+
+    def nm_backward(ctx, grad):
+        (logits,) = ctx.saved_tensors
+        return torch.ops.prunedm.gumbel_nm_sample_backward(grad, logits, *ctx.args), None, None, None, None, None
+
+    def pattern_backward(ctx, grad):
+        (logits,) = ctx.saved_tensors
+        return torch.ops.prunedm.gumbel_pattern_sample_backward(grad, logits, *ctx.args), None, None, None, None, None
+
+    torch.library.register_autograd("prunedm::gumbel_nm_sample", nm_backward, setup_context=save_inputs)
+    torch.library.register_autograd("prunedm::gumbel_pattern_sample", pattern_backward, setup_context=save_inputs)
+
+
+if hasattr(torch.ops.prunedm, "gumbel_nm_sample"):
+    _register_gumbel()

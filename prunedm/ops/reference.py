@@ -105,3 +105,160 @@ def decompress_2to4_ref(values: torch.Tensor, meta: torch.Tensor) -> torch.Tenso
     dense.scatter_(-1, (nibbles & 3)[..., None], kept[..., 0:1])
     dense.scatter_(-1, (nibbles >> 2)[..., None], kept[..., 1:2])
     return dense.reshape(rows, cols)
+
+
+# Gumbel N:M sampling ----------------------------------------------------------------------------
+#
+# Noise: element i of a sampled tensor (flat index, row-major) draws word i % 4 of Philox4x32-10
+# with counter (lo32(i // 4), hi32(i // 4), 0, 0) and key (lo32(seed), hi32(seed)); its Gumbel
+# noise is -log(-log(u)), u = (bits + 1/2) / 2^32, computed in float64 and rounded once to the
+# compute dtype (float64 for float64 logits, float32 otherwise). csrc/include/prunedm/philox.h
+# and the Triton kernels draw the same bits, so every backend samples the same masks.
+
+_MASK32 = 0xFFFF_FFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # round multipliers
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # key increments (Weyl sequence)
+_PHILOX_ROUNDS = 10
+
+
+def _mulhilo32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32 bits of a * b for uint32 values held in int64, without overflowing int64:
+    the product is assembled from 16-bit halves."""
+    a_lo, a_hi = a & 0xFFFF, a >> 16
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    ll, lh, hl, hh = a_lo * b_lo, a_lo * b_hi, a_hi * b_lo, a_hi * b_hi
+    mid = (ll >> 16) + (lh & 0xFFFF) + (hl & 0xFFFF)
+    low = ((mid & 0xFFFF) << 16) | (ll & 0xFFFF)
+    high = hh + (lh >> 16) + (hl >> 16) + (mid >> 16)
+    return high, low
+
+
+def philox4x32_10_ref(counter: tuple[torch.Tensor, ...], key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 (Salmon et al. 2011) of int64 tensors holding uint32 counter words, key two uint32 ints."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(_PHILOX_ROUNDS):
+        hi0, lo0 = _mulhilo32(c0, _PHILOX_M[0])
+        hi1, lo1 = _mulhilo32(c2, _PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_W[0]) & _MASK32, (k1 + _PHILOX_W[1]) & _MASK32
+    return c0, c1, c2, c3
+
+
+def philox_bits_ref(seed: int, numel: int, device=None) -> torch.Tensor:
+    """int64 [numel]: the 32 random bits (0 <= v < 2^32) of elements 0..numel-1 under seed."""
+    blocks = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(blocks)
+    key = (seed & _MASK32, (seed >> 32) & _MASK32)
+    words = philox4x32_10_ref((blocks & _MASK32, blocks >> 32, zero, zero), key)
+    return torch.stack(words, -1).reshape(-1)[:numel]
+
+
+def gumbel_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the sampling math runs in: float64 for float64 inputs, float32 for the rest."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gumbel_noise_ref(seed: int, shape, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """Standard Gumbel noise of a tensor of `shape` under seed, in `dtype` (computed in float64)."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    u = (philox_bits_ref(seed, numel, device).double() + 0.5) * 2.0**-32
+    return (-torch.log(-torch.log(u))).to(dtype).reshape(shape)
+
+
+def _log1m_softmax_ref(z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """log(1 - a) for a = softmax(z) along the last dim, exact where a rounds to 1: at the (first)
+    argmax it is logsumexp(z without it) - logsumexp(z); elsewhere a <= 1/2 and log1p(-a) is accurate."""
+    top = torch.nn.functional.one_hot(z.argmax(-1), z.shape[-1]).bool()
+    rest = torch.logsumexp(z.masked_fill(top, float("-inf")), -1, keepdim=True)
+    # masked_fill keeps log1p's gradient finite at the argmax, where where() drops it anyway.
+    return torch.where(top, rest - torch.logsumexp(z, -1, keepdim=True), torch.log1p(-a.masked_fill(top, 0)))
+
+
+def relaxed_top_n_ref(keys: torch.Tensor, n: int, tau: float) -> torch.Tensor:
+    """The relaxed top-n along the last dim: Xie & Ermon's (2019) successive softmaxes.
+
+    alpha_1 = keys; a_k = softmax(alpha_k / tau); alpha_{k+1} = alpha_k + log(1 - a_k); the result is
+    a_1 + ... + a_n. It sums to n and tends to the hard top-n as tau -> 0. Differentiable."""
+    alpha, soft = keys, torch.zeros_like(keys)
+    for k in range(n):
+        z = alpha / tau
+        a = torch.softmax(z, -1)
+        soft = soft + a
+        if k + 1 < n:
+            alpha = alpha + _log1m_softmax_ref(z, a)
+    return soft
+
+
+def _hard_top_n_ref(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """0/1 tensor (keys' dtype) keeping the n largest keys along the last dim; ties to the lower index."""
+    order = torch.sort(keys, dim=-1, descending=True, stable=True).indices
+    return torch.zeros_like(keys).scatter_(-1, order[..., :n], 1.0)
+
+
+def gumbel_nm_sample_ref(
+    logits: torch.Tensor, n: int = 2, m: int = 4, tau: float = 1.0, hard: bool = True, seed: int = 0
+) -> torch.Tensor:
+    """Gumbel N:M sample of per-weight logits, in logits' dtype; groups are m consecutive elements (last dim).
+
+    keys = logits + Gumbel noise (compute dtype). hard=True: 1 for the n largest keys of each group
+    (ties to the lower index), 0 elsewhere: a Plackett-Luce draw of n without replacement from
+    softmax(logits); its gradient is the relaxation's (straight-through). hard=False: the
+    relaxation relaxed_top_n_ref(keys, n, tau) itself. tau only shapes the relaxation."""
+    compute = gumbel_compute_dtype(logits.dtype)
+    noise = gumbel_noise_ref(seed, logits.shape, compute, logits.device)
+    keys = (logits.to(compute) + noise).reshape(*logits.shape[:-1], logits.shape[-1] // m, m)
+    soft = relaxed_top_n_ref(keys, n, tau)
+    if hard:
+        # hard + (soft - soft.detach()) is exactly hard, with soft's gradient.
+        soft = _hard_top_n_ref(keys.detach(), n) + (soft - soft.detach())
+    return soft.reshape(logits.shape).to(logits.dtype)
+
+
+def nm_patterns_ref(n: int = 2, m: int = 4, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """[C(m, n), m] 0/1: the candidate patterns, the n-subsets of range(m) in lexicographic order."""
+    import itertools
+
+    rows = [[1.0 if i in kept else 0.0 for i in range(m)] for kept in itertools.combinations(range(m), n)]
+    return torch.tensor(rows, dtype=dtype, device=device).reshape(-1, m)
+
+
+def gumbel_pattern_sample_ref(
+    pattern_logits: torch.Tensor, n: int = 2, m: int = 4, tau: float = 1.0, hard: bool = True, seed: int = 0
+) -> torch.Tensor:
+    """MaskLLM-style sample: pattern_logits [..., G, C(m, n)] -> mask [..., G*m] in pattern_logits' dtype.
+
+    keys = pattern_logits + Gumbel noise. hard=False: softmax(keys / tau) @ patterns. hard=True: the
+    pattern with the largest key (the first on ties), a draw from softmax(pattern_logits), with the
+    soft mask's gradient (straight-through)."""
+    compute = gumbel_compute_dtype(pattern_logits.dtype)
+    noise = gumbel_noise_ref(seed, pattern_logits.shape, compute, pattern_logits.device)
+    keys = pattern_logits.to(compute) + noise
+    patterns = nm_patterns_ref(n, m, compute, pattern_logits.device)
+    mask = torch.softmax(keys / tau, -1) @ patterns
+    if hard:
+        chosen = patterns[keys.detach().argmax(-1)]
+        mask = chosen + (mask - mask.detach())
+    return mask.reshape(*pattern_logits.shape[:-2], pattern_logits.shape[-2] * m).to(pattern_logits.dtype)
+
+
+def nm_set_probabilities_ref(logits: torch.Tensor, n: int) -> torch.Tensor:
+    """[..., C(m, n)]: the probability that gumbel_nm_sample keeps each candidate set (nm_patterns_ref order)
+    of a group with logits [..., m]: n draws without replacement from softmax(logits), summed over the
+    set's n! orders. For checking samplers; the cost grows as C(m, n) * n!."""
+    import itertools
+
+    p = torch.softmax(logits.double(), -1)
+    columns = []
+    for kept in itertools.combinations(range(logits.shape[-1]), n):
+        total = torch.zeros_like(p[..., 0])
+        for order in itertools.permutations(kept):
+            prob, used = torch.ones_like(total), torch.zeros_like(total)
+            for i in order:
+                prob = prob * p[..., i] / (1 - used)
+                used = used + p[..., i]
+            total = total + prob
+        columns.append(total)
+    return torch.stack(columns, -1)
