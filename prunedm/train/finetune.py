@@ -1,0 +1,251 @@
+"""Finetuning of (pruned) diffusion models: the noise-prediction loss with the model's scheduler,
+EMA weights, gradient clipping, mixed precision, DDP, atomic checkpoints and exact resume.
+
+Randomness is a function of (seed, step, rank): batch order, noise, timesteps and the global RNG
+(dropout) are re-seeded every step, so a resumed run continues exactly where it stopped."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from prunedm.train import checkpoint as ckpt
+from prunedm.train.distill import DistillConfig, DistillLoss
+
+MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global batch; each of W ranks takes batch_size / W
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    ema_decay: float = 0.999
+    grad_clip: float | None = 1.0
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self, world_size: int) -> None:
+        if self.steps < 1:
+            raise ValueError(f"FinetuneConfig.steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1 or self.batch_size % world_size:
+            raise ValueError(
+                f"FinetuneConfig.batch_size must be a positive multiple of the {world_size} process(es), "
+                f"got {self.batch_size}"
+            )
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"FinetuneConfig.mixed_precision must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"FinetuneConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("FinetuneConfig.checkpoint_every and log_every must be >= 1")
+
+
+@dataclass
+class FinetuneResult:
+    steps: int
+    final_loss: float
+    out_dir: Path
+    ema_model: nn.Module
+    history: list[dict] = field(default_factory=list)
+
+
+def _batch_size_of(item) -> int:
+    return (item["images"] if isinstance(item, dict) else item).shape[0]
+
+
+class StepSampler:
+    """Batch indices as a pure function of the step: epoch e visits a permutation seeded by (seed, e)."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if num_items < batch_size:
+            raise ValueError(f"data has {num_items} items, fewer than one batch of {batch_size}")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = num_items // batch_size
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, within = divmod(step, self.batches_per_epoch)
+        perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        batch = perm[within * self.batch_size : (within + 1) * self.batch_size]
+        return batch[self.rank :: self.world_size]
+
+
+def _collate(data, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    if isinstance(data, torch.Tensor):
+        return {"images": data[indices]}
+    items = [data[int(i)] for i in indices]
+    if isinstance(items[0], dict):
+        return {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in items[0]}
+    if isinstance(items[0], (tuple, list)):  # (image, label) datasets
+        batch = {"images": torch.stack([item[0] for item in items])}
+        if len(items[0]) > 1:
+            batch["class_labels"] = torch.as_tensor([int(item[1]) for item in items])
+        return batch
+    return {"images": torch.stack(items)}
+
+
+def predict(model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The model's noise prediction, for UNets and DiTs alike (a learned-variance half is dropped)."""
+    cond = {k: v for k, v in batch.items() if k != "images"}
+    out = model(noisy, timesteps, **cond)
+    out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
+    if out.shape[1] == 2 * noisy.shape[1]:
+        out = out[:, : noisy.shape[1]]
+    return out
+
+
+def diffusion_target(scheduler, images, noise, timesteps) -> torch.Tensor:
+    kind = getattr(scheduler.config, "prediction_type", "epsilon")
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(images, noise, timesteps)
+    if kind == "sample":
+        return images
+    raise ValueError(f"scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction, sample)")
+
+
+def _seed_for(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63)
+
+
+def finetune(
+    model: nn.Module,
+    data,
+    out_dir: str | Path,
+    config: FinetuneConfig | None = None,
+    scheduler=None,
+    resume: bool = False,
+    distill: DistillConfig | None = None,
+    callback: Callable[[int, dict], Any] | None = None,
+) -> FinetuneResult:
+    """Finetune `model` on `data` (a tensor [N, C, H, W] or a dataset of images, (image, label) pairs or
+    dicts with "images" and conditioning such as "class_labels"); writes out_dir/metrics.jsonl and
+    out_dir/checkpoints/. With resume=True it continues from the latest checkpoint there, exactly.
+    Under torch.distributed (e.g. torchrun) the model runs in DistributedDataParallel."""
+    config = config or FinetuneConfig()
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    config.validate(world)
+    if scheduler is None:
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler(num_train_timesteps=1000)
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    metrics_path = out_dir / "metrics.jsonl"
+    device = next(model.parameters()).device
+    amp_dtype = MIXED_PRECISION[config.mixed_precision]
+
+    sampler = StepSampler(len(data), config.batch_size, config.seed, rank, world)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = max(1, config.warmup_steps)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16 and device.type == "cuda")
+    distill_loss = DistillLoss(distill, model) if distill is not None else None
+
+    start_step, history = 0, []
+    if resume:
+        found = ckpt.latest_checkpoint(ckpt_dir)
+        if found is not None:
+            tensors, state = ckpt.load_checkpoint(found, ["model", "ema", "optimizer"])
+            model.load_state_dict(tensors["model"])
+            ema.load_state_dict(tensors["ema"])
+            ckpt.optimizer_from_tensors(optimizer, tensors["optimizer"], state["optimizer"])
+            lr_schedule.load_state_dict(state["lr_schedule"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            start_step = state["step"]
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json_atomic(out_dir / "finetune_config.json", asdict(config))
+        history = _metrics_up_to(metrics_path, start_step)
+
+    train_model = nn.parallel.DistributedDataParallel(model) if distributed else model
+    model.train()
+    loss_value = math.nan
+    bar = tqdm(total=config.steps, initial=start_step, disable=not config.progress or rank != 0, desc="finetune")
+    for step in range(start_step, config.steps):
+        started = time.perf_counter()
+        torch.manual_seed(_seed_for(config.seed, step, rank))  # dropout and anything else on the global RNG
+        gen = torch.Generator().manual_seed(_seed_for(config.seed, step, rank) + 1)
+        batch = {k: v.to(device) for k, v in _collate(data, sampler.indices(step)).items()}
+        images = batch["images"]
+        noise = torch.randn(images.shape, generator=gen).to(device, images.dtype)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=gen)
+        timesteps = timesteps.to(device)
+        noisy = scheduler.add_noise(images, noise, timesteps)
+        target = diffusion_target(scheduler, images, noise, timesteps)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if distill_loss is None:
+                loss = F.mse_loss(predict(train_model, noisy, timesteps, batch).float(), target.float())
+            else:
+                loss = distill_loss(train_model, noisy, timesteps, batch, target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        lr_schedule.step()
+        ema.update_parameters(model)
+        loss_value = float(loss.detach())
+        done = step + 1
+        bar.update(1)
+        if rank == 0 and (done % config.log_every == 0 or done == config.steps):
+            record = {"step": done, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                      "step_time_s": time.perf_counter() - started}  # fmt: skip
+            history.append(record)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+        if rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
+            opt_tensors, opt_rest = ckpt.optimizer_to_tensors(optimizer)
+            state = {"optimizer": opt_rest, "lr_schedule": lr_schedule.state_dict(),
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None}  # fmt: skip
+            tensors = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt_tensors}
+            ckpt.save_checkpoint(ckpt_dir, done, tensors, state, keep=config.keep_checkpoints)
+        if callback is not None:
+            callback(done, {"loss": loss_value})
+    bar.close()
+    if distributed:
+        dist.barrier()
+    return FinetuneResult(config.steps, loss_value, out_dir, ema.module, history)
+
+
+def _metrics_up_to(path: Path, step: int) -> list[dict]:
+    """Records of an earlier run up to `step` (later ones belong to steps about to be redone); rewrites the file."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if len(kept) != len(records):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
+    return kept
+
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "StepSampler", "finetune", "predict"]
