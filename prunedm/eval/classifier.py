@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -45,7 +46,7 @@ class DigitsClassifier(nn.Module):
             config = json.loads((path / "config.json").read_text())
             model = cls(**config)
             model.load_state_dict(load_file(str(path / "model.safetensors")))
-        except (OSError, ValueError, RuntimeError, TypeError) as exc:
+        except (OSError, ValueError, RuntimeError, TypeError, SafetensorError) as exc:
             raise ValueError(f"{path}: not a DigitsClassifier checkpoint ({exc})") from exc
         return model.eval()
 
