@@ -1,0 +1,267 @@
+"""SparseLinear and SparseConv2d: drop-in layers whose weights are stored 2:4-packed (values + int16 metadata).
+
+No dense copy of a weight is kept (unless cache_dense=True): the `dense` path decompresses per call,
+the `torch` path runs torch.sparse's 2:4 kernels on sm80+ GPUs. See prunedm/nn/__init__.py."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair, _reverse_repeat_tuple
+
+from prunedm.nn import _packing
+from prunedm.nn._base import _conv_matrix, _keep_mask, _SparseWeight
+from prunedm.ops import reference
+
+
+class SparseLinear(_SparseWeight):
+    """nn.Linear with a 2:4-sparse weight stored packed: buffers `values` [Rp, Kp/2], `meta` [Rp, Kp/16] int16, `bias`.
+
+    Rp, Kp are out_features and in_features rounded up to multiples of 32 (zero padding, sliced off).
+    SparseLinear(in, out) builds an all-zero module to load a state_dict into; from_dense() converts."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype: torch.dtype | None = None,
+        backend: str = "auto",
+        cache_dense: bool = False,
+    ) -> None:
+        super().__init__()
+        if in_features % _packing.GROUP:
+            raise ValueError(
+                f"SparseLinear: in_features ({in_features}) must be a multiple of 4: 2:4 groups run along the input dim"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self._init_packed(out_features, in_features, bias, device, dtype, backend, cache_dense)
+
+    @classmethod
+    def from_dense(
+        cls, linear: nn.Linear, mask: torch.Tensor | None = None, backend: str = "auto", *, cache_dense: bool = False
+    ) -> SparseLinear:
+        """Pack `linear`'s weight under `mask` (bool, the weight's shape, 2:4 along in_features).
+
+        mask=None keeps the 2 largest |w| of every 4 (prunedm.ops.nm_mask). The weights become
+        frozen buffers (inference); `linear` is not modified."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SparseLinear.from_dense: expected an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        if weight.dtype not in _packing.PACKABLE_DTYPES:
+            raise TypeError(
+                f"SparseLinear.from_dense: weight dtype must be one of {_packing.PACKABLE_DTYPES}, got {weight.dtype}"
+            )
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device="meta",
+            dtype=weight.dtype,
+            backend=backend,
+            cache_dense=cache_dense,
+        )
+        keep = _keep_mask(weight, mask, "in_features", lambda t: t)
+        values, meta = _packing.pack(torch.where(keep, weight, 0))
+        module._load_packed(values, meta, linear.bias)
+        return module
+
+    def _shape_config(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+    def _matrix_from_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def _weight_from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix
+
+    def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._dense_weight(), self.bias)
+
+    def _forward_sparse(self, x: torch.Tensor) -> torch.Tensor:
+        rows, cols = self._sparse_shape
+        x2d = x.reshape(-1, self.in_features).to(self.values.dtype).contiguous()
+        if cols != self.in_features:
+            x2d = F.pad(x2d, (0, cols - self.in_features))
+        fuse_bias = rows == self.out_features
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(x2d, self._sparse_weight, self.bias if fuse_bias else None)
+            if not fuse_bias:
+                y = y[:, : self.out_features]
+                if self.bias is not None:
+                    y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def to_dense(self) -> nn.Linear:
+        """An equivalent nn.Linear holding the masked dense weight."""
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.dense_matrix().clone())
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.clone())
+        return linear
+
+    def extra_repr(self) -> str:
+        rows_p, cols_p = self.padded_shape
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"backend={self.backend!r}, packed=[{rows_p}, {cols_p}]"
+        )
+
+
+class SparseConv2d(_SparseWeight):
+    """nn.Conv2d (groups=1) with a 2:4-sparse weight, groups of 4 along Cin, stored as its GEMM matrix packed.
+
+    The matrix is [Cout, kh*kw*Cin] in (kh, kw, Cin) order (prunedm.ops.conv_weight_to_matrix),
+    padded to multiples of 32. There is no public 2:4 sparse convolution kernel: every backend runs
+    the dense conv of the masked weight, rebuilt per call (prunedm's sparse conv kernel is pending)."""
+
+    _supports_sparse_kernel = False
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype: torch.dtype | None = None,
+        backend: str = "auto",
+        cache_dense: bool = False,
+    ) -> None:
+        super().__init__()
+        if groups != 1:
+            raise ValueError(f"SparseConv2d: only groups=1 convolutions are supported, got groups={groups}")
+        if in_channels % _packing.GROUP:
+            raise ValueError(
+                f"SparseConv2d: in_channels ({in_channels}) must be a multiple of 4: 2:4 groups run along Cin"
+            )
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"SparseConv2d: unknown padding_mode {padding_mode!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.groups, self.padding_mode = groups, padding_mode
+        if isinstance(self.padding, str):
+            self._reversed_padding_repeated_twice = [0, 0] * 2
+            if self.padding == "same":
+                for d, k, i in zip(self.dilation, self.kernel_size, (1, 0)):
+                    total = d * (k - 1)
+                    self._reversed_padding_repeated_twice[2 * i] = total // 2
+                    self._reversed_padding_repeated_twice[2 * i + 1] = total - total // 2
+        else:
+            self._reversed_padding_repeated_twice = list(_reverse_repeat_tuple(self.padding, 2))
+        kh, kw = self.kernel_size
+        self._init_packed(out_channels, kh * kw * in_channels, bias, device, dtype, backend, cache_dense)
+
+    @classmethod
+    def from_dense(
+        cls, conv: nn.Conv2d, mask: torch.Tensor | None = None, backend: str = "auto", *, cache_dense: bool = False
+    ) -> SparseConv2d:
+        """Pack `conv`'s weight under `mask` (bool [Cout, Cin, kh, kw], 2:4 along Cin).
+
+        mask=None keeps the 2 largest |w| of every 4 consecutive input channels at each (kh, kw)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"SparseConv2d.from_dense: expected an nn.Conv2d, got {type(conv).__name__}")
+        weight = conv.weight.detach()
+        if weight.dtype not in _packing.PACKABLE_DTYPES:
+            raise TypeError(
+                f"SparseConv2d.from_dense: weight dtype must be one of {_packing.PACKABLE_DTYPES}, got {weight.dtype}"
+            )
+        module = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device="meta",
+            dtype=weight.dtype,
+            backend=backend,
+            cache_dense=cache_dense,
+        )
+        matrix = _conv_matrix(weight)
+        keep = _keep_mask(matrix, mask, "Cin", _conv_matrix, weight.shape)
+        values, meta = _packing.pack(torch.where(keep, matrix, 0))
+        module._load_packed(values, meta, conv.bias)
+        return module
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def _shape_config(self) -> dict:
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+            "dilation": list(self.dilation),
+            "groups": self.groups,
+            "padding_mode": self.padding_mode,
+        }
+
+    def _matrix_from_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"weight of shape {list(weight.shape)} is not {list(self.weight_shape)}")
+        return _conv_matrix(weight)
+
+    def _weight_from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        if self.kernel_size == (1, 1):
+            # A view with NCHW strides: the permuted layout would read as channels_last for 1x1 kernels
+            # and pick another conv algorithm than the dense layer's.
+            return matrix.reshape(self.weight_shape)
+        if _packing._CPU_EXTENSION:
+            return torch.ops.prunedm.matrix_to_conv_weight(matrix, list(self.weight_shape))
+        return reference.matrix_to_conv_weight_ref(matrix, self.weight_shape)
+
+    def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._dense_weight()
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, weight, self.bias, self.stride, _pair(0), self.dilation, self.groups)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _forward_sparse(self, x: torch.Tensor) -> torch.Tensor:  # never chosen: no sparse conv kernel yet
+        return self._forward_dense(x)
+
+    def to_dense(self) -> nn.Conv2d:
+        """An equivalent nn.Conv2d holding the masked dense weight."""
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.bias is not None,
+            self.padding_mode,
+            device="meta",
+        )
+        conv.weight = nn.Parameter(self._weight_from_matrix(self.dense_matrix()).clone())
+        if self.bias is not None:
+            conv.bias = nn.Parameter(self.bias.clone())
+        return conv
+
+    def extra_repr(self) -> str:
+        rows_p, cols_p = self.padded_shape
+        text = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}"
+        )
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.padding_mode != "zeros":
+            text += f", padding_mode={self.padding_mode!r}"
+        return text + f", bias={self.bias is not None}, backend={self.backend!r}, packed=[{rows_p}, {cols_p}]"

@@ -1,0 +1,55 @@
+"""bench/layers.py: shape harvesting from the real model configs, and a layer timed and checked on CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip("diffusers")
+ROOT = str(Path(__file__).resolve().parents[2])  # bench/ is a top-level package of the repository
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from bench import layers  # noqa: E402
+
+
+def test_harvest_real_configs():
+    dit = layers.harvest("dit")
+    shapes = {layer.shape_text for layer in dit}
+    assert "linear 1152x1152 in 256x1152" in shapes  # q, k, v and out projections of DiT-XL/2
+    assert "linear 4608x1152 in 256x1152" in shapes and "linear 1152x4608 in 256x4608" in shapes
+    qkv = next(layer for layer in dit if layer.shape_text == "linear 1152x1152 in 256x1152")
+    assert qkv.count == 28 * 4
+    ddpm = layers.harvest("ddpm")
+    assert any(layer.shape_text == "conv 128x128x3x3 s1 p1 in 128x32x32" for layer in ddpm)
+    sd15 = layers.harvest("sd15")
+    assert any(layer.shape_text == "linear 320x768 in 77x768" for layer in sd15)  # cross-attention k/v
+    assert any(layer.shape_text.startswith("conv 320x320x3x3 s1 p1 in 320x64x64") for layer in sd15)
+
+
+@pytest.mark.parametrize(
+    "module, sample_shape",
+    [(nn.Linear(64, 96), (8, 64)), (nn.Conv2d(32, 64, 3, padding=1), (32, 8, 8)), (nn.Conv2d(3, 32, 3), (3, 8, 8))],
+)
+def test_bench_layer_rows(module, sample_shape):
+    layer = layers.Layer("test", "layer", 1, module.to("meta"), sample_shape)
+    rows = layers.bench_layer(layer, 2, torch.float32, torch.device("cpu"), min_run_time=0.01)
+    assert rows[0]["backend"] == "dense" and all(r["ok"] for r in rows)
+    if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+        assert rows[-1]["ran"] == "skipped" and "in_channels=3" in rows[-1]["note"]
+    else:
+        assert [r["backend"] for r in rows] == ["dense", "sparse[dense]", "sparse[auto]"]
+        assert all(r["device"] == "cpu" and r["ran"] == "dense" and r["ratio_to_dense"] > 0 for r in rows)
+        assert rows[1]["weight_bytes"] < rows[0]["weight_bytes"]
+
+
+def test_quick_run_writes_results(tmp_path):
+    assert layers.main(["--quick", "--device", "cpu", "--models", "dit", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "layers.json").read_text())
+    assert data["environment"]["device"].startswith("cpu")
+    assert {r["backend"] for r in data["rows"]} == {"dense", "sparse[dense]", "sparse[auto]"}
+    assert (tmp_path / "layers.csv").read_text().startswith("model,")
