@@ -12,8 +12,9 @@ import subprocess
 
 from setuptools import find_packages, setup
 
-# prunedm and its subpackages, plus the Triton kernels (top-level kernels/) as prunedm.kernels.
-PACKAGES = [*find_packages(include=["prunedm", "prunedm.*"]), "prunedm.kernels"]
+# prunedm and its subpackages, plus the top-level kernels/ (Triton) and bench/ (benchmark harness)
+# installed as prunedm.kernels and prunedm.bench.
+PACKAGES = [*find_packages(include=["prunedm", "prunedm.*"]), "prunedm.kernels", "prunedm.bench"]
 DEFAULT_ARCHS = ["8.0", "8.6", "8.9", "9.0a"]
 
 
@@ -124,7 +125,7 @@ def _build_ext():
 
 setup(
     packages=PACKAGES,
-    package_dir={"prunedm.kernels": "kernels"},
+    package_dir={"prunedm.kernels": "kernels", "prunedm.bench": "bench"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
 )

@@ -20,10 +20,11 @@ import time
 import torch
 import torch.nn as nn
 
-from bench.common import environment, time_ms, write_results
 from prunedm import ops
 from prunedm.nn import SparseConv2d, SparseLinear
 from prunedm.nn.sparsify import VERIFY_TOLERANCES, ineligible_reason
+
+from .common import environment, time_ms, write_results
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # One representative layer per model for --quick: a 3x3 conv, a cross-attention UNet linear, a DiT linear.

@@ -14,8 +14,9 @@ import torch
 from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
 import prunedm
-from bench.common import environment, peak_bandwidth_gbps, time_ms, write_results
 from prunedm import ops
+
+from .common import environment, peak_bandwidth_gbps, time_ms, write_results
 
 # Weight shapes (out, in) of real models: DiT-XL/2 (hidden 1152) and SD 1.5 UNet (320..1280).
 SHAPES = {
