@@ -1,0 +1,44 @@
+"""Structural pruning of diffusion models: channels of UNets (torch-pruning, Diff-Pruning's ratios),
+transformer blocks of DiTs (fixed lists, Block Influence, TinyFusion's learned keep patterns)."""
+
+from prunedm.pruning.channels import (
+    ChannelPruningReport,
+    count_macs_and_params,
+    default_example_inputs,
+    kept_channels,
+    layer_widths,
+    prune_channels,
+)
+from prunedm.pruning.depth import (
+    DepthPruningReport,
+    block_influence,
+    keep_every,
+    keep_most_influential,
+    prune_depth,
+)
+from prunedm.pruning.fixups import sync_diffusers_attributes
+from prunedm.pruning.importance import IMPORTANCES, GradientPass, accumulate_denoising_gradients, make_importance
+from prunedm.pruning.tinyfusion import DepthSearchResult, denoising_loss, keep_patterns, learn_depth_keep
+
+__all__ = [
+    "IMPORTANCES",
+    "ChannelPruningReport",
+    "DepthPruningReport",
+    "DepthSearchResult",
+    "GradientPass",
+    "accumulate_denoising_gradients",
+    "block_influence",
+    "count_macs_and_params",
+    "default_example_inputs",
+    "denoising_loss",
+    "keep_every",
+    "keep_most_influential",
+    "keep_patterns",
+    "kept_channels",
+    "layer_widths",
+    "learn_depth_keep",
+    "make_importance",
+    "prune_channels",
+    "prune_depth",
+    "sync_diffusers_attributes",
+]

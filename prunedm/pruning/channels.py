@@ -1,0 +1,363 @@
+"""Channel pruning of diffusers UNets (UNet2DModel, UNet2DConditionModel) with torch-pruning's dependency
+graph, with `ratio` meaning what it meant in Diff-Pruning (Fang et al., 2023): same widths, same counts.
+
+How widths are chosen. torch-pruning groups every set of coupled channels (a conv's outputs, the
+GroupNorm after it, the convs reading it, residual adds, ...). In each group of C channels we keep
+C - n channels, where, as torch-pruning <= 1.4.0 did for the paper:
+
+    n = C - int(C * (1 - ratio)),  rounded down to a multiple of L,  L = channel groups of the group
+
+and L is the lcm of the GroupNorm groups, conv groups and attention heads in the group, so every
+GroupNorm group and every head loses the same number of channels (the lowest-scored in each).
+torch-pruning >= 1.4.1 instead keeps int(C/L * (1 - ratio)) per group, which prunes much more
+(ddpm-cifar10 at 0.3: 128 -> 64 channels instead of 96); `rounding="per-group"` gives that rule."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from prunedm.pruning.fixups import sync_diffusers_attributes
+from prunedm.pruning.importance import (
+    GRADIENT_IMPORTANCES,
+    GradientPass,
+    accumulate_denoising_gradients,
+    first_image_batch,
+    make_importance,
+)
+
+ROUNDINGS = ("diff-pruning", "per-group")
+
+
+@dataclass
+class ChannelPruningReport:
+    """What prune_channels did. MACs and params are torch-pruning's count at `example_inputs`."""
+
+    importance: str
+    ratio: float
+    rounding: str
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    widths_before: dict[str, tuple[int, int]]
+    widths_after: dict[str, tuple[int, int]]
+    gradient_pass: GradientPass | None = None
+    skipped_groups: list[str] = field(default_factory=list)
+    config_updates: dict = field(default_factory=dict)
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / self.params_before
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / self.macs_before
+
+    @property
+    def changed_layers(self) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+        """{layer: ((in, out) before, (in, out) after)} for layers whose width changed."""
+        return {
+            name: (before, self.widths_after[name])
+            for name, before in self.widths_before.items()
+            if name in self.widths_after and self.widths_after[name] != before
+        }
+
+    def summary(self) -> str:
+        lines = [
+            f"importance={self.importance} ratio={self.ratio} rounding={self.rounding}",
+            f"params {self.params_before / 1e6:.3f}M -> {self.params_after / 1e6:.3f}M ({self.params_ratio:.3f}x)",
+            f"MACs   {self.macs_before / 1e9:.3f}G -> {self.macs_after / 1e9:.3f}G ({self.macs_ratio:.3f}x)",
+        ]
+        if self.gradient_pass is not None:
+            lines.append(f"gradients from {len(self.gradient_pass.timesteps)} timesteps")
+        lines += [f"  {name}: {b[0]}x{b[1]} -> {a[0]}x{a[1]}" for name, (b, a) in self.changed_layers.items()]
+        return "\n".join(lines)
+
+
+def layer_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(in, out) channels of every conv, linear and norm layer, by qualified name."""
+    widths = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            widths[name] = (module.in_channels, module.out_channels)
+        elif isinstance(module, nn.Linear):
+            widths[name] = (module.in_features, module.out_features)
+        elif isinstance(module, nn.GroupNorm):
+            widths[name] = (module.num_channels, module.num_channels)
+        elif isinstance(module, nn.LayerNorm) and module.normalized_shape:
+            widths[name] = (module.normalized_shape[-1], module.normalized_shape[-1])
+    return widths
+
+
+def count_macs_and_params(model: nn.Module, example_inputs: Mapping) -> tuple[int, int]:
+    """torch-pruning's MAC and parameter count, run on a weightless (meta) copy: same numbers, no compute."""
+    memo = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    try:
+        meta_model = copy.deepcopy(model, memo)
+        meta_inputs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in example_inputs.items()}
+        with contextlib.redirect_stdout(io.StringIO()):  # its "no positional inputs" notice
+            macs, params = tp.utils.count_ops_and_params(meta_model, meta_inputs)
+    except (RuntimeError, NotImplementedError):  # an op without a meta kernel: count on the real model
+        with contextlib.redirect_stdout(io.StringIO()):
+            macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    return int(macs), int(params)
+
+
+def default_example_inputs(model: nn.Module, batch_size: int = 1) -> dict:
+    """A sample and timestep (and encoder_hidden_states for conditional UNets) sized from the config."""
+    config = model.config
+    size = config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    param = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)  # leave the global generator alone
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device=param.device, dtype=param.dtype)
+
+    inputs = {
+        "sample": randn(batch_size, config.in_channels, height, width),
+        "timestep": torch.ones((batch_size,), dtype=torch.long, device=param.device),
+    }
+    cross_dim = getattr(config, "cross_attention_dim", None)
+    if cross_dim is not None:
+        cross_dim = cross_dim[0] if isinstance(cross_dim, (list, tuple)) else cross_dim
+        inputs["encoder_hidden_states"] = randn(batch_size, 4, cross_dim)
+    return inputs
+
+
+def kept_channels(
+    channels: int, ratio: float, channel_groups: int = 1, rounding: str = "diff-pruning", round_to: int | None = None
+) -> int:
+    """How many of `channels` a group keeps at `ratio` (see the module docstring)."""
+    if channels % channel_groups:
+        raise ValueError(f"{channels} channels do not split into {channel_groups} equal groups")
+    size = channels // channel_groups
+    if rounding == "diff-pruning":
+        removed_per_group = (channels - int(channels * (1 - ratio))) // channel_groups
+    elif rounding == "per-group":
+        removed_per_group = size - int(size * (1 - ratio))
+    else:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    kept = channels - removed_per_group * channel_groups
+    if round_to:
+        step = math.lcm(round_to, channel_groups)
+        kept = max(step, kept - kept % step) if channels >= step else channels
+    return max(channel_groups, kept)
+
+
+def prune_channels(
+    model: nn.Module,
+    importance: str | Callable = "diff-pruning",
+    ratio: float = 0.3,
+    example_inputs: Mapping | None = None,
+    data: Iterable | torch.Tensor | None = None,
+    ignored_layers: Sequence[nn.Module] | None = None,
+    *,
+    threshold: float = 0.05,
+    scheduler=None,
+    timesteps: Iterable[int] | None = None,
+    rounding: str = "diff-pruning",
+    round_to: int | None = None,
+    update_config: bool = True,
+    seed: int = 0,
+) -> ChannelPruningReport:
+    """Prune channels of a diffusers UNet in place and return what changed.
+
+    importance: "random", "magnitude"/"l2", "l1", "taylor", "diff-pruning", or a torch-pruning style
+        callable `importance(group) -> per-channel scores`. The gradient-based ones need `data`.
+    ratio: fraction of channels removed from every coupled group, before rounding (module docstring).
+    example_inputs: forward kwargs used to trace the graph and count MACs (default: batch 1 from config).
+    data: image batches; the first batch feeds the gradient pass (noise-prediction loss under
+        `scheduler`, DDPMScheduler(1000) by default, at `timesteps`, 0..T-1 by default). Diff-pruning
+        stops at the first timestep whose loss is below `threshold` times the largest so far.
+    ignored_layers: layers whose outputs are not pruned; conv_out always is (its outputs are the
+        model's output channels).
+    rounding/round_to: "diff-pruning" (default) or "per-group" width rule; round_to makes every kept
+        width a multiple of it as well (e.g. 8 for tensor cores).
+    update_config: rewrite block_out_channels/time_embedding_dim to the pruned widths when a model
+        built from the new config has the same modules (save/load then needs only the exact shapes)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    name = importance if isinstance(importance, str) else type(importance).__name__
+    scorer = make_importance(importance) if isinstance(importance, str) else importance
+    example_inputs = dict(example_inputs) if example_inputs is not None else default_example_inputs(model)
+    ignored = [model.conv_out] if hasattr(model, "conv_out") else []
+    ignored += list(ignored_layers or [])
+
+    was_training = model.training
+    model.eval()
+    macs_before, params_before = count_macs_and_params(model, example_inputs)
+    widths_before = layer_widths(model)
+
+    gradient_pass = None
+    if isinstance(importance, str) and importance in GRADIENT_IMPORTANCES:
+        if data is None:
+            raise ValueError(f"importance={importance!r} needs data: an iterable of image batches")
+        extra = {k: v for k, v in example_inputs.items() if k not in ("sample", "timestep")}
+        gradient_pass = accumulate_denoising_gradients(
+            model,
+            first_image_batch(data),
+            scheduler=scheduler,
+            threshold=threshold if importance == "diff-pruning" else None,
+            timesteps=timesteps,
+            model_kwargs=extra,
+            seed=seed,
+        )
+        for param in model.parameters():  # layers the loss never reached score zero rather than crash
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+
+    skipped = []
+    if ratio > 0:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        with torch.random.fork_rng(devices=[]):  # "random" draws from the global generator: seed it, then restore
+            torch.manual_seed(seed)
+            ignored_modules = [m for layer in ignored for m in layer.modules()]
+            plans = _plan(graph, model, scorer, ratio, ignored_modules, rounding, round_to, skipped)
+        for root, handler, idxs in plans:
+            pruning_group = graph.get_pruning_group(root, handler, idxs)
+            if graph.check_pruning_group(pruning_group):
+                pruning_group.prune()
+            else:
+                skipped.append(f"{graph._module2name.get(root, root)}: torch-pruning refused the group")
+        sync_diffusers_attributes(model)
+    if gradient_pass is not None:
+        model.zero_grad(set_to_none=True)
+
+    config_updates = _update_config(model) if update_config and ratio > 0 else {}
+    macs_after, params_after = count_macs_and_params(model, example_inputs)
+    model.train(was_training)
+    return ChannelPruningReport(
+        importance=name,
+        ratio=ratio,
+        rounding=rounding,
+        params_before=int(params_before),
+        params_after=int(params_after),
+        macs_before=int(macs_before),
+        macs_after=int(macs_after),
+        widths_before=widths_before,
+        widths_after=layer_widths(model),
+        gradient_pass=gradient_pass,
+        skipped_groups=skipped,
+        config_updates=config_updates,
+    )
+
+
+def _plan(graph, model, scorer, ratio, ignored_modules, rounding, round_to, skipped) -> list[tuple]:
+    """(root layer, pruning fn, channel indices to remove) for every prunable group, scored before any is pruned."""
+    heads, gated = _attention_heads(model), _gated_projections(model)
+    plans = []
+    for group in graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=[nn.Conv2d, nn.Linear]):
+        root, handler = group[0].dep.target.module, group[0].dep.handler
+        root_name = graph._module2name.get(root, type(root).__name__)
+        # A gated projection (GEGLU) makes 2 outputs per unit: both halves lose the same units.
+        chunks = gated.get(root, 1) if graph.is_out_channel_pruning_fn(handler) else 1
+        channels = graph.get_out_channels(root) // chunks
+        groups = _channel_groups(group, heads, graph)
+        if channels % groups:
+            skipped.append(f"{root_name}: {channels} channels do not split into {groups} groups")
+            continue
+        keep = kept_channels(channels, ratio, groups, rounding, round_to)
+        if keep >= channels:
+            continue
+        with torch.no_grad():
+            scores = scorer(group)
+        if scores is None:
+            skipped.append(f"{root_name}: no parameters to score")
+            continue
+        scores = scores.float().cpu().view(chunks, channels).sum(0)
+        units = _lowest_per_group(scores, groups, channels - keep)
+        plans.append((root, handler, [u + c * channels for c in range(chunks) for u in units]))
+    return plans
+
+
+def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+    """{q/k/v projection: heads} for diffusers Attention modules, so heads lose equal dims."""
+    heads = {}
+    for module in model.modules():
+        if hasattr(module, "to_q") and hasattr(module, "heads"):
+            head_dim = module.to_q.out_features // module.heads
+            for proj in ("to_q", "add_q_proj"):
+                if isinstance(getattr(module, proj, None), nn.Linear):
+                    heads[getattr(module, proj)] = module.heads
+            for proj in ("to_k", "to_v", "add_k_proj", "add_v_proj"):
+                layer = getattr(module, proj, None)
+                if isinstance(layer, nn.Linear):
+                    heads[layer] = max(1, layer.out_features // head_dim)
+    return heads
+
+
+def _gated_projections(model: nn.Module) -> dict[nn.Module, int]:
+    """{projection: 2} for GEGLU/SwiGLU-style layers whose output is split in two and multiplied."""
+    return {m.proj: 2 for m in model.modules() if type(m).__name__ in ("GEGLU", "SwiGLU") and hasattr(m, "proj")}
+
+
+def _channel_groups(group, heads: dict[nn.Module, int], graph: tp.DependencyGraph) -> int:
+    """lcm of the GroupNorm groups, conv groups and attention heads that share this group's channels."""
+    count = 1
+    for dep, _ in group:
+        module, handler = dep.target.module, dep.handler
+        if isinstance(module, nn.GroupNorm):
+            count = math.lcm(count, module.num_groups)
+        elif isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups != module.out_channels:
+            count = math.lcm(count, module.groups)
+        elif module in heads and graph.is_out_channel_pruning_fn(handler):
+            count = math.lcm(count, heads[module])
+    return count
+
+
+def _lowest_per_group(scores: torch.Tensor, groups: int, n_removed: int) -> list[int]:
+    """Indices of the n_removed / groups lowest scores inside each of `groups` contiguous blocks."""
+    size = scores.numel() // groups
+    per_group = n_removed // groups
+    blocks = scores[: size * groups].view(groups, size)
+    lowest = blocks.argsort(dim=1, stable=True)[:, :per_group]
+    offsets = torch.arange(groups).unsqueeze(1) * size
+    return sorted((lowest + offsets).flatten().tolist())
+
+
+def _update_config(model: nn.Module) -> dict:
+    """Write the pruned block widths into the config, if a model built from it has the same modules."""
+    config = getattr(model, "config", None)
+    down_blocks = getattr(model, "down_blocks", None)
+    if config is None or down_blocks is None or "block_out_channels" not in config:
+        return {}
+    updates = {}
+    widths = [block.resnets[-1].conv2.out_channels for block in down_blocks if getattr(block, "resnets", None)]
+    if len(widths) == len(config.block_out_channels) and tuple(widths) != tuple(config.block_out_channels):
+        updates["block_out_channels"] = tuple(widths)
+    time_embedding = getattr(model, "time_embedding", None)
+    if "time_embedding_dim" in config and isinstance(getattr(time_embedding, "linear_1", None), nn.Linear):
+        dim = time_embedding.linear_1.out_features
+        first_width = updates.get("block_out_channels", config.block_out_channels)[0]
+        if dim != (config.time_embedding_dim or first_width * 4):
+            updates["time_embedding_dim"] = dim
+    if not updates or not _same_modules(model, {**config, **updates}):
+        return {}
+    model.register_to_config(**updates)
+    return updates
+
+
+def _same_modules(model: nn.Module, config: dict) -> bool:
+    """Whether type(model).from_config(config) has the same module names and types as model."""
+    try:
+        with torch.device("meta"):
+            rebuilt = type(model).from_config(config)
+    except Exception:  # a config diffusers refuses is simply not written
+        return False
+    shape = lambda m: [(n, type(x).__name__) for n, x in m.named_modules()]  # noqa: E731
+    return shape(rebuilt) == shape(model)
