@@ -36,3 +36,15 @@ __all__ = [
     "sparse_modules",
     "sparsify",
 ]
+
+# prunedm.save_pretrained stores sparse layers packed (values + metadata) and rebuilds them on load.
+from prunedm import serialization as _serialization  # noqa: E402
+
+
+def _rebuild_for_load(config: dict, current):
+    # The saved description is authoritative: a pruned model's config-built layer has other shapes.
+    return rebuild_sparse_module(config, current, check_shape=False)
+
+
+for _name in ("SparseLinear", "SparseConv2d"):
+    _serialization.register_structure_hook(_name, describe_sparse_module, _rebuild_for_load)

@@ -355,23 +355,27 @@ def describe_sparse_module(module: _SparseWeight) -> dict:
     return module.sparse_config()
 
 
-def rebuild_sparse_module(config: dict, current: nn.Module, name: str = "") -> _SparseWeight:
+def rebuild_sparse_module(config: dict, current: nn.Module, name: str = "", check_shape: bool = True) -> _SparseWeight:
     """The empty sparse layer `config` describes, on `current`'s device (meta included), to take its place.
 
-    `current` is the nn.Linear / nn.Conv2d a freshly built model has there (checked to match), or
-    already the sparse layer (returned as is). Its `values`, `meta`, `bias` come from load_state_dict."""
+    `current` is the nn.Linear / nn.Conv2d a freshly built model has there (checked to match; with
+    check_shape=False only its kind is checked, for save/load of pruned models, whose config-built
+    modules have the unpruned shapes), or already the sparse layer (returned as is). Its `values`,
+    `meta`, `bias` come from load_state_dict."""
     cls = SPARSE_TYPES.get(config.get("type"))
     if cls is None:
         raise ValueError(f"restore_sparse_modules: {name!r} has unknown type {config.get('type')!r}")
     if isinstance(current, cls):
         return current
-    _check_matches(name, current, cls, config)
+    _check_matches(name, current, cls, config, check_shape)
     device = next(iter(current.parameters()), torch.empty(0)).device
     return cls.from_config(config, device=device)
 
 
-def _check_matches(name: str, current: nn.Module, cls: type, config: dict) -> None:
-    if cls is SparseLinear:
+def _check_matches(name: str, current: nn.Module, cls: type, config: dict, check_shape: bool = True) -> None:
+    if not check_shape:
+        ok = isinstance(current, nn.Linear if cls is SparseLinear else nn.Conv2d)
+    elif cls is SparseLinear:
         ok = isinstance(current, nn.Linear) and (current.in_features, current.out_features) == (
             config["in_features"],
             config["out_features"],
@@ -382,7 +386,7 @@ def _check_matches(name: str, current: nn.Module, cls: type, config: dict) -> No
             current.out_channels,
             list(current.kernel_size),
         ) == (config["in_channels"], config["out_channels"], list(config["kernel_size"]))
-    if not ok or (getattr(current, "bias", None) is not None) != config["bias"]:
+    if not ok or (check_shape and (getattr(current, "bias", None) is not None) != config["bias"]):
         raise ValueError(
             f"restore_sparse_modules: {name!r} is {current!r}, which does not match the description {config}"
         )
