@@ -1,0 +1,100 @@
+"""Models and data for the CLI: a local diffusers dir, a prunedm save, or a built-in architecture
+(random init, for trying things offline); and the training images a run uses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from prunedm.cli.config import ConfigError
+
+# Built-in architectures, random init: "arch:<name>".
+ARCHITECTURES = {
+    "ddpm-cifar10-32": dict(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    ),
+    "tiny-unet": dict(
+        sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ),
+}  # fmt: skip
+
+
+def load_model(spec: str | None, seed: int = 0):
+    """The model `spec` names: "arch:<name>", a prunedm save dir, a diffusers model dir, or a hub id
+    (only when it is already in the local cache: these machines may be offline)."""
+    if not spec:
+        raise ConfigError("no model given: set model=<dir> (a diffusers or prunedm model dir) or model=arch:tiny-unet")
+    if spec.startswith("arch:"):
+        name = spec.removeprefix("arch:")
+        if name not in ARCHITECTURES:
+            raise ConfigError(f"model={spec}: unknown architecture; built-in ones: {', '.join(ARCHITECTURES)}")
+        from diffusers import UNet2DModel
+
+        torch.manual_seed(seed)
+        return UNet2DModel(**ARCHITECTURES[name])
+    path = Path(spec)
+    if (path / "structure.json").is_file():
+        from prunedm.serialization import load_pretrained
+
+        return load_pretrained(path)
+    if (path / "config.json").is_file():
+        return _load_diffusers(path, json.loads((path / "config.json").read_text()))
+    if path.exists():
+        raise ConfigError(f"model={spec}: no model there (expected config.json from diffusers or structure.json)")
+    return _load_from_hub_cache(spec)
+
+
+def _diffusers_class(name: str | None, where: str):
+    import diffusers
+
+    cls = getattr(diffusers, name or "", None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ConfigError(f"{where}: config.json names class {name!r}, which diffusers does not have")
+    return cls
+
+
+def _load_diffusers(path: Path, config: dict):
+    return _diffusers_class(config.get("_class_name"), str(path)).from_pretrained(path)
+
+
+def _load_from_hub_cache(repo_id: str):
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as exc:  # any failure here means: no usable local copy
+        raise ConfigError(
+            f"model={repo_id}: no local copy, and this machine may be offline ({type(exc).__name__}). Download it "
+            f"where there is internet (`huggingface-cli download {repo_id} --local-dir DIR`) and pass model=DIR"
+        ) from exc
+    config_path = next(iter(sorted(local.glob("**/config.json"))), None)
+    if config_path is None:
+        raise ConfigError(f"model={repo_id}: the cached copy at {local} has no config.json")
+    return _load_diffusers(config_path.parent, json.loads(config_path.read_text()))
+
+
+def training_images(data: str, model) -> torch.Tensor:
+    """Images in [-1, 1] shaped for `model`: data="digits" (shipped with scikit-learn) or a
+    .safetensors file whose "images" tensor is [N, C, H, W]."""
+    config = model.config
+    size, channels = config.sample_size, config.in_channels
+    if data == "digits":
+        from prunedm.data import DigitsDataset
+
+        images = DigitsDataset("train", size=size).images
+        return images.expand(-1, channels, -1, -1).contiguous()
+    path = Path(data)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise ConfigError(f"data={data}: expected 'digits' or an existing .safetensors file with an 'images' tensor")
+    from safetensors.torch import load_file
+
+    images = load_file(str(path)).get("images")
+    if images is None or images.dim() != 4 or images.shape[1] != channels:
+        raise ConfigError(f"data={data}: needs an 'images' tensor [N, {channels}, H, W]")
+    return images.float()

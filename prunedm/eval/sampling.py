@@ -1,0 +1,49 @@
+"""Sampling from a UNet with a diffusers scheduler, and image grids (PNG) of the results."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def sample_images(model, scheduler, num_samples: int, steps: int, seed: int = 0, batch_size: int = 64):
+    """num_samples images in [-1, 1] from noise, `steps` denoising steps, deterministic for a seed."""
+    if num_samples < 1 or steps < 1:
+        raise ValueError(f"num_samples and steps must be >= 1, got {num_samples} and {steps}")
+    config = model.config
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    chunks = []
+    for start in range(0, num_samples, batch_size):
+        n = min(batch_size, num_samples - start)
+        x = torch.randn(n, config.in_channels, config.sample_size, config.sample_size, generator=gen).to(device)
+        scheduler.set_timesteps(steps)
+        for t in tqdm(scheduler.timesteps, desc="sample", leave=False):
+            eps = model(x, t).sample
+            x = scheduler.step(eps, t, x, generator=gen).prev_sample
+        chunks.append(x.clamp(-1, 1).cpu())
+    return torch.cat(chunks)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> None:
+    """Write images in [-1, 1], [N, C, H, W] (C = 1 or 3), as one PNG grid."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = torch.zeros(c, rows * (h + 2), columns * (w + 2))
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, col * (w + 2) + 1 : col * (w + 2) + 1 + w] = image
+    pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    array = pixels[0].numpy() if c == 1 else pixels.permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    tmp.replace(path)
