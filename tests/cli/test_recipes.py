@@ -1,0 +1,22 @@
+"""Every recipe in configs/<command>/ is valid for its command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prunedm.cli.commands import DEFAULTS
+from prunedm.cli.config import load_config
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*/*.yaml"))
+
+
+def test_there_are_recipes():
+    assert RECIPES
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_recipe_loads(recipe):
+    assert recipe.parent.name in DEFAULTS, f"configs/{recipe.parent.name}/ is not a prunedm command"
+    load_config(DEFAULTS[recipe.parent.name], recipe)
