@@ -98,3 +98,35 @@ def write_results(out_dir: str | os.PathLike, name: str, env: dict, rows: list[d
     writer.writerows(flat)
     _write_atomic(csv_path, buf.getvalue())
     return json_path, csv_path
+
+
+def plot_speedups(rows: list[dict], path: str | os.PathLike, value: str, label: str, title: str) -> Path | None:
+    """Horizontal bars of rows[value] (a speedup, 1.0 = baseline) per (label, backend), saved as PNG.
+
+    Returns None when matplotlib is missing (the JSON/CSV still hold every number)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    shown = [r for r in rows if r.get(value) is not None]
+    if not shown:
+        return None
+    names = [f"{r[label]} [{r.get('backend', '')}]" for r in shown]
+    values = [float(r[value]) for r in shown]
+    fig, ax = plt.subplots(figsize=(11, 0.28 * len(shown) + 1.5))
+    ax.barh(range(len(shown)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(shown)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{value} (1.0 = baseline, same run)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

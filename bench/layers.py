@@ -24,7 +24,7 @@ from prunedm import ops
 from prunedm.nn import SparseConv2d, SparseLinear
 from prunedm.nn.sparsify import VERIFY_TOLERANCES, ineligible_reason
 
-from .common import environment, time_ms, write_results
+from .common import environment, plot_speedups, time_ms, write_results
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # One representative layer per model for --quick: a 3x3 conv, a cross-attention UNet linear, a DiT linear.
@@ -240,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"  {layer.shape_text} b{batch}: dense {new[0]['median_ms']:.3f} ms; {summary or new[-1]['note']}"
                 )
     bad = [r for r in rows if not r["ok"]]
-    json_path, csv_path = write_results(args.out, "layers", environment(device), rows)
+    env = environment(device)
+    json_path, csv_path = write_results(args.out, "layers", env, rows)
+    plot_speedups([r for r in rows if r["backend"] != "dense"], json_path.with_suffix(".png"), "speedup_vs_dense",
+                  "shape", f"2:4 layers vs dense on {env['device']} ({env['commit']})")  # fmt: skip
     print(f"wrote {json_path} and {csv_path} ({len(rows)} rows, {time.perf_counter() - start:.0f} s, {device.type})")
     if bad:
         print(

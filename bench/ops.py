@@ -16,7 +16,7 @@ from torch.sparse._semi_structured_conversions import sparse_semi_structured_fro
 import prunedm
 from prunedm import ops
 
-from .common import environment, peak_bandwidth_gbps, time_ms, write_results
+from .common import environment, peak_bandwidth_gbps, plot_speedups, time_ms, write_results
 
 # Weight shapes (out, in) of real models: DiT-XL/2 (hidden 1152) and SD 1.5 UNet (320..1280).
 SHAPES = {
@@ -108,8 +108,13 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{name} {dtype}: compress {last['backend']} {last['speedup_vs_baseline']:.2f}x vs {last['baseline']}"
             )
-    json_path, csv_path = write_results(args.out, "ops", environment(device), rows)
-    print(f"wrote {json_path} and {csv_path}")
+    env = environment(device)
+    json_path, csv_path = write_results(args.out, "ops", env, rows)
+    for r in rows:
+        r["label"] = f"{r['op']} {r['shape']} {r['dtype']}"
+    png = plot_speedups(rows, json_path.with_suffix(".png"), "speedup_vs_baseline", "label",
+                        f"2:4 ops vs baseline on {env['device']} ({env['commit']})")  # fmt: skip
+    print(f"wrote {json_path}, {csv_path}" + (f" and {png}" if png else ""))
     return 0
 
 
