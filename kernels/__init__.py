@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import torch
 
+from prunedm.kernels import gumbel as _gumbel
 from prunedm.kernels import nm as _nm
 from prunedm.kernels import sparse24 as _sparse24
 from prunedm.ops import _checks
 
-__all__ = ["compress_2to4", "decompress_2to4", "nm_mask", "nm_violations"]
+__all__ = ["compress_2to4", "decompress_2to4", "gumbel_nm_sample", "gumbel_pattern_sample", "nm_mask", "nm_violations"]
 
 
 def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -38,3 +39,15 @@ def decompress_2to4(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     if count:
         raise _checks.invalid_meta_error(count)
     return dense
+
+
+def gumbel_nm_sample(logits: torch.Tensor, n: int, m: int, tau: float, hard: bool, seed: int) -> torch.Tensor:
+    """Gumbel N:M sample of per-weight logits (hard 0/1 or relaxed), differentiable; see prunedm.ops."""
+    return _gumbel.gumbel_nm_sample(logits, n, m, tau, hard, seed)
+
+
+def gumbel_pattern_sample(
+    pattern_logits: torch.Tensor, n: int, m: int, tau: float, hard: bool, seed: int
+) -> torch.Tensor:
+    """MaskLLM-style sample over the C(m, n) candidate patterns, differentiable; see prunedm.ops."""
+    return _gumbel.gumbel_pattern_sample(pattern_logits, n, m, tau, hard, seed)

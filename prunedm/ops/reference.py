@@ -145,8 +145,17 @@ def philox4x32_10_ref(counter: tuple[torch.Tensor, ...], key: tuple[int, int]) -
     return c0, c1, c2, c3
 
 
+def philox_bits_at_ref(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """int64 like index: the 32 random bits (0 <= v < 2^32) of the elements at flat positions `index` under seed."""
+    block = index >> 2
+    key = (seed & _MASK32, (seed >> 32) & _MASK32)
+    zero = torch.zeros_like(block)
+    words = torch.stack(philox4x32_10_ref((block & _MASK32, block >> 32, zero, zero), key), -1)
+    return words.gather(-1, (index & 3).unsqueeze(-1)).squeeze(-1)
+
+
 def philox_bits_ref(seed: int, numel: int, device=None) -> torch.Tensor:
-    """int64 [numel]: the 32 random bits (0 <= v < 2^32) of elements 0..numel-1 under seed."""
+    """int64 [numel]: the 32 random bits of elements 0..numel-1 under seed (one Philox call per 4)."""
     blocks = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
     zero = torch.zeros_like(blocks)
     key = (seed & _MASK32, (seed >> 32) & _MASK32)

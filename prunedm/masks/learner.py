@@ -1,0 +1,260 @@
+"""What every N:M mask learner shares: the layers it targets, the masked-weight hook on them, its
+optimizers, hard masks out, and its state in and out of a safetensors file."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn.utils import parametrize
+
+from prunedm.masks import targets as _targets
+from prunedm.ops import _checks
+
+LossFn = Callable[[nn.Module, object], torch.Tensor]
+
+_SEED_MODULUS = 2**63
+
+
+class MaskedWeight(nn.Module):
+    """Parametrization of a target's weight: weight * mask, with `mask` (weight-shaped, or None for the
+    dense weight) set by the learner before each forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return weight
+        return weight * self.mask.to(weight.dtype)
+
+
+def _flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(tensors, json-able rest) of an optimizer's state dict, for a safetensors file."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            index, name = key[len(prefix) + 1 :].split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class MaskLearner:
+    """Base of the N:M mask learners. Subclasses hold per-target learnable state, sample masks in
+    `sample()`, take a training step in `step(batch)`, and give the final hard masks in `masks()`.
+
+    On construction the learner finds its targets (Linear and Conv2d layers by default, filtered by
+    `include`/`exclude` regexes or predicates on module names), and parametrizes each target's
+    weight as weight * mask so that the model's own forward sees the current mask. With model_lr 0
+    the model's parameters are frozen (restored by finalize); otherwise an AdamW with model_lr
+    trains them through the masked weights.
+
+    Under torch.distributed (any backend; one learner per rank, each with its own batches) the
+    learners keep identical masks on every rank: sampling seeds depend only on (seed, step, target),
+    and what the ranks' batches make differ (logit gradients, losses, and the trained weights'
+    gradients unless the model is wrapped in DistributedDataParallel) is averaged across ranks."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        n: int = 2,
+        m: int = 4,
+        *,
+        model_lr: float = 0.0,
+        types: Iterable[type] = _targets.DEFAULT_TYPES,
+        include: _targets.ModuleFilter = None,
+        exclude: _targets.ModuleFilter = None,
+        seed: int = 0,
+        backend: str = "auto",
+    ) -> None:
+        _checks.check_nm(type(self).__name__, n, m)
+        if not 0 < n < m:
+            raise ValueError(f"{type(self).__name__}: a mask learner needs 0 < n < m, got n = {n}, m = {m}")
+        self.model, self.loss_fn, self.n, self.m = model, loss_fn, n, m
+        self.seed, self.backend = int(seed), backend
+        self.step_count = 0
+        self.targets, self.skipped = _targets.find_targets(model, m, types=types, include=include, exclude=exclude)
+        if not self.targets:
+            raise ValueError(
+                f"{type(self).__name__}: no target layers found (skipped: {self.skipped or 'none matched'})"
+            )
+        self._hooks: dict[str, MaskedWeight] = {}
+        for name, module in self.targets.items():
+            hook = MaskedWeight()
+            parametrize.register_parametrization(module, "weight", hook, unsafe=True)
+            self._hooks[name] = hook
+        self.model_lr = float(model_lr)
+        self._frozen: list[nn.Parameter] = []
+        self.model_optimizer: torch.optim.Optimizer | None = None
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if self.model_lr > 0:
+            self.model_optimizer = torch.optim.AdamW(trainable, lr=self.model_lr, weight_decay=0.0)
+        else:
+            self._frozen = trainable
+            for p in trainable:
+                p.requires_grad_(False)
+
+    # Subclass interface ---------------------------------------------------------------------------
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The final hard masks: bool, weight-shaped, exactly n of every m kept, keyed by module name."""
+        raise NotImplementedError
+
+    def step(self, batch) -> dict:
+        raise NotImplementedError
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        optimizers = {"mask_optimizer": self.mask_optimizer}
+        if self.model_optimizer is not None:
+            optimizers["model_optimizer"] = self.model_optimizer
+        return optimizers
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    # Shared machinery ----------------------------------------------------------------------------
+
+    # Multi-process learning: every rank samples the same masks (same seed and step), and the
+    # learner averages what differs between ranks' batches, so masks stay identical on all ranks.
+
+    @property
+    def _device(self) -> torch.device:
+        return _targets.raw_weight(next(iter(self.targets.values()))).device
+
+    @staticmethod
+    def _world_size() -> int:
+        dist = torch.distributed
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def _average_across_ranks(self, tensors: list[torch.Tensor]) -> None:
+        """All-reduce (mean) in place across the default process group; nothing in one process."""
+        world = self._world_size()
+        if world == 1:
+            return
+        for tensor in tensors:
+            torch.distributed.all_reduce(tensor)
+            tensor.div_(world)
+
+    def _average_model_grads(self) -> None:
+        """Average the trained weights' gradients across ranks, unless DistributedDataParallel already does."""
+        if self.model_optimizer is None or isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return
+        grads = [p.grad for group in self.model_optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self._average_across_ranks(grads)
+
+    def _sample_seed(self, target_index: int) -> int:
+        """The Philox seed of a target's sample at the current step: fixed by (seed, step, target)."""
+        return ((self.seed * 1_000_003 + self.step_count) * 65_537 + target_index) % _SEED_MODULUS
+
+    def _set_matrix_masks(self, matrices: dict[str, torch.Tensor] | None) -> None:
+        """Make the model's forward use these masks ([R, K] GEMM layout, by name); None: dense weights."""
+        for name, module in self.targets.items():
+            mask = None if matrices is None else _targets.matrix_to_weight(module, matrices[name])
+            self._hooks[name].mask = mask
+
+    def _set_masks(self, masks: dict[str, torch.Tensor] | None) -> None:
+        for name in self.targets:
+            self._hooks[name].mask = None if masks is None else masks[name]
+
+    @torch.no_grad()
+    def loss_with_masks(self, batch, masks: dict[str, torch.Tensor] | None = None) -> float:
+        """loss_fn(model, batch) under the given weight-shaped masks (default: the learner's final masks)."""
+        previous = {name: hook.mask for name, hook in self._hooks.items()}
+        self._set_masks(self.masks() if masks is None else masks)
+        try:
+            return float(self.loss_fn(self.model, batch))
+        finally:
+            for name, hook in self._hooks.items():
+                hook.mask = previous[name]
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """Remove the masked-weight hooks, zero the pruned weights in place, unfreeze; returns the masks."""
+        masks = self.masks()
+        for module in self.targets.values():
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        _targets.apply_masks(self.model, masks)
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen = []
+        return masks
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, metadata): everything needed to resume learning, except the model's own weights."""
+        tensors = {f"learner.{k}": v.detach().cpu().contiguous() for k, v in self._state_tensors().items()}
+        meta = {"class": type(self).__name__, "n": self.n, "m": self.m, "seed": self.seed, "step": self.step_count,
+                "targets": list(self.targets), "extra": self._extra_state(), "optimizers": {}}  # fmt: skip
+        for prefix, optimizer in self._optimizers().items():
+            optimizer_tensors, optimizer_meta = _flatten_optimizer(prefix, optimizer)
+            tensors.update(optimizer_tensors)
+            meta["optimizers"][prefix] = optimizer_meta
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if meta["class"] != type(self).__name__ or (meta["n"], meta["m"]) != (self.n, self.m):
+            raise ValueError(
+                f"{type(self).__name__}: state is from a {meta['class']} with n:m = {meta['n']}:{meta['m']}, "
+                f"this learner is {self.n}:{self.m}"
+            )
+        if meta["targets"] != list(self.targets):
+            missing = sorted(set(meta["targets"]) ^ set(self.targets))
+            raise ValueError(f"{type(self).__name__}: state targets differ from this model's: {missing[:5]}")
+        self.seed, self.step_count = meta["seed"], meta["step"]
+        self._load_state_tensors({k[len("learner.") :]: v for k, v in tensors.items() if k.startswith("learner.")})
+        self._load_extra_state(meta["extra"])
+        for prefix, optimizer in self._optimizers().items():
+            if prefix not in meta["optimizers"]:
+                raise ValueError(f"{type(self).__name__}: state has no {prefix} (saved with other learning rates?)")
+            optimizer.load_state_dict(_unflatten_optimizer(prefix, tensors, meta["optimizers"][prefix]))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the learner's state to a safetensors file (metadata as JSON under "prunedm")."""
+        tensors, meta = self.state_dict()
+        save_file(tensors, str(path), metadata={"prunedm": json.dumps(meta, default=_json_default)})
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Resume from a file written by save() for the same model, targets and settings."""
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["prunedm"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        self.load_state_dict(tensors, meta)
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if torch.is_tensor(value):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in learner metadata")
