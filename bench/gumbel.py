@@ -14,9 +14,10 @@ import argparse
 import torch
 
 import prunedm
-from .common import environment, peak_bandwidth_gbps, time_ms, write_results
 from prunedm import ops
 from prunedm.ops import reference
+
+from .common import environment, peak_bandwidth_gbps, time_ms, write_results
 
 # Weight shapes (out, in) of real models: DiT-XL/2 (hidden 1152) and SD 1.5's UNet.
 SHAPES = {
