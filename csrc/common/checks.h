@@ -5,6 +5,10 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <vector>
+
+#include "prunedm/gumbel.h"
 #include "prunedm/sparse24.h"
 
 namespace prunedm {
@@ -62,5 +66,47 @@ inline void check_decompress_args(const at::Tensor& values, const at::Tensor& me
 
 // A metadata nibble is valid when its two indices increase (idx0 < idx1).
 inline constexpr bool nibble_is_valid(uint32_t nibble) { return (nibble & 3u) < ((nibble >> 2) & 3u); }
+
+// Argument checks of the gumbel ops (CPU and CUDA). They match
+// prunedm/ops/_checks.py (ValueError / TypeError naming the argument and the rule).
+inline void check_gumbel_tau(const char* op, double tau) {
+  TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, op, ": tau must be a finite number > 0, got ", tau);
+}
+
+inline void check_gumbel_nm_args(const char* op, const at::Tensor& logits, int64_t n, int64_t m, double tau) {
+  check_nm_args(op, n, m);
+  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()) && logits.element_size() >= 2, op,
+                   ": logits must be float16, bfloat16, float32 or float64, got ", logits.scalar_type());
+  check_last_dim_groups(op, "logits", logits, m);
+  check_gumbel_tau(op, tau);
+}
+
+inline void check_gumbel_pattern_args(const char* op, const at::Tensor& pattern_logits, int64_t n, int64_t m, double tau) {
+  TORCH_CHECK_VALUE(m >= 1 && m <= kMaxPatternGroupSize, op, ": m must be in [1, ", kMaxPatternGroupSize,
+                    "] (C(m, n) candidate patterns per group), got ", m);
+  TORCH_CHECK_VALUE(n >= 0 && n <= m, op, ": n must be in [0, m] = [0, ", m, "], got ", n);
+  TORCH_CHECK_TYPE(at::isFloatingType(pattern_logits.scalar_type()) && pattern_logits.element_size() >= 2, op,
+                   ": pattern_logits must be float16, bfloat16, float32 or float64, got ",
+                   pattern_logits.scalar_type());
+  const int64_t patterns = binomial(int(m), int(n));
+  TORCH_CHECK_VALUE(pattern_logits.dim() >= 2 && pattern_logits.size(-1) == patterns, op,
+                    ": pattern_logits must be [..., G, C(m, n)] = [..., G, ", patterns, "] for n = ", n, ", m = ", m,
+                    ", got ", pattern_logits.sizes());
+  check_gumbel_tau(op, tau);
+}
+
+inline void check_gumbel_grad(const char* op, const at::Tensor& grad, const at::Tensor& input, at::IntArrayRef expected) {
+  TORCH_CHECK_VALUE(grad.sizes() == expected, op, ": grad must have shape ", expected, ", got ", grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == input.scalar_type(), op, ": grad must have the dtype of the input (",
+                   input.scalar_type(), "), got ", grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.device() == input.device(), op, ": grad and the input must be on one device, got ",
+                    grad.device(), " and ", input.device());
+}
+
+inline std::vector<int64_t> pattern_mask_shape(const at::Tensor& pattern_logits, int64_t m) {
+  std::vector<int64_t> shape(pattern_logits.sizes().begin(), pattern_logits.sizes().end() - 1);
+  shape.back() *= m;
+  return shape;
+}
 
 }  // namespace prunedm

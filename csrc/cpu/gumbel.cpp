@@ -21,48 +21,6 @@ namespace prunedm {
 template <typename T>
 using gumbel_compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// Argument checks of the gumbel ops, shared with csrc/cuda/gumbel.cu. They match
-// prunedm/ops/_checks.py (ValueError / TypeError naming the argument and the rule).
-void check_gumbel_tau(const char* op, double tau) {
-  TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, op, ": tau must be a finite number > 0, got ", tau);
-}
-
-void check_gumbel_nm_args(const char* op, const at::Tensor& logits, int64_t n, int64_t m, double tau) {
-  check_nm_args(op, n, m);
-  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()) && logits.element_size() >= 2, op,
-                   ": logits must be float16, bfloat16, float32 or float64, got ", logits.scalar_type());
-  check_last_dim_groups(op, "logits", logits, m);
-  check_gumbel_tau(op, tau);
-}
-
-void check_gumbel_pattern_args(const char* op, const at::Tensor& pattern_logits, int64_t n, int64_t m, double tau) {
-  TORCH_CHECK_VALUE(m >= 1 && m <= kMaxPatternGroupSize, op, ": m must be in [1, ", kMaxPatternGroupSize,
-                    "] (C(m, n) candidate patterns per group), got ", m);
-  TORCH_CHECK_VALUE(n >= 0 && n <= m, op, ": n must be in [0, m] = [0, ", m, "], got ", n);
-  TORCH_CHECK_TYPE(at::isFloatingType(pattern_logits.scalar_type()) && pattern_logits.element_size() >= 2, op,
-                   ": pattern_logits must be float16, bfloat16, float32 or float64, got ",
-                   pattern_logits.scalar_type());
-  const int64_t patterns = binomial(int(m), int(n));
-  TORCH_CHECK_VALUE(pattern_logits.dim() >= 2 && pattern_logits.size(-1) == patterns, op,
-                    ": pattern_logits must be [..., G, C(m, n)] = [..., G, ", patterns, "] for n = ", n, ", m = ", m,
-                    ", got ", pattern_logits.sizes());
-  check_gumbel_tau(op, tau);
-}
-
-void check_gumbel_grad(const char* op, const at::Tensor& grad, const at::Tensor& input, at::IntArrayRef expected) {
-  TORCH_CHECK_VALUE(grad.sizes() == expected, op, ": grad must have shape ", expected, ", got ", grad.sizes());
-  TORCH_CHECK_TYPE(grad.scalar_type() == input.scalar_type(), op, ": grad must have the dtype of the input (",
-                   input.scalar_type(), "), got ", grad.scalar_type());
-  TORCH_CHECK_VALUE(grad.device() == input.device(), op, ": grad and the input must be on one device, got ",
-                    grad.device(), " and ", input.device());
-}
-
-std::vector<int64_t> pattern_mask_shape(const at::Tensor& pattern_logits, int64_t m) {
-  std::vector<int64_t> shape(pattern_logits.sizes().begin(), pattern_logits.sizes().end() - 1);
-  shape.back() *= m;
-  return shape;
-}
-
 namespace {
 
 // Elements whose noise is drawn at once: the uniforms are written to a buffer and the two logs run

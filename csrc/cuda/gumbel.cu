@@ -22,12 +22,6 @@
 
 namespace prunedm {
 
-// Shared with the CPU kernels; defined in csrc/cpu/gumbel.cpp.
-void check_gumbel_nm_args(const char* op, const at::Tensor& logits, int64_t n, int64_t m, double tau);
-void check_gumbel_pattern_args(const char* op, const at::Tensor& pattern_logits, int64_t n, int64_t m, double tau);
-void check_gumbel_grad(const char* op, const at::Tensor& grad, const at::Tensor& input, at::IntArrayRef expected);
-std::vector<int64_t> pattern_mask_shape(const at::Tensor& pattern_logits, int64_t m);
-
 namespace {
 
 constexpr int kThreads = 256;
