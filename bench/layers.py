@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from prunedm import ops
+from prunedm.architectures import build
 from prunedm.nn import SparseConv2d, SparseLinear
 from prunedm.nn.sparsify import VERIFY_TOLERANCES, ineligible_reason
 
@@ -37,38 +38,20 @@ QUICK_LAYERS = {
 
 def _model_specs() -> dict:
     """name -> (label, build(), example (args, kwargs) at batch 1)."""
-    from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
-
     return {
         "ddpm": (
             "ddpm-cifar10-32",
-            lambda: UNet2DModel(
-                sample_size=32,
-                block_out_channels=(128, 256, 256, 256),
-                down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                layers_per_block=2,
-            ),
+            lambda: build("ddpm-cifar10-32"),
             lambda: ((torch.randn(1, 3, 32, 32), torch.tensor([10])), {}),
         ),
         "sd15": (
             "sd15-unet",
-            lambda: UNet2DConditionModel(cross_attention_dim=768),
+            lambda: build("sd15-unet"),
             lambda: ((torch.randn(1, 4, 64, 64), torch.tensor([10]), torch.randn(1, 77, 768)), {}),
         ),
         "dit": (
             "dit-xl-2",
-            lambda: DiTTransformer2DModel(
-                num_attention_heads=16,
-                attention_head_dim=72,
-                in_channels=4,
-                out_channels=8,
-                num_layers=28,
-                sample_size=32,
-                patch_size=2,
-                norm_type="ada_norm_zero",
-                num_embeds_ada_norm=1000,
-            ),
+            lambda: build("dit-xl-2"),
             lambda: ((torch.randn(1, 4, 32, 32),), dict(timestep=torch.tensor([10]), class_labels=torch.tensor([1]))),
         ),
     }

@@ -5,7 +5,7 @@ UNet: google/ddpm-cifar10-32's architecture, dense and channel-pruned (Diff-Prun
 Weights are random (structure is what sets latency); each pruned model's output shape is checked
 before it is timed.
 
-    python -m bench.pruning --out bench/out [--device cpu|cuda] [--dit S/2|B/2|XL/2] [--quick]"""
+    python -m bench.pruning --out bench/out [--device cpu|cuda] [--dit s-2|b-2|l-2|xl-2] [--quick]"""
 
 from __future__ import annotations
 
@@ -15,46 +15,18 @@ import statistics
 
 import torch
 
+from prunedm.architectures import DIT_SIZES, build
 from prunedm.pruning import count_macs_and_params, keep_every, prune_channels, prune_depth
 
 from .common import environment, time_ms, write_results
 
-# (hidden size, depth, heads) of the DiT family (Peebles & Xie, Table 1).
-DIT_SIZES = {"S/2": (384, 12, 6), "B/2": (768, 12, 12), "L/2": (1024, 24, 16), "XL/2": (1152, 28, 16)}
-
 
 def ddpm_cifar10():
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=2,
-        block_out_channels=(128, 256, 256, 256),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=None,
-        norm_num_groups=32,
-        resnet_time_scale_shift="default",
-        add_attention=True,
-    )
+    return build("ddpm-cifar10-32")
 
 
 def dit(size: str):
-    from diffusers import DiTTransformer2DModel
-
-    hidden, depth, heads = DIT_SIZES[size]
-    return DiTTransformer2DModel(
-        num_attention_heads=heads,
-        attention_head_dim=hidden // heads,
-        in_channels=4,
-        out_channels=8,
-        num_layers=depth,
-        sample_size=32,
-        patch_size=2,
-        num_embeds_ada_norm=1000,
-    )
+    return build(f"dit-{size}")
 
 
 def _forward(model, inputs: dict, device: torch.device):
@@ -129,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/out", help="directory for pruning.json and pruning.csv")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--dit", default=None, choices=list(DIT_SIZES), help="default: S/2 on CPU, XL/2 on GPU")
+    parser.add_argument("--dit", default=None, choices=list(DIT_SIZES), help="default: s-2 on CPU, xl-2 on GPU")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per model and round (CPU)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--quick", action="store_true", help="batch 2, ratio 0.5 only, DiT-S/2")
@@ -140,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
     batch = 2 if args.quick else args.batch
     ratios = [0.5] if args.quick else [0.3, 0.5]
-    dit_size = "S/2" if args.quick else args.dit or ("XL/2" if device.type == "cuda" else "S/2")
+    dit_size = "s-2" if args.quick else args.dit or ("xl-2" if device.type == "cuda" else "s-2")
     rows = bench_unet(batch, ratios, device, args.min_run_time, args.rounds)
     rows += bench_dit(dit_size, batch, device, args.min_run_time, args.rounds)
     json_path, csv_path = write_results(args.out, "pruning", environment(device), rows)

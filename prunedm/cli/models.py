@@ -8,21 +8,8 @@ from pathlib import Path
 
 import torch
 
+from prunedm.architectures import ARCHITECTURES, build
 from prunedm.cli.config import ConfigError
-
-# Built-in architectures, random init: "arch:<name>".
-ARCHITECTURES = {
-    "ddpm-cifar10-32": dict(
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    ),
-    "tiny-unet": dict(
-        sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    ),
-}  # fmt: skip
 
 
 def load_model(spec: str | None, seed: int = 0):
@@ -34,10 +21,7 @@ def load_model(spec: str | None, seed: int = 0):
         name = spec.removeprefix("arch:")
         if name not in ARCHITECTURES:
             raise ConfigError(f"model={spec}: unknown architecture; built-in ones: {', '.join(ARCHITECTURES)}")
-        from diffusers import UNet2DModel
-
-        torch.manual_seed(seed)
-        return UNet2DModel(**ARCHITECTURES[name])
+        return build(name, seed=seed)
     path = Path(spec)
     if (path / "structure.json").is_file():
         from prunedm.serialization import load_pretrained

@@ -9,25 +9,13 @@ import torch_pruning as tp
 from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
+from prunedm.architectures import build
 from prunedm.pruning import default_example_inputs, kept_channels, make_importance, prune_channels
 
 
 def ddpm_cifar10() -> UNet2DModel:
     """google/ddpm-cifar10-32's architecture (its config.json), randomly initialised."""
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=2,
-        block_out_channels=(128, 256, 256, 256),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=None,
-        norm_num_groups=32,
-        resnet_time_scale_shift="default",
-        add_attention=True,
-    ).eval()
+    return build("ddpm-cifar10-32", seed=0).eval()
 
 
 def tiny_unet() -> UNet2DModel:
