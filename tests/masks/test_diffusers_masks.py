@@ -104,3 +104,33 @@ def test_learner_on_diffusers_model(model_name, kind, tmp_path):
     for name, param in model.named_parameters():
         if name.rsplit(".", 1)[0] not in masks:
             assert torch.equal(param, dense_params[name]), name
+
+
+@pytest.mark.parametrize("name", ["UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel"])
+def test_maskllm_on_conditional_models(name):
+    """MaskLLM on the text-conditioned UNet and the joint-attention transformers: the learner distils the
+    dense model's output into 2:4 masks on every Linear (and Conv2d) it targets."""
+    from tiny_models import build, inputs, run
+
+    model = build(name)
+    kwargs = inputs(name)
+    target = run(model, kwargs)
+
+    def distill_loss(student, batch):
+        return nn.functional.mse_loss(run_with_grad(student, batch), target)
+
+    learner = pm.MaskLLMLearner(model, distill_loss, total_steps=2)
+    assert len(learner.targets) >= 10
+    assert torch.isfinite(torch.tensor(learner.step(kwargs)["loss"]))
+    masks = learner.finalize()
+    modules = dict(model.named_modules())
+    for module_name, mask in masks.items():
+        matrix = pm.weight_matrix(modules[module_name], mask.float())
+        assert bool((matrix.reshape(-1, 4).sum(-1) == 2).all()), module_name
+    with torch.no_grad():
+        assert torch.isfinite(run(model, kwargs)).all()
+
+
+def run_with_grad(model, kwargs):
+    out = model(**kwargs, return_dict=False)[0]
+    return out.sample if hasattr(out, "sample") else out
