@@ -5,6 +5,7 @@ from prunedm.masks.learner import MaskedWeight, MaskLearner
 from prunedm.masks.maskllm import MaskLLMLearner
 from prunedm.masks.maskpro import MaskProLearner, set_log_prob, top_n_mask
 from prunedm.masks.schedules import anneal
+from prunedm.masks.structural import StructuralGateLearner
 from prunedm.masks.targets import (
     apply_masks,
     find_targets,
@@ -20,6 +21,7 @@ __all__ = [
     "MaskLearner",
     "MaskProLearner",
     "MaskedWeight",
+    "StructuralGateLearner",
     "anneal",
     "apply_masks",
     "find_targets",

@@ -17,10 +17,13 @@ from prunedm.pruning.depth import (
     prune_depth,
 )
 from prunedm.pruning.fixups import sync_diffusers_attributes
+from prunedm.pruning.heads import StructuralPruningReport, apply_structural_masks
 from prunedm.pruning.importance import IMPORTANCES, GradientPass, accumulate_denoising_gradients, make_importance
 from prunedm.pruning.tinyfusion import DepthSearchResult, denoising_loss, keep_patterns, learn_depth_keep
 
 __all__ = [
+    "StructuralPruningReport",
+    "apply_structural_masks",
     "IMPORTANCES",
     "ChannelPruningReport",
     "DepthPruningReport",

@@ -1,0 +1,460 @@
+"""Structural (EcoDiff-style) gates: one learnable gate per attention head and FFN hidden unit, trained so
+the gated model's denoiser output stays close to the original's while a sparsity term closes gates.
+
+    learner = StructuralGateLearner(model, gate_type="hard_concrete", sparsity_weight=0.05)
+    for batch in data: learner.step(batch)        # only the gates train; the model is frozen
+    report = learner.apply()                      # remove the hooks, then the closed heads/units
+
+Gates scale the input of each attention's output projection per head (`to_out[0]`, and `to_add_out`
+for joint attention) and of each FFN's output layer per hidden unit (`ff.net[2]`), through forward
+pre-hooks; prunedm.pruning.heads.apply_structural_masks then removes what they closed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from prunedm.masks.learner import _flatten_optimizer, _json_default, _unflatten_optimizer
+from prunedm.masks.schedules import anneal
+from prunedm.masks.targets import ModuleFilter, _matches
+from prunedm.pruning.heads import (
+    StructuralLayout,
+    StructuralPruningReport,
+    apply_structural_masks,
+    is_structural_candidate,
+    structural_layout,
+)
+
+GATE_TYPES = ("hard_concrete", "sigmoid", "gumbel_softmax")
+# Louizos et al. 2018, "Learning Sparse Neural Networks through L0 Regularization".
+HARD_CONCRETE_BETA, HARD_CONCRETE_GAMMA, HARD_CONCRETE_ZETA = 0.83, -0.1, 1.1
+
+# forward_fn(model, batch, noisy_latents, timesteps) -> the denoiser's output tensor.
+ForwardFn = Callable[[nn.Module, object, torch.Tensor, torch.Tensor], torch.Tensor]
+
+__all__ = [
+    "GATE_TYPES",
+    "StructuralGateLearner",
+    "StructuralPruningReport",
+    "apply_structural_masks",
+    "denoiser_output",
+    "find_structural_targets",
+    "hard_concrete_eval",
+    "hard_concrete_l0",
+    "hard_concrete_sample",
+]
+
+
+# ---- gate math ----
+
+
+def _logistic(u: torch.Tensor) -> torch.Tensor:
+    return torch.log(u) - torch.log1p(-u)
+
+
+def hard_concrete_sample(
+    log_alpha: torch.Tensor,
+    u: torch.Tensor,
+    beta: float = HARD_CONCRETE_BETA,
+    gamma: float = HARD_CONCRETE_GAMMA,
+    zeta: float = HARD_CONCRETE_ZETA,
+) -> torch.Tensor:
+    """A hard concrete gate for uniform noise u in (0, 1): sigmoid((logit(u) + log_alpha) / beta),
+    stretched to (gamma, zeta) and clamped to [0, 1], so exact 0 and 1 have positive probability."""
+    s = torch.sigmoid((_logistic(u) + log_alpha) / beta)
+    return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+
+
+def hard_concrete_eval(
+    log_alpha: torch.Tensor, gamma: float = HARD_CONCRETE_GAMMA, zeta: float = HARD_CONCRETE_ZETA
+) -> torch.Tensor:
+    """The test-time gate: clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)."""
+    return (torch.sigmoid(log_alpha) * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+
+
+def hard_concrete_l0(
+    log_alpha: torch.Tensor,
+    beta: float = HARD_CONCRETE_BETA,
+    gamma: float = HARD_CONCRETE_GAMMA,
+    zeta: float = HARD_CONCRETE_ZETA,
+) -> torch.Tensor:
+    """P(gate != 0), the expected L0 norm per gate: sigmoid(log_alpha - beta * log(-gamma / zeta))."""
+    return torch.sigmoid(log_alpha - beta * math.log(-gamma / zeta))
+
+
+def _gumbel_two_class(logits: torch.Tensor, u: torch.Tensor, tau: float) -> torch.Tensor:
+    """Straight-through two-class Gumbel-softmax over (keep: logit, drop: 0): the difference of two
+    Gumbel variables is logistic, so softmax([l + g1, g2] / tau)[0] = sigmoid((l + logit(u)) / tau)."""
+    soft = torch.sigmoid((logits + _logistic(u)) / tau)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + (soft - soft.detach())  # exactly 0/1 forward, the soft gradient backward
+
+
+# ---- targets ----
+
+
+def find_structural_targets(
+    model: nn.Module,
+    include: ModuleFilter = None,
+    exclude: ModuleFilter = None,
+    heads: bool = True,
+    ffn: bool = True,
+) -> tuple[dict[str, StructuralLayout], dict[str, str]]:
+    """(targets, skipped): gate layouts of the model's attentions (heads) and FeedForwards (hidden
+    units) by module name, filtered like the N:M learners' targets (regex searched in the name, or a
+    predicate of (name, module)); skipped maps a matching module that cannot take gates to the reason.
+    Raises ValueError naming `include` when it matches no attention or FeedForward at all."""
+    targets, skipped, matched = {}, {}, 0
+    for name, module in model.named_modules():
+        if not is_structural_candidate(module):
+            continue
+        if include is not None and not _matches(include, name, module):
+            continue
+        matched += 1
+        if _matches(exclude, name, module):
+            continue
+        layout = structural_layout(module)
+        if isinstance(layout, str):
+            skipped[name] = layout
+        elif (layout.kind == "heads" and heads) or (layout.kind == "ffn" and ffn):
+            targets[name] = layout
+    if include is not None and not matched:
+        raise ValueError(f"include pattern {include!r} matches no attention or FeedForward module of the model")
+    return targets, skipped
+
+
+# ---- the denoiser call ----
+
+
+def _split_batch(batch) -> tuple[torch.Tensor, dict]:
+    if isinstance(batch, Mapping):
+        keys = [k for k in ("latents", "sample", "hidden_states") if k in batch]
+        if not keys:
+            raise ValueError("a dict batch needs 'latents', 'sample' or 'hidden_states'")
+        return batch[keys[0]], {k: v for k, v in batch.items() if k != keys[0]}
+    if isinstance(batch, (list, tuple)):
+        return batch[0], ({"class_labels": batch[1]} if len(batch) > 1 else {})
+    return batch, {}
+
+
+def denoiser_output(model: nn.Module, batch, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The default forward_fn: model(noisy, timestep=timesteps, **conditioning).sample.
+
+    batch: latents; (latents, class_labels); or a dict with "latents" ("sample", "hidden_states") and
+    the model's conditioning kwargs (encoder_hidden_states, pooled_projections, img_ids, ...). A class-
+    conditional DiT without labels gets class 0. Timesteps are DDPM's integers in [0, 1000): models that
+    expect another scale (Flux takes t / 1000) want their own forward_fn."""
+    _, kwargs = _split_batch(batch)
+    config = getattr(model, "config", None)
+    if "class_labels" not in kwargs and getattr(config, "num_embeds_ada_norm", None):
+        kwargs["class_labels"] = torch.zeros(noisy.shape[0], dtype=torch.long, device=noisy.device)
+    out = model(noisy, timestep=timesteps, **kwargs)
+    if hasattr(out, "sample"):
+        return out.sample
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+# ---- the learner ----
+
+
+class StructuralGateLearner:
+    """Learn which attention heads and FFN hidden units of a diffusion model to remove.
+
+    Each target (see find_structural_targets) gets one logit per head or hidden unit. Gate types:
+      hard_concrete  -- log_alpha; training samples stretched, clamped concrete gates (beta, gamma,
+                        zeta); sparsity term is the expected L0; eval gate clamp(sigmoid(la)*1.2-0.1).
+      sigmoid        -- gate sigmoid(logit / temperature); sparsity term is the mean gate.
+      gumbel_softmax -- two-class straight-through Gumbel-softmax (hard 0/1 forward); sparsity term is
+                        P(keep) = sigmoid(logit).
+    In eval, sigmoid and gumbel_softmax gates are hard (logit > 0); hard_concrete's can lie in (0, 1)
+    and apply_structural_masks folds them into the output projections.
+
+    A step draws `timesteps_per_step` timesteps and noises per sample, runs the frozen model (gates
+    off, no grad; or `teacher` if given) and the gated model at each, and minimises
+        mean_k MSE(gated output_k, original output_k) + sparsity_weight * sparsity
+    where sparsity averages each gate's term weighted by the parameters it controls (the expected
+    fraction of gated parameters kept). Only the gates train. With gradient_checkpointing each
+    timestep's gated forward is recomputed in backward, so activations of one timestep are held at a
+    time. Random draws depend only on (seed, step): under torch.distributed every rank samples the
+    same gates, and gate gradients are averaged across ranks."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        gate_type: str = "hard_concrete",
+        include: ModuleFilter = None,
+        exclude: ModuleFilter = None,
+        heads: bool = True,
+        ffn: bool = True,
+        sparsity_weight: float = 1e-2,
+        lr: float = 0.1,
+        init_logit: float = 3.0,
+        temperature: float | tuple[float, float] = 1.0,
+        total_steps: int | None = None,
+        beta: float = HARD_CONCRETE_BETA,
+        gamma: float = HARD_CONCRETE_GAMMA,
+        zeta: float = HARD_CONCRETE_ZETA,
+        timesteps_per_step: int = 2,
+        num_train_timesteps: int = 1000,
+        forward_fn: ForwardFn | None = None,
+        teacher: nn.Module | None = None,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if gate_type not in GATE_TYPES:
+            raise ValueError(f"gate_type must be one of {GATE_TYPES}, got {gate_type!r}")
+        if not (gamma < 0 < 1 < zeta and beta > 0):
+            raise ValueError(f"hard concrete needs gamma < 0, zeta > 1, beta > 0; got {gamma}, {zeta}, {beta}")
+        if isinstance(temperature, tuple) and total_steps is None:
+            raise ValueError("an annealed temperature (start, end) needs total_steps")
+        if timesteps_per_step < 1:
+            raise ValueError(f"timesteps_per_step must be >= 1, got {timesteps_per_step}")
+        self.model, self.teacher, self.gate_type = model, teacher, gate_type
+        self.targets, self.skipped = find_structural_targets(model, include, exclude, heads=heads, ffn=ffn)
+        if not self.targets:
+            raise ValueError(
+                f"StructuralGateLearner: no attention or FeedForward to gate (skipped: {self.skipped or 'none'})"
+            )
+        self.sparsity_weight, self.lr = float(sparsity_weight), float(lr)
+        self.temperature, self.total_steps = temperature, total_steps
+        self.beta, self.gamma, self.zeta = float(beta), float(gamma), float(zeta)
+        self.timesteps_per_step, self.num_train_timesteps = int(timesteps_per_step), int(num_train_timesteps)
+        self.forward_fn = forward_fn or denoiser_output
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.seed, self.step_count = int(seed), 0
+
+        device = next(iter(self.targets.values())).out_layers[0].weight.device
+        self.logits: dict[str, nn.Parameter] = {
+            name: nn.Parameter(torch.full((layout.units,), float(init_logit), device=device))
+            for name, layout in self.targets.items()
+        }
+        self._cost = {name: float(layout.params_per_unit) for name, layout in self.targets.items()}
+        self.optimizer = torch.optim.Adam(list(self.logits.values()), lr=self.lr)
+        self._active: dict[str, torch.Tensor] | None = None
+        self._handles = []
+        for name, layout in self.targets.items():
+            for layer in layout.out_layers:
+                self._handles.append(layer.register_forward_pre_hook(self._make_hook(name, layout.group)))
+        self._frozen = [p for p in model.parameters() if p.requires_grad]
+        for p in self._frozen:
+            p.requires_grad_(False)
+        self._scheduler = None
+
+    # hooks ---------------------------------------------------------------------------------------
+
+    def _make_hook(self, name: str, group: int):
+        def scale_input(module, args):
+            gates = self._active
+            if gates is None or name not in gates:
+                return None
+            x = args[0]
+            gate = gates[name].to(x.dtype)
+            if group > 1:
+                gate = gate.repeat_interleave(group)
+            return (x * gate, *args[1:])
+
+        return scale_input
+
+    def use_gates(self, gates: Mapping[str, torch.Tensor] | None) -> None:
+        """Make the model's forward apply these gates ({target: [units]}, float or bool); None: ungated."""
+        self._active = (
+            None if gates is None else {k: v.float() if v.dtype == torch.bool else v for k, v in gates.items()}
+        )
+
+    def remove(self) -> None:
+        """Detach the hooks and unfreeze the model's parameters (the gates stay readable)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._active = [], None
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen = []
+
+    # gates ---------------------------------------------------------------------------------------
+
+    def current_temperature(self) -> float:
+        if isinstance(self.temperature, tuple):
+            start, end = self.temperature
+            return anneal(start, end, self.step_count / max(self.total_steps, 1), "exp")
+        return float(self.temperature)
+
+    def _noise(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        eps = 1e-6
+        return {
+            name: torch.rand(p.shape, generator=generator).clamp(eps, 1 - eps).to(p.device)
+            for name, p in self.logits.items()
+        }
+
+    def sample_gates(self, noise: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Training gates (differentiable in the logits) for uniform noise per gate."""
+        tau = self.current_temperature()
+        out = {}
+        for name, logit in self.logits.items():
+            if self.gate_type == "hard_concrete":
+                out[name] = hard_concrete_sample(logit, noise[name], self.beta, self.gamma, self.zeta)
+            elif self.gate_type == "sigmoid":
+                out[name] = torch.sigmoid(logit / tau)
+            else:
+                out[name] = _gumbel_two_class(logit, noise[name], tau)
+        return out
+
+    @torch.no_grad()
+    def gates(self) -> dict[str, torch.Tensor]:
+        """The eval gates (float, in [0, 1]): what apply() removes (zeros) and folds (the rest)."""
+        if self.gate_type == "hard_concrete":
+            return {n: hard_concrete_eval(p, self.gamma, self.zeta).detach().clone() for n, p in self.logits.items()}
+        return {name: (p > 0).float() for name, p in self.logits.items()}
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Hard masks: {target name: bool [heads] or [hidden units]}, True = kept."""
+        return {name: gate > 0 for name, gate in self.gates().items()}
+
+    def expected_kept(self) -> dict[str, torch.Tensor]:
+        """Per gate, the sparsity term's measure of being kept: P(gate != 0), sigmoid gate, or P(keep)."""
+        out = {}
+        for name, logit in self.logits.items():
+            if self.gate_type == "hard_concrete":
+                out[name] = hard_concrete_l0(logit, self.beta, self.gamma, self.zeta)
+            elif self.gate_type == "sigmoid":
+                out[name] = torch.sigmoid(logit / self.current_temperature())
+            else:
+                out[name] = torch.sigmoid(logit)
+        return out
+
+    def sparsity(self) -> torch.Tensor:
+        """The parameter-weighted mean of expected_kept: the expected fraction of gated params kept."""
+        terms = self.expected_kept()
+        total = sum(self._cost[n] * t.numel() for n, t in terms.items())
+        return sum(self._cost[n] * t.sum() for n, t in terms.items()) / total
+
+    # training ------------------------------------------------------------------------------------
+
+    def _ddpm(self):
+        if self._scheduler is None:
+            from diffusers import DDPMScheduler
+
+            self._scheduler = DDPMScheduler(num_train_timesteps=self.num_train_timesteps)
+        return self._scheduler
+
+    def _gated_forward(self, batch, noisy, timesteps, names, *gate_values):
+        self._active = dict(zip(names, gate_values))
+        try:
+            return self.forward_fn(self.model, batch, noisy, timesteps)
+        finally:
+            self._active = None
+
+    def step(self, batch) -> dict:
+        """One gate update on `batch`; returns loss, distance (mean MSE to the original output),
+        sparsity (the weighted expected kept fraction), kept (gates open in eval) and temperature."""
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.step_count) % 2**63)
+        latents, _ = _split_batch(batch)
+        noise_gates = self._noise(generator)
+        draws = []
+        for _ in range(self.timesteps_per_step):
+            t = torch.randint(0, self.num_train_timesteps, (latents.shape[0],), generator=generator)
+            noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+            draws.append((t.to(latents.device), noise.to(latents.device)))
+        was_training = self.model.training
+        self.model.eval()  # dropout off: the gated and original outputs differ only by the gates
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            gates = self.sample_gates(noise_gates)
+            names, values = list(gates), list(gates.values())
+            teacher = self.teacher if self.teacher is not None else self.model
+            distance = 0.0
+            for t, noise in draws:
+                noisy = self._ddpm().add_noise(latents, noise, t)
+                with torch.no_grad():
+                    self._active = None
+                    target = self.forward_fn(teacher, batch, noisy, t)
+                if self.gradient_checkpointing:
+                    pred = checkpoint(self._gated_forward, batch, noisy, t, names, *values, use_reentrant=False)
+                else:
+                    pred = self._gated_forward(batch, noisy, t, names, *values)
+                distance = distance + F.mse_loss(pred.float(), target.float())
+            distance = distance / self.timesteps_per_step
+            sparsity = self.sparsity()
+            loss = distance + self.sparsity_weight * sparsity
+            loss.backward()
+            self._average_gate_grads()
+            self.optimizer.step()
+        finally:
+            self._active = None
+            self.model.train(was_training)
+        self.step_count += 1
+        kept = sum(int(m.sum()) for m in self.masks().values())
+        return {
+            "loss": float(loss.detach()),
+            "distance": float(distance.detach()),
+            "sparsity": float(sparsity.detach()),
+            "kept": kept,
+            "total": sum(p.numel() for p in self.logits.values()),
+            "temperature": self.current_temperature(),
+        }
+
+    def _average_gate_grads(self) -> None:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for p in self.logits.values():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(dist.get_world_size())
+
+    def apply(self, hard: bool = False, replace_blocks: bool = True) -> StructuralPruningReport:
+        """Remove the hooks, then the heads and units the eval gates close (folding the open gates'
+        values in; hard=True keeps the open ones at 1 instead). The model is pruned in place."""
+        masks = self.masks() if hard else self.gates()
+        self.remove()
+        return apply_structural_masks(self.model, masks, replace_blocks=replace_blocks)
+
+    # state ---------------------------------------------------------------------------------------
+
+    def _meta(self) -> dict:
+        return {
+            "class": type(self).__name__,
+            "gate_type": self.gate_type,
+            "seed": self.seed,
+            "step": self.step_count,
+            "targets": {name: [layout.kind, layout.units] for name, layout in self.targets.items()},
+        }
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, metadata): the gate logits and optimizer state, enough to resume learning."""
+        tensors = {f"gate.{name}": p.detach().cpu().contiguous() for name, p in self.logits.items()}
+        optimizer_tensors, optimizer_meta = _flatten_optimizer("optimizer", self.optimizer)
+        tensors.update(optimizer_tensors)
+        return tensors, {**self._meta(), "optimizer": optimizer_meta}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        mine = self._meta()
+        for key in ("class", "gate_type", "targets"):
+            if meta.get(key) != mine[key]:
+                raise ValueError(f"{type(self).__name__}: state {key} {meta.get(key)!r} differs from {mine[key]!r}")
+        with torch.no_grad():
+            for name, p in self.logits.items():
+                p.copy_(tensors[f"gate.{name}"])
+        self.optimizer.load_state_dict(_unflatten_optimizer("optimizer", tensors, meta["optimizer"]))
+        self.seed, self.step_count = meta["seed"], meta["step"]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the learner's state to a safetensors file (metadata as JSON under "prunedm")."""
+        tensors, meta = self.state_dict()
+        save_file(tensors, str(path), metadata={"prunedm": json.dumps(meta, default=_json_default)})
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Resume from a file written by save() for the same model, targets and gate type."""
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["prunedm"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        self.load_state_dict(tensors, meta)
