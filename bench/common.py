@@ -14,6 +14,17 @@ from pathlib import Path
 
 import torch
 
+# Weight matrices (out, in) of real models that the op benchmarks run on: DiT-XL/2 (hidden 1152)
+# and the SD 1.5 UNet (320..1280 channels; a 3x3 conv as its [Cout, 9*Cin] GEMM matrix).
+WEIGHT_SHAPES = {
+    "dit-xl2.qkv": (3456, 1152),
+    "dit-xl2.mlp_in": (4608, 1152),
+    "dit-xl2.mlp_out": (1152, 4608),
+    "sd15.attn_640": (640, 640),
+    "sd15.ff_1280": (10240, 1280),
+    "sd15.conv3x3_320": (320, 2880),
+}
+
 # Peak DRAM bandwidth (GB/s) of GPUs whose properties do not report it.
 KNOWN_BANDWIDTH_GBPS = {"H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H200": 4800.0, "A100-SXM4-80GB": 2039.0}
 

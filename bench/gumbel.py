@@ -17,15 +17,9 @@ import prunedm
 from prunedm import ops
 from prunedm.ops import reference
 
-from .common import environment, peak_bandwidth_gbps, time_ms, write_results
+from .common import WEIGHT_SHAPES, environment, peak_bandwidth_gbps, time_ms, write_results
 
-# Weight shapes (out, in) of real models: DiT-XL/2 (hidden 1152) and SD 1.5's UNet.
-SHAPES = {
-    "dit-xl2.qkv": (3456, 1152),
-    "dit-xl2.mlp_in": (4608, 1152),
-    "sd15.attn_640": (640, 640),
-    "sd15.conv3x3_320": (320, 2880),
-}
+SHAPES = {name: WEIGHT_SHAPES[name] for name in ("dit-xl2.qkv", "dit-xl2.mlp_in", "sd15.attn_640", "sd15.conv3x3_320")}
 QUICK_SHAPES = ["sd15.attn_640", "sd15.conv3x3_320"]
 
 

@@ -16,17 +16,9 @@ from torch.sparse._semi_structured_conversions import sparse_semi_structured_fro
 import prunedm
 from prunedm import ops
 
-from .common import environment, peak_bandwidth_gbps, plot_speedups, time_ms, write_results
+from .common import WEIGHT_SHAPES, environment, peak_bandwidth_gbps, plot_speedups, time_ms, write_results
 
-# Weight shapes (out, in) of real models: DiT-XL/2 (hidden 1152) and SD 1.5 UNet (320..1280).
-SHAPES = {
-    "dit-xl2.qkv": (3456, 1152),
-    "dit-xl2.mlp_in": (4608, 1152),
-    "dit-xl2.mlp_out": (1152, 4608),
-    "sd15.attn_640": (640, 640),
-    "sd15.ff_1280": (10240, 1280),
-    "sd15.conv3x3_320": (320, 2880),
-}
+SHAPES = WEIGHT_SHAPES
 QUICK_SHAPES = ["dit-xl2.qkv", "sd15.attn_640"]
 
 
