@@ -6,7 +6,6 @@ extension_info() says what was built, what can run here, and how to get what is 
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 
 import torch
 
@@ -15,16 +14,24 @@ _REBUILD_HINT = (
 )
 
 
-@lru_cache(maxsize=1)
-def _load() -> tuple[object | None, str]:
-    try:
-        from prunedm import _C  # noqa: F401  (importing registers torch.ops.prunedm.*)
-    except ImportError as exc:
-        return None, f"prunedm._C failed to import ({exc}); {_REBUILD_HINT}"
-    # The ops' fake (meta) implementations are registered once the schemas exist.
-    from prunedm.ops import _fake  # noqa: F401
+# (module, error): filled once by _load(). A plain global rather than functools.lru_cache, so that
+# torch.compile can trace the ops' backend choice without a graph break.
+_LOADED: tuple[object | None, str] | None = None
 
-    return _C, ""
+
+def _load() -> tuple[object | None, str]:
+    global _LOADED
+    if _LOADED is None:
+        try:
+            from prunedm import _C  # noqa: F401  (importing registers torch.ops.prunedm.*)
+        except ImportError as exc:
+            _LOADED = (None, f"prunedm._C failed to import ({exc}); {_REBUILD_HINT}")
+        else:
+            # The ops' fake (meta) implementations are registered once the schemas exist.
+            from prunedm.ops import _fake  # noqa: F401
+
+            _LOADED = (_C, "")
+    return _LOADED
 
 
 def extension_loaded() -> bool:
