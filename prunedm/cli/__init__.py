@@ -10,6 +10,7 @@ from pathlib import Path
 
 JOBS = {
     "prune": "prune channels (UNets) or blocks (DiTs); writes the pruned model",
+    "learn-mask": "learn 2:4 masks (maskllm, maskpro or magnitude); writes the masks and the masked model",
     "finetune": "finetune a model on images (noise-prediction loss, EMA, checkpoints, --resume)",
     "sparsify": "swap Linear/Conv2d layers for 2:4 sparse ones; writes the packed model and a report",
     "sample": "sample images from a UNet; writes a PNG grid",

@@ -72,3 +72,26 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert message in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("method", ["maskllm", "maskpro", "magnitude"])
+def test_learn_mask_writes_2to4_masks_and_resumes(tmp_path, capsys, method):
+    from safetensors.torch import load_file
+
+    from prunedm import load_pretrained, ops
+
+    out = tmp_path / method
+    args = ["learn-mask", "model=arch:tiny-unet", f"method={method}", "steps=2", "batch_size=4", "checkpoint_every=1"]
+    assert main([*args, "--out", str(out)]) == 0
+    masks = load_file(str(out / "masks.safetensors"))
+    assert len(masks) >= 10
+    model = load_pretrained(out / "model")
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        weight = modules[name].weight
+        matrix = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1) if weight.dim() == 4 else weight
+        assert ops.nm_violations(matrix, 2, 4) == 0, name
+    if method != "magnitude":
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+        assert main([*args, "--out", str(out), "--resume"]) == 0  # already at step 2: nothing to redo
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
