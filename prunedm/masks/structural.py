@@ -7,12 +7,13 @@ the gated model's denoiser output stays close to the original's while a sparsity
 
 Gates scale the input of each attention's output projection per head (`to_out[0]`, and `to_add_out`
 for joint attention) and of each FFN's output layer per hidden unit (`ff.net[2]`), through forward
-pre-hooks; prunedm.pruning.heads.apply_structural_masks then removes what they closed."""
+pre-hooks; in a Flux single-stream block, the attention's and proj_mlp's column ranges of proj_out.
+Optional norm gates (`norms=`) scale LayerNorm/GroupNorm/RMSNorm output channels through forward hooks.
+prunedm.pruning.heads.apply_structural_masks then removes what they closed."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Mapping
 
@@ -25,18 +26,25 @@ from torch.utils.checkpoint import checkpoint
 
 from prunedm.masks.learner import _flatten_optimizer, _json_default, _unflatten_optimizer
 from prunedm.masks.schedules import anneal
+from prunedm.masks.structural_gates import (
+    HARD_CONCRETE_BETA,
+    HARD_CONCRETE_GAMMA,
+    HARD_CONCRETE_ZETA,
+    _gumbel_two_class,
+    hard_concrete_eval,
+    hard_concrete_l0,
+    hard_concrete_sample,
+)
 from prunedm.masks.targets import ModuleFilter, _matches
 from prunedm.pruning.heads import (
     StructuralLayout,
     StructuralPruningReport,
     apply_structural_masks,
-    is_structural_candidate,
-    structural_layout,
+    structural_layouts,
 )
+from prunedm.pruning.heads_norms import is_gateable_norm, norm_layout
 
 GATE_TYPES = ("hard_concrete", "sigmoid", "gumbel_softmax")
-# Louizos et al. 2018, "Learning Sparse Neural Networks through L0 Regularization".
-HARD_CONCRETE_BETA, HARD_CONCRETE_GAMMA, HARD_CONCRETE_ZETA = 0.83, -0.1, 1.1
 
 # forward_fn(model, batch, noisy_latents, timesteps) -> the denoiser's output tensor.
 ForwardFn = Callable[[nn.Module, object, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -54,51 +62,6 @@ __all__ = [
 ]
 
 
-# ---- gate math ----
-
-
-def _logistic(u: torch.Tensor) -> torch.Tensor:
-    return torch.log(u) - torch.log1p(-u)
-
-
-def hard_concrete_sample(
-    log_alpha: torch.Tensor,
-    u: torch.Tensor,
-    beta: float = HARD_CONCRETE_BETA,
-    gamma: float = HARD_CONCRETE_GAMMA,
-    zeta: float = HARD_CONCRETE_ZETA,
-) -> torch.Tensor:
-    """A hard concrete gate for uniform noise u in (0, 1): sigmoid((logit(u) + log_alpha) / beta),
-    stretched to (gamma, zeta) and clamped to [0, 1], so exact 0 and 1 have positive probability."""
-    s = torch.sigmoid((_logistic(u) + log_alpha) / beta)
-    return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
-
-
-def hard_concrete_eval(
-    log_alpha: torch.Tensor, gamma: float = HARD_CONCRETE_GAMMA, zeta: float = HARD_CONCRETE_ZETA
-) -> torch.Tensor:
-    """The test-time gate: clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)."""
-    return (torch.sigmoid(log_alpha) * (zeta - gamma) + gamma).clamp(0.0, 1.0)
-
-
-def hard_concrete_l0(
-    log_alpha: torch.Tensor,
-    beta: float = HARD_CONCRETE_BETA,
-    gamma: float = HARD_CONCRETE_GAMMA,
-    zeta: float = HARD_CONCRETE_ZETA,
-) -> torch.Tensor:
-    """P(gate != 0), the expected L0 norm per gate: sigmoid(log_alpha - beta * log(-gamma / zeta))."""
-    return torch.sigmoid(log_alpha - beta * math.log(-gamma / zeta))
-
-
-def _gumbel_two_class(logits: torch.Tensor, u: torch.Tensor, tau: float) -> torch.Tensor:
-    """Straight-through two-class Gumbel-softmax over (keep: logit, drop: 0): the difference of two
-    Gumbel variables is logistic, so softmax([l + g1, g2] / tau)[0] = sigmoid((l + logit(u)) / tau)."""
-    soft = torch.sigmoid((logits + _logistic(u)) / tau)
-    hard = (soft > 0.5).to(soft.dtype)
-    return hard + (soft - soft.detach())  # exactly 0/1 forward, the soft gradient backward
-
-
 # ---- targets ----
 
 
@@ -108,27 +71,43 @@ def find_structural_targets(
     exclude: ModuleFilter = None,
     heads: bool = True,
     ffn: bool = True,
+    norms: ModuleFilter = None,
 ) -> tuple[dict[str, StructuralLayout], dict[str, str]]:
-    """(targets, skipped): gate layouts of the model's attentions (heads) and FeedForwards (hidden
-    units) by module name, filtered like the N:M learners' targets (regex searched in the name, or a
-    predicate of (name, module)); skipped maps a matching module that cannot take gates to the reason.
-    Raises ValueError naming `include` when it matches no attention or FeedForward at all."""
+    """(targets, skipped): gate layouts of the model's attentions (heads), FeedForwards and Flux single-
+    stream MLPs (hidden units) by module name, filtered like the N:M learners' targets (regex searched in
+    the name, or a predicate of (name, module)); with `norms` (a regex or predicate), also the output
+    channels of the LayerNorm/GroupNorm/RMSNorm modules it selects (`exclude` applies to them too).
+    skipped maps a matching module that cannot take gates to the reason. Raises ValueError naming
+    `include` (`norms`) when it matches no attention or FeedForward (no norm) at all."""
+    modules = dict(model.named_modules())
     targets, skipped, matched = {}, {}, 0
-    for name, module in model.named_modules():
-        if not is_structural_candidate(module):
-            continue
+    for name, layout in structural_layouts(model).items():
+        module = modules[name]
         if include is not None and not _matches(include, name, module):
             continue
         matched += 1
         if _matches(exclude, name, module):
             continue
-        layout = structural_layout(module)
         if isinstance(layout, str):
             skipped[name] = layout
         elif (layout.kind == "heads" and heads) or (layout.kind == "ffn" and ffn):
             targets[name] = layout
     if include is not None and not matched:
         raise ValueError(f"include pattern {include!r} matches no attention or FeedForward module of the model")
+    if norms is not None:
+        matched = 0
+        for name, module in modules.items():
+            if not name or not _matches(norms, name, module) or _matches(exclude, name, module):
+                continue
+            if is_gateable_norm(module):
+                matched += 1
+                targets[name] = norm_layout(model, name)
+            elif "Norm" in type(module).__name__:
+                skipped[name] = (
+                    f"{type(module).__name__} is not a LayerNorm, GroupNorm or RMSNorm (gate its inner norm)"
+                )
+        if not matched:
+            raise ValueError(f"norms pattern {norms!r} matches no LayerNorm, GroupNorm or RMSNorm of the model")
     return targets, skipped
 
 
@@ -166,10 +145,29 @@ def denoiser_output(model: nn.Module, batch, noisy: torch.Tensor, timesteps: tor
 # ---- the learner ----
 
 
-class StructuralGateLearner:
-    """Learn which attention heads and FFN hidden units of a diffusion model to remove.
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-    Each target (see find_structural_targets) gets one logit per head or hidden unit. Gate types:
+
+class _GateModule(nn.Module):
+    """The gate logits as one module, so DistributedDataParallel can own their gradients: forward maps
+    uniform noise per gate (and a temperature) to the sampled gates."""
+
+    def __init__(self, logits: list[nn.Parameter], sample: Callable) -> None:
+        super().__init__()
+        self.logits = nn.ParameterList(logits)
+        self._sample = sample
+
+    def forward(self, noise: list[torch.Tensor], tau: float) -> list[torch.Tensor]:
+        return [self._sample(logit, u, tau) for logit, u in zip(self.logits, noise)]
+
+
+class StructuralGateLearner:
+    """Learn which attention heads, FFN hidden units (and, optionally, norm channels) of a diffusion
+    model to remove.
+
+    Each target (see find_structural_targets) gets one logit per head, hidden unit or channel. Gate types:
       hard_concrete  -- log_alpha; training samples stretched, clamped concrete gates (beta, gamma,
                         zeta); sparsity term is the expected L0; eval gate clamp(sigmoid(la)*1.2-0.1).
       sigmoid        -- gate sigmoid(logit / temperature); sparsity term is the mean gate.
@@ -184,8 +182,18 @@ class StructuralGateLearner:
     where sparsity averages each gate's term weighted by the parameters it controls (the expected
     fraction of gated parameters kept). Only the gates train. With gradient_checkpointing each
     timestep's gated forward is recomputed in backward, so activations of one timestep are held at a
-    time. Random draws depend only on (seed, step): under torch.distributed every rank samples the
-    same gates, and gate gradients are averaged across ranks."""
+    time. `norms` (regex or predicate) adds a gate per output channel of the LayerNorm/GroupNorm/
+    RMSNorm modules it selects (see prunedm.pruning.heads_norms for which can be removed); a channel
+    weighs in the sparsity term as the reader columns it removes, or as 1 where it is only a mask.
+
+    Distributed: with a torch.distributed process group of more than one rank, the gates are sampled
+    through a DistributedDataParallel wrapper of the gate logits (which broadcasts rank 0's logits at
+    the first step and averages their gradients), every rank samples the same gates (the draws depend
+    only on (seed, step)), and rank r's timesteps and noises are its slice of one draw over the global
+    batch, its distance weighted by its share of that batch. So every rank ends each step with the
+    same gates, equal (up to float rounding) to one process stepping on the ranks' batches concatenated
+    in rank order. A model passed wrapped in DistributedDataParallel is unwrapped: its weights are
+    frozen, so that wrapper has nothing to reduce."""
 
     def __init__(
         self,
@@ -210,7 +218,10 @@ class StructuralGateLearner:
         teacher: nn.Module | None = None,
         gradient_checkpointing: bool = False,
         seed: int = 0,
+        norms: ModuleFilter = None,
     ) -> None:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
         if gate_type not in GATE_TYPES:
             raise ValueError(f"gate_type must be one of {GATE_TYPES}, got {gate_type!r}")
         if not (gamma < 0 < 1 < zeta and beta > 0):
@@ -220,10 +231,10 @@ class StructuralGateLearner:
         if timesteps_per_step < 1:
             raise ValueError(f"timesteps_per_step must be >= 1, got {timesteps_per_step}")
         self.model, self.teacher, self.gate_type = model, teacher, gate_type
-        self.targets, self.skipped = find_structural_targets(model, include, exclude, heads=heads, ffn=ffn)
+        self.targets, self.skipped = find_structural_targets(model, include, exclude, heads=heads, ffn=ffn, norms=norms)
         if not self.targets:
             raise ValueError(
-                f"StructuralGateLearner: no attention or FeedForward to gate (skipped: {self.skipped or 'none'})"
+                f"StructuralGateLearner: no attention, FeedForward or norm to gate (skipped: {self.skipped or 'none'})"
             )
         self.sparsity_weight, self.lr = float(sparsity_weight), float(lr)
         self.temperature, self.total_steps = temperature, total_steps
@@ -233,18 +244,24 @@ class StructuralGateLearner:
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.seed, self.step_count = int(seed), 0
 
-        device = next(iter(self.targets.values())).out_layers[0].weight.device
+        device = next(model.parameters()).device
         self.logits: dict[str, nn.Parameter] = {
             name: nn.Parameter(torch.full((layout.units,), float(init_logit), device=device))
             for name, layout in self.targets.items()
         }
         self._cost = {name: float(layout.params_per_unit) for name, layout in self.targets.items()}
         self.optimizer = torch.optim.Adam(list(self.logits.values()), lr=self.lr)
+        self._gate_module = _GateModule(list(self.logits.values()), self._sample_one)
+        self._gate_runner: nn.Module | None = None  # the gate module, or its DDP wrapper (first step)
         self._active: dict[str, torch.Tensor] | None = None
         self._handles = []
+        modules = dict(model.named_modules())
         for name, layout in self.targets.items():
+            if layout.kind == "norm":
+                self._handles.append(modules[name].register_forward_hook(self._make_norm_hook(name, layout)))
+                continue
             for layer in layout.out_layers:
-                self._handles.append(layer.register_forward_pre_hook(self._make_hook(name, layout.group)))
+                self._handles.append(layer.register_forward_pre_hook(self._make_hook(name, layout)))
         self._frozen = [p for p in model.parameters() if p.requires_grad]
         for p in self._frozen:
             p.requires_grad_(False)
@@ -252,18 +269,33 @@ class StructuralGateLearner:
 
     # hooks ---------------------------------------------------------------------------------------
 
-    def _make_hook(self, name: str, group: int):
+    def _make_hook(self, name: str, layout: StructuralLayout):
         def scale_input(module, args):
             gates = self._active
             if gates is None or name not in gates:
                 return None
             x = args[0]
             gate = gates[name].to(x.dtype)
-            if group > 1:
-                gate = gate.repeat_interleave(group)
+            if layout.group > 1:
+                gate = gate.repeat_interleave(layout.group)
+            if gate.numel() != x.shape[-1]:  # a column range of a shared layer (Flux proj_out)
+                after = x.shape[-1] - layout.out_offset - gate.numel()
+                gate = torch.cat([gate.new_ones(layout.out_offset), gate, gate.new_ones(after)])
             return (x * gate, *args[1:])
 
         return scale_input
+
+    def _make_norm_hook(self, name: str, layout: StructuralLayout):
+        def scale_output(module, args, output):
+            gates = self._active
+            if gates is None or name not in gates:
+                return None
+            gate = gates[name].to(output.dtype)
+            if layout.channel_dim == 1:
+                gate = gate.view(1, -1, *([1] * (output.dim() - 2)))
+            return output * gate
+
+        return scale_output
 
     def use_gates(self, gates: Mapping[str, torch.Tensor] | None) -> None:
         """Make the model's forward apply these gates ({target: [units]}, float or bool); None: ungated."""
@@ -283,6 +315,7 @@ class StructuralGateLearner:
     # gates ---------------------------------------------------------------------------------------
 
     def current_temperature(self) -> float:
+        """The sigmoid / Gumbel temperature at this step (annealed exponentially when given as a pair)."""
         if isinstance(self.temperature, tuple):
             start, end = self.temperature
             return anneal(start, end, self.step_count / max(self.total_steps, 1), "exp")
@@ -295,18 +328,17 @@ class StructuralGateLearner:
             for name, p in self.logits.items()
         }
 
+    def _sample_one(self, logit: torch.Tensor, u: torch.Tensor, tau: float) -> torch.Tensor:
+        if self.gate_type == "hard_concrete":
+            return hard_concrete_sample(logit, u, self.beta, self.gamma, self.zeta)
+        if self.gate_type == "sigmoid":
+            return torch.sigmoid(logit / tau)
+        return _gumbel_two_class(logit, u, tau)
+
     def sample_gates(self, noise: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Training gates (differentiable in the logits) for uniform noise per gate."""
         tau = self.current_temperature()
-        out = {}
-        for name, logit in self.logits.items():
-            if self.gate_type == "hard_concrete":
-                out[name] = hard_concrete_sample(logit, noise[name], self.beta, self.gamma, self.zeta)
-            elif self.gate_type == "sigmoid":
-                out[name] = torch.sigmoid(logit / tau)
-            else:
-                out[name] = _gumbel_two_class(logit, noise[name], tau)
-        return out
+        return {name: self._sample_one(logit, noise[name], tau) for name, logit in self.logits.items()}
 
     @torch.no_grad()
     def gates(self) -> dict[str, torch.Tensor]:
@@ -316,7 +348,7 @@ class StructuralGateLearner:
         return {name: (p > 0).float() for name, p in self.logits.items()}
 
     def masks(self) -> dict[str, torch.Tensor]:
-        """Hard masks: {target name: bool [heads] or [hidden units]}, True = kept."""
+        """Hard masks: {target name: bool [heads], [hidden units] or [channels]}, True = kept."""
         return {name: gate > 0 for name, gate in self.gates().items()}
 
     def expected_kept(self) -> dict[str, torch.Tensor]:
@@ -359,17 +391,19 @@ class StructuralGateLearner:
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.step_count) % 2**63)
         latents, _ = _split_batch(batch)
         noise_gates = self._noise(generator)
+        start, total, share = self._batch_share(latents.shape[0])
+        rows = slice(start, start + latents.shape[0])
         draws = []
         for _ in range(self.timesteps_per_step):
-            t = torch.randint(0, self.num_train_timesteps, (latents.shape[0],), generator=generator)
-            noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+            t = torch.randint(0, self.num_train_timesteps, (total,), generator=generator)[rows]
+            noise = torch.randn((total, *latents.shape[1:]), generator=generator, dtype=latents.dtype)[rows]
             draws.append((t.to(latents.device), noise.to(latents.device)))
         was_training = self.model.training
         self.model.eval()  # dropout off: the gated and original outputs differ only by the gates
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            gates = self.sample_gates(noise_gates)
-            names, values = list(gates), list(gates.values())
+            names = list(self.logits)
+            values = self._runner()([noise_gates[n] for n in names], self.current_temperature())
             teacher = self.teacher if self.teacher is not None else self.model
             distance = 0.0
             for t, noise in draws:
@@ -385,8 +419,9 @@ class StructuralGateLearner:
             distance = distance / self.timesteps_per_step
             sparsity = self.sparsity()
             loss = distance + self.sparsity_weight * sparsity
-            loss.backward()
-            self._average_gate_grads()
+            # Under DDP the gradients are averaged over ranks: weighting each rank's distance by its
+            # share of the global batch makes that average the gradient on the concatenated batch.
+            (loss if share == 1.0 else share * distance + self.sparsity_weight * sparsity).backward()
             self.optimizer.step()
         finally:
             self._active = None
@@ -402,14 +437,29 @@ class StructuralGateLearner:
             "temperature": self.current_temperature(),
         }
 
-    def _average_gate_grads(self) -> None:
+    def _runner(self) -> nn.Module:
+        """The gate module, wrapped in DistributedDataParallel when a process group has several ranks."""
+        if self._gate_runner is None:
+            self._gate_runner = self._gate_module
+            if _world_size() > 1:
+                device = next(iter(self.logits.values())).device
+                self._gate_runner = nn.parallel.DistributedDataParallel(
+                    self._gate_module, device_ids=[device] if device.type == "cuda" else None
+                )
+        return self._gate_runner
+
+    def _batch_share(self, size: int) -> tuple[int, int, float]:
+        """(this rank's first row in the global batch, the global batch size, world * size / global)."""
+        world = _world_size()
+        if world == 1:
+            return 0, size, 1.0
         dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        for p in self.logits.values():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad.div_(dist.get_world_size())
+        device = next(iter(self.logits.values())).device
+        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([size], dtype=torch.long, device=device))
+        sizes = [int(s) for s in sizes]
+        total = sum(sizes)
+        return sum(sizes[: dist.get_rank()]), total, world * size / total
 
     def apply(self, hard: bool = False, replace_blocks: bool = True) -> StructuralPruningReport:
         """Remove the hooks, then the heads and units the eval gates close (folding the open gates'
@@ -437,6 +487,7 @@ class StructuralGateLearner:
         return tensors, {**self._meta(), "optimizer": optimizer_meta}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restore what state_dict() returned; ValueError when it was for another gate type or targets."""
         mine = self._meta()
         for key in ("class", "gate_type", "targets"):
             if meta.get(key) != mine[key]:

@@ -15,7 +15,12 @@ computes (ada_norm, ada_norm_continuous and i2vgen blocks as layer_norm; other k
 with b the output biases of the removed layers (absent for bias-free layers) and the adaLN-Zero gates
 from the block's own `norm1`. It is the identity on hidden_states exactly when those layers have no
 bias. For DiT it keeps `norm1`, whose `emb` the model reads from block 0 for its output head. Joint
-blocks (SD3, Flux) keep their block, with PrunedAttention / PrunedFeedForward inside."""
+blocks (SD3, Flux) keep their block, with PrunedAttention / PrunedFeedForward inside.
+
+Flux single-stream blocks have no attention output projection: their head gates and MLP unit gates
+scale the two column ranges of `proj_out`, which reads [attention output ; MLP activation]. Emptied,
+the attention becomes a PrunedAttention with a zero-width output and proj_mlp a Linear with no rows;
+proj_out loses their columns, and with both gone computes residual + gate * its bias, as gated."""
 
 from __future__ import annotations
 
@@ -34,23 +39,28 @@ _RESIDUAL_NORMS = (*_CONSTANT_NORMS, "ada_norm_zero")
 
 @dataclass
 class StructuralLayout:
-    """How gates attach to one attention or FFN: `units` gates (heads or hidden units), each covering
-    `group` consecutive input columns of every layer in `out_layers` and rows of every layer in
-    `in_layers` (a GLU projection holds each unit twice: `glu`); `params_per_unit` is what removing
-    one unit saves."""
+    """How gates attach to one attention, FFN or norm: `units` gates (heads, hidden units, channels),
+    each covering `group` consecutive input columns of every layer in `out_layers`, starting at column
+    `out_offset` (a Flux single-stream block's proj_out reads [attention ; MLP]), and rows of every
+    layer in `in_layers` (a GLU projection holds each unit twice: `glu`); `params_per_unit` is what
+    removing one unit saves. Norm layouts ("norm") gate the norm's output channels (`channel_dim`):
+    their `out_layers` are the Linear layers reading that output directly, empty when the channel
+    cannot be removed and the gate is only folded into the norm (prunedm.pruning.heads_norms)."""
 
-    kind: str  # "heads" or "ffn"
+    kind: str  # "heads", "ffn" or "norm"
     units: int
     group: int
     in_layers: list[nn.Linear]
     out_layers: list[nn.Linear]
     glu: bool = False
+    out_offset: int = 0
+    channel_dim: int = -1
 
     @property
     def params_per_unit(self) -> int:
         rows = sum(layer.in_features + (layer.bias is not None) for layer in self.in_layers)
         cols = sum(layer.out_features for layer in self.out_layers)
-        return self.group * (rows * (2 if self.glu else 1) + cols)
+        return max(self.group * (rows * (2 if self.glu else 1) + cols), 1)
 
 
 def _norm_width(norm: nn.Module | None) -> int | None:
@@ -121,6 +131,51 @@ def structural_layout(module: nn.Module) -> StructuralLayout | str:
         if width is not None and width != head_dim:
             return f"{name} normalizes {width} features across heads (head_dim is {head_dim})"
     return StructuralLayout("heads", heads, head_dim, in_layers, out_layers)
+
+
+def _single_stream_layouts(block: nn.Module) -> dict[str, StructuralLayout] | None:
+    """Layouts of a Flux-style single-stream block (pre-only `attn` with no output projection, `proj_mlp`
+    then the elementwise `act_mlp`, and `proj_out` reading [attention output ; MLP activation]), keyed
+    by the block-relative names "attn" (heads) and "proj_mlp" (hidden units); None for other modules."""
+    attn, proj_mlp, proj_out = (getattr(block, n, None) for n in ("attn", "proj_mlp", "proj_out"))
+    if not (isinstance(proj_mlp, nn.Linear) and isinstance(proj_out, nn.Linear) and hasattr(block, "act_mlp")):
+        return None
+    if isinstance(attn, PrunedAttention):
+        attn_width, head_layout = attn.out_dim, None
+    elif _is_attention(attn) and not getattr(attn, "fused_projections", False) and getattr(attn, "pre_only", False):
+        heads, inner = attn.heads, attn.to_q.out_features
+        if heads < 1 or inner % heads:
+            return None
+        in_layers = [attn.to_q, attn.to_k, attn.to_v]
+        if any(not isinstance(layer, nn.Linear) or layer.out_features != inner for layer in in_layers):
+            return None
+        for name in ("norm_q", "norm_k"):
+            width = _norm_width(getattr(attn, name, None))
+            if width is not None and width != inner // heads:
+                return None
+        attn_width = inner
+        head_layout = StructuralLayout("heads", heads, inner // heads, in_layers, [proj_out])
+    else:
+        return None
+    if proj_out.in_features != attn_width + proj_mlp.out_features:
+        return None
+    layouts = {} if head_layout is None else {"attn": head_layout}
+    units = proj_mlp.out_features
+    layouts["proj_mlp"] = StructuralLayout("ffn", units, 1, [proj_mlp], [proj_out], out_offset=attn_width)
+    return layouts
+
+
+def structural_layouts(model: nn.Module) -> dict[str, StructuralLayout | str]:
+    """{module name: gate layout, or the reason it cannot take gates} for every attention, FeedForward
+    and Flux-style single-stream block part (`<block>.attn` heads, `<block>.proj_mlp` units) of the model."""
+    out: dict[str, StructuralLayout | str] = {}
+    for name, module in model.named_modules():
+        single = _single_stream_layouts(module)
+        if single is not None:
+            out.update({f"{name}.{part}" if name else part: layout for part, layout in single.items()})
+        elif is_structural_candidate(module) and name not in out:
+            out[name] = structural_layout(module)
+    return out
 
 
 # ---- modules that stand in for removed parts ----
@@ -255,15 +310,20 @@ serialization.register_structure_hook("ResidualBlock", _describe_residual_block,
 
 @dataclass
 class StructuralPruningReport:
-    """What apply_structural_masks removed: heads and FFN units before/after, which modules became
-    PrunedAttention / PrunedFeedForward, which blocks became ResidualBlock, and parameter counts."""
+    """What apply_structural_masks removed: heads, FFN units and norm channels before/after, which
+    modules became PrunedAttention / PrunedFeedForward (or were sliced to nothing), which blocks became
+    ResidualBlock, which norms lost channels or only took their gates in, and parameter counts."""
 
     heads_before: int = 0
     heads_after: int = 0
     ffn_units_before: int = 0
     ffn_units_after: int = 0
+    norm_channels_before: int = 0
+    norm_channels_after: int = 0
     emptied: list[str] = field(default_factory=list)
     residual_blocks: list[str] = field(default_factory=list)
+    channel_selected_norms: list[str] = field(default_factory=list)  # norms whose closed channels went
+    masked_norms: list[str] = field(default_factory=list)  # norms whose gates were only folded in
     params_before: int = 0
     params_after: int = 0
 
@@ -309,16 +369,34 @@ def _check_mask(name: str, mask: torch.Tensor, units: int) -> torch.Tensor:
     return mask.detach().cpu()
 
 
+def _gated_columns(layer: nn.Linear, layout: StructuralLayout, kept_columns: torch.Tensor) -> torch.Tensor:
+    """All input columns of `layer` that stay: those outside the layout's range, and the kept inside it."""
+    start, stop = layout.out_offset, layout.out_offset + layout.units * layout.group
+    return torch.cat([torch.arange(start), kept_columns + start, torch.arange(stop, layer.in_features)])
+
+
+def _gated_scale(layer: nn.Linear, layout: StructuralLayout, scale: torch.Tensor) -> torch.Tensor:
+    before, after = layout.out_offset, layer.in_features - layout.out_offset - layout.units * layout.group
+    return torch.cat([torch.ones(before), scale, torch.ones(after)])
+
+
 def _prune_one(model: nn.Module, name: str, module: nn.Module, layout: StructuralLayout, mask: torch.Tensor) -> bool:
-    """Slice one attention/FFN to the units `mask` keeps; True when nothing is left (module replaced)."""
+    """Slice one attention/FFN to the units `mask` keeps; True when nothing is left (module emptied)."""
     keep = mask if mask.dtype == torch.bool else mask != 0
     scale = None
     if mask.dtype != torch.bool and not bool((mask[keep] == 1).all()):
         scale = mask[keep].repeat_interleave(layout.group)
-    if not keep.any():
+    owned = {id(m) for m in module.modules()}
+    if not keep.any() and isinstance(module, nn.Linear):
+        pass  # a single-stream block's proj_mlp: sliced to no rows below, its columns leave proj_out
+    elif not keep.any():
+        # Output layers outside the module (a single-stream block's proj_out) lose the module's columns.
+        for layer in layout.out_layers:
+            if id(layer) not in owned:
+                _keep_columns(layer, _gated_columns(layer, layout, torch.zeros(0, dtype=torch.long)), None)
         _set_submodule(model, name, PrunedAttention(module) if layout.kind == "heads" else PrunedFeedForward(module))
         return True
-    if keep.all() and scale is None:
+    elif keep.all() and scale is None:
         return False
     units = keep.nonzero().flatten()
     columns = (units[:, None] * layout.group + torch.arange(layout.group)).flatten()
@@ -326,7 +404,9 @@ def _prune_one(model: nn.Module, name: str, module: nn.Module, layout: Structura
     for layer in layout.in_layers:
         _keep_rows(layer, rows.to(layer.weight.device))
     for layer in layout.out_layers:
-        _keep_columns(layer, columns.to(layer.weight.device), None if scale is None else scale.to(layer.weight.device))
+        device = layer.weight.device
+        layer_scale = None if scale is None else _gated_scale(layer, layout, scale).to(device)
+        _keep_columns(layer, _gated_columns(layer, layout, columns).to(device), layer_scale)
     if layout.kind == "heads":
         heads = int(units.numel())
         module.heads = heads
@@ -335,7 +415,7 @@ def _prune_one(model: nn.Module, name: str, module: nn.Module, layout: Structura
                 setattr(module, attr, heads * layout.group)
         if isinstance(getattr(module, "sliceable_head_dim", None), int):
             module.sliceable_head_dim = heads
-    return False
+    return not keep.any()
 
 
 def _replace_empty_blocks(model: nn.Module) -> list[str]:
@@ -359,25 +439,43 @@ def apply_structural_masks(
 ) -> StructuralPruningReport:
     """Remove, in place, the heads and FFN units the masks drop; returns what changed.
 
-    masks: {module name: 1-D tensor over the module's heads (attention) or hidden units (FeedForward)},
+    masks: {module name: 1-D tensor over the module's heads (attention), hidden units (FeedForward, or
+    a Flux single-stream block's proj_mlp) or output channels (LayerNorm/GroupNorm/RMSNorm)},
     bool (True = keep) or float gate values in [0, 1]: zeros are removed and the other values are
     folded into the output projections' columns, so the pruned model computes what the gated one did.
     Heads go as rows of to_q/to_k/to_v (and add_q/k/v_proj) and columns of to_out[0] (and to_add_out),
     with `heads`/`inner_dim` updated; units as rows of the FFN's first projection (both halves of a
-    GEGLU/SwiGLU one) and columns of its output layer. Parts left empty are replaced as the module doc
-    says; with replace_blocks, so are BasicTransformerBlocks left with nothing but their residual."""
+    GEGLU/SwiGLU one) and columns of its output layer. A Flux single-stream block's heads and MLP units
+    go as rows of to_q/to_k/to_v and proj_mlp and as the matching columns of proj_out, which reads
+    [attention ; MLP]. Norm channels go as heads_norms says (removed where sound, else folded in).
+    Parts left empty are replaced as the module doc says; with replace_blocks, so are
+    BasicTransformerBlocks left with nothing but their residual."""
     modules = dict(model.named_modules())
+    layouts = structural_layouts(model)
     report = StructuralPruningReport(params_before=sum(p.numel() for p in model.parameters()))
     plans = []
     for name, mask in masks.items():
         if name not in modules:
             raise ValueError(f"apply_structural_masks: the model has no module named {name!r}")
-        layout = structural_layout(modules[name])
+        layout = layouts.get(name, "neither an attention (to_q, heads), a FeedForward nor a norm")
+        if isinstance(layout, str) and heads_norms.is_gateable_norm(modules[name]):
+            layout = heads_norms.norm_layout(model, name)
         if isinstance(layout, str):
             raise ValueError(f"apply_structural_masks: {name!r} cannot be pruned by heads/units: {layout}")
         plans.append((name, layout, _check_mask(name, mask, layout.units)))
+    # Columns of a shared output layer go from the highest offset down, so that slicing one part
+    # leaves the offsets of the parts still to come (a single-stream block's attention at 0) valid.
+    plans.sort(key=lambda plan: -plan[1].out_offset)
     for name, layout, mask in plans:
         kept = int((mask != 0).sum())
+        if layout.kind == "norm":
+            report.norm_channels_before += layout.units
+            report.norm_channels_after += kept
+            if heads_norms.prune_norm_channels(model, name, layout, mask):
+                report.channel_selected_norms.append(name)
+            elif not layout.out_layers and not bool((mask == 1).all()):
+                report.masked_norms.append(name)
+            continue
         if layout.kind == "heads":
             report.heads_before, report.heads_after = report.heads_before + layout.units, report.heads_after + kept
         else:
@@ -389,3 +487,6 @@ def apply_structural_masks(
         report.residual_blocks = _replace_empty_blocks(model)
     report.params_after = sum(p.numel() for p in model.parameters())
     return report
+
+
+from prunedm.pruning import heads_norms  # noqa: E402  (it builds on the definitions above)
