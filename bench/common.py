@@ -30,6 +30,7 @@ KNOWN_BANDWIDTH_GBPS = {"H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H200": 4
 
 
 def git_commit() -> str:
+    """The short HEAD commit of the working directory's repository (+dirty), or "unknown"."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
@@ -39,6 +40,7 @@ def git_commit() -> str:
 
 
 def environment(device: torch.device) -> dict:
+    """Versions, git commit, date and the device (GPU name + capability, or cpu with its thread count)."""
     env = {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -61,6 +63,7 @@ def environment(device: torch.device) -> dict:
 
 
 def peak_bandwidth_gbps(device: torch.device) -> float | None:
+    """The GPU's peak DRAM bandwidth in GB/s (from its properties or KNOWN_BANDWIDTH_GBPS); None on CPU."""
     if device.type != "cuda":
         return None
     props = torch.cuda.get_device_properties(device)
@@ -141,3 +144,61 @@ def plot_speedups(rows: list[dict], path: str | os.PathLike, value: str, label: 
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_lines(
+    series: dict[str, list[tuple[float, float]]], path: str | os.PathLike, xlabel: str, ylabel: str, title: str
+) -> Path | None:
+    """One line per series name through its (x, y) points, log-2 x axis, saved as PNG (None without matplotlib)."""
+    plt = _pyplot()
+    shown = {name: sorted(points) for name, points in series.items() if points}
+    if plt is None or not shown:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, points in shown.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_bars(values: dict[str, float], path: str | os.PathLike, xlabel: str, title: str) -> Path | None:
+    """Horizontal bars of {label: value}, saved as PNG (None without matplotlib or values)."""
+    plt = _pyplot()
+    shown = {k: float(v) for k, v in values.items() if v is not None}
+    if plt is None or not shown:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(shown) + 1.5))
+    ax.barh(range(len(shown)), list(shown.values()), color="tab:blue")
+    ax.set_yticks(range(len(shown)), list(shown), fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)

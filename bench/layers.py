@@ -4,10 +4,11 @@ Shapes (weights and per-sample activations) are harvested by running the google/
 UNet, the Stable Diffusion 1.5 UNet and DiT-XL/2 configs on the meta device. Each unique layer is
 timed at each batch size as: `dense` (nn.Linear/nn.Conv2d holding the masked weight: cuBLAS/cuDNN
 or the CPU BLAS), then SparseLinear/SparseConv2d as `sparse[dense]` (decompress per call),
-`sparse[torch]` (torch.sparse 2:4 kernels; GPU only) and `sparse[auto]`. Every output is checked
-against dense, and each row records the time ratio to dense measured in the same run and the path
-the layer really took ("ran"). On CPU no sparse kernel exists: the rows measure the reference path
-and say cpu (device column and environment).
+`sparse[torch]` (torch.sparse 2:4 kernels; GPU only), `sparse[prunedm]` (prunedm's own kernels, when
+built) and `sparse[auto]` (timed per shape, cached). Every output is checked against dense, and each
+row records the time ratio to dense measured in the same run and the path the layer really took
+("ran"). On CPU no fast sparse kernel exists: the sparse rows measure reference paths and say so
+("kind": "cpu-reference"; device column and environment say cpu).
 
     python -m bench.layers --out bench/out [--device cpu|cuda] [--quick] [--models ddpm,sd15,dit]"""
 
@@ -142,7 +143,12 @@ def _dense_layer(layer: Layer, dtype: torch.dtype, device: torch.device, seed: i
 
 
 def _backends(device: torch.device) -> list[str]:
-    return ["dense", "torch", "auto"] if device.type == "cuda" else ["dense", "auto"]
+    from prunedm.nn._backends import prunedm_sparse_ops
+
+    names = ["dense", "torch"] if device.type == "cuda" else ["dense"]
+    if prunedm_sparse_ops() is not None:
+        names.append("prunedm")
+    return [*names, "auto"]
 
 
 def bench_layer(layer: Layer, batch: int, dtype, device, min_run_time: float, seed: int = 0) -> list[dict]:
@@ -164,7 +170,7 @@ def bench_layer(layer: Layer, batch: int, dtype, device, min_run_time: float, se
         expected = dense(x)
         dense_time = time_ms(lambda: dense(x), device, min_run_time)
         dense_bytes = dense.weight.numel() * dense.weight.element_size()
-        rows.append({**base, "backend": "dense", "ran": "dense", **dense_time, "ratio_to_dense": 1.0,
+        rows.append({**base, "backend": "dense", "ran": "dense", "kind": "dense", **dense_time, "ratio_to_dense": 1.0,
                      "speedup_vs_dense": 1.0, "max_abs_err": 0.0, "ok": True, "weight_bytes": dense_bytes,
                      "note": ""})  # fmt: skip
         reason = ineligible_reason(dense)
@@ -181,12 +187,49 @@ def bench_layer(layer: Layer, batch: int, dtype, device, min_run_time: float, se
             err = float((out.float() - expected.float()).abs().max())
             ok = bool(torch.allclose(out.float(), expected.float(), rtol=rtol, atol=atol * scale))
             timing = time_ms(lambda s=sparse: s(x), device, min_run_time)
-            rows.append({**base, "backend": f"sparse[{backend}]", "ran": ran, **timing,
+            kind = (
+                "cpu-reference" if device.type == "cpu" else ("dense-fallback" if ran == "dense" else "sparse-kernel")
+            )
+            rows.append({**base, "backend": f"sparse[{backend}]", "ran": ran, "kind": kind, **timing,
                          "ratio_to_dense": timing["median_ms"] / dense_time["median_ms"],
                          "speedup_vs_dense": dense_time["median_ms"] / timing["median_ms"],
                          "max_abs_err": err, "ok": ok, "weight_bytes": sparse.weight_nbytes,
                          "note": "" if ran != "dense" else why})  # fmt: skip
             del sparse
+    return rows
+
+
+def run_layers(
+    device: torch.device,
+    dtype: torch.dtype,
+    models: list[str],
+    batches: tuple[int, ...],
+    quick: bool = False,
+    min_run_time: float = 0.2,
+    max_layers: int | None = None,
+) -> list[dict]:
+    """Rows for every unique layer of `models` (QUICK_LAYERS only with quick=True) at every batch size."""
+    unknown = sorted(set(models) - set(_model_specs()))
+    if unknown:
+        raise ValueError(f"models must be among {sorted(_model_specs())}, got {unknown}")
+    if not batches or any(b < 1 for b in batches):
+        raise ValueError(f"batches must be positive ints, got {batches}")
+    rows = []
+    for model_key in models:
+        layers = harvest(model_key)
+        if quick:
+            layers = [layer for layer in layers if layer.name == QUICK_LAYERS[model_key]]
+        layers = layers[:max_layers] if max_layers else layers
+        print(f"{model_key}: {len(layers)} unique layer shape(s)")
+        for layer in layers:
+            for batch in batches:
+                new = bench_layer(layer, batch, dtype, device, min_run_time)
+                rows += new
+                timed = [r for r in new if r["backend"] != "dense" and "median_ms" in r]
+                summary = ", ".join(f"{r['backend']}->{r['ran']} {r['ratio_to_dense']:.2f}x" for r in timed)
+                print(
+                    f"  {layer.shape_text} b{batch}: dense {new[0]['median_ms']:.3f} ms; {summary or new[-1]['note']}"
+                )
     return rows
 
 
@@ -207,21 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else ((1,) if args.quick else BATCHES)
     min_run_time = 0.05 if args.quick else 0.2
     start = time.perf_counter()
-    rows = []
-    for model_key in args.models.split(","):
-        layers = harvest(model_key)
-        if args.quick:
-            layers = [layer for layer in layers if layer.name == QUICK_LAYERS[model_key]]
-        print(f"{model_key}: {len(layers)} unique layer shape(s)")
-        for layer in layers:
-            for batch in batches:
-                new = bench_layer(layer, batch, dtype, device, min_run_time)
-                rows += new
-                timed = [r for r in new if r["backend"] != "dense" and "median_ms" in r]
-                summary = ", ".join(f"{r['backend']}->{r['ran']} {r['ratio_to_dense']:.2f}x" for r in timed)
-                print(
-                    f"  {layer.shape_text} b{batch}: dense {new[0]['median_ms']:.3f} ms; {summary or new[-1]['note']}"
-                )
+    rows = run_layers(device, dtype, args.models.split(","), batches, args.quick, min_run_time)
     bad = [r for r in rows if not r["ok"]]
     env = environment(device)
     json_path, csv_path = write_results(args.out, "layers", env, rows)

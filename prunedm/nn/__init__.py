@@ -1,10 +1,14 @@
 """Sparse inference layers: SparseLinear / SparseConv2d hold 2:4-packed weights, sparsify() swaps them into a model.
 
 Backends: "dense" decompresses the masked weight per call (the reference, and the CPU path);
-"torch" runs torch.sparse's 2:4 kernels (CUTLASS on sm8x, cuSPARSELt on sm90+); "auto" picks
-"torch" on sm80+ GPUs for float16/bfloat16 weights and "dense" elsewhere, warning once per process
-when a GPU cannot run them. Convolutions run dense for now (no public sparse conv kernel)."""
+"torch" runs torch.sparse's 2:4 kernels (CUTLASS on sm8x, cuSPARSELt on sm90+, with cuSPARSELt's
+alg_id/split_k searched once per shape); "prunedm" runs prunedm's own mma.sp kernels (linear and
+implicit-GEMM conv); "auto" times dense and every sparse path that can run, once per (device, layer
+shape, dtype, batch bucket), keeps the fastest (dense unless a sparse path wins), and caches the
+choice on disk (autotune_cache_info(); PRUNEDM_AUTOTUNE=0 turns timing off). On CPU auto runs
+dense, silently; on a GPU without sparse kernels it warns once per process."""
 
+from prunedm.nn._autotune import autotune_cache_info, clear_autotune_cache
 from prunedm.nn._backends import BACKENDS, SparseFallbackWarning
 from prunedm.nn.modules import SparseConv2d, SparseLinear
 from prunedm.nn.sparsify import (
@@ -28,6 +32,8 @@ __all__ = [
     "SparseFallbackWarning",
     "SparseLinear",
     "SparsifyReport",
+    "autotune_cache_info",
+    "clear_autotune_cache",
     "describe_sparse_module",
     "describe_sparse_modules",
     "prepare_sparse_modules",

@@ -1,7 +1,8 @@
 """Which forward path a sparse layer can take on a device, and the torch.sparse weight the `torch` backend runs.
 
 Backends: "dense" (decompress to the masked dense weight per call: the reference and the CPU path),
-"torch" (torch.sparse semi-structured: CUTLASS on sm8x, cuSPARSELt elsewhere) and "auto"."""
+"torch" (torch.sparse semi-structured: CUTLASS on sm8x, cuSPARSELt elsewhere), "prunedm" (prunedm's
+own mma.sp kernels, prunedm.ops.sparse_linear_2to4 / sparse_conv2d_2to4) and "auto" (timed per shape)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from prunedm.nn import _packing
 
-BACKENDS = ("auto", "dense", "torch")
+BACKENDS = ("auto", "dense", "torch", "prunedm")
 SPARSE_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # torch's CUTLASS tensor needs the sparse matrix's columns in multiples of 64 for 16-bit dtypes.
 CUTLASS_COL_MULTIPLE = 64
@@ -34,9 +35,57 @@ def warn_once(key: str, message: str) -> None:
 
 
 def check_backend(backend: str) -> str:
+    """`backend` when it is one of BACKENDS, else ValueError naming them."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return backend
+
+
+def prunedm_sparse_ops():
+    """prunedm.ops' sparse matmul/conv functions (a module with sparse_linear_2to4, sparse_conv2d_2to4,
+    sparse_kernels_available), or None while they are not part of this build."""
+    import importlib
+
+    for name in ("prunedm.ops", "prunedm.ops.sparse_mm"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if all(hasattr(module, f) for f in ("sparse_linear_2to4", "sparse_conv2d_2to4", "sparse_kernels_available")):
+            return module
+    return None
+
+
+def prunedm_backend_problem(
+    device: torch.device, dtype: torch.dtype, conv_in_channels: int | None = None
+) -> tuple[str, str] | None:
+    """(warning key, reason) when prunedm's own 2:4 kernels cannot run weights of `dtype` on `device`.
+
+    On CPU they run the extension's CPU twin of the CUDA kernel (exact, not fast): usable for tests
+    and for backend="prunedm", never picked by "auto"."""
+    ops = prunedm_sparse_ops()
+    if ops is None:
+        return "prunedm-missing", (
+            "prunedm's sparse kernels (prunedm.ops.sparse_linear_2to4) are not in this build: "
+            "update prunedm, or use backend='torch'"
+        )
+    if device.type == "cpu":
+        return None
+    try:
+        try:
+            usable, reason = ops.sparse_kernels_available(device, dtype=dtype, conv_in_channels=conv_in_channels)
+        except TypeError:  # an older signature: (device) only
+            usable, reason = ops.sparse_kernels_available(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        usable, reason = False, f"sparse_kernels_available raised {type(exc).__name__}: {exc}"
+    if not usable:
+        return "prunedm-unavailable", f"prunedm's sparse kernels cannot run on {device}: {reason}"
+    if dtype not in SPARSE_KERNEL_DTYPES:
+        return f"dtype-{dtype}", (
+            f"{str(dtype).removeprefix('torch.')} weights: 2:4 sparse kernels run float16/bfloat16; "
+            "convert the model with .half() or .to(torch.bfloat16)"
+        )
+    return None
 
 
 def torch_backend_problem(device: torch.device, dtype: torch.dtype) -> tuple[str, str] | None:

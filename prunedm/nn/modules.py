@@ -1,7 +1,8 @@
 """SparseLinear and SparseConv2d: drop-in layers whose weights are stored 2:4-packed (values + int16 metadata).
 
-No dense copy of a weight is kept (unless cache_dense=True): the `dense` path decompresses per call,
-the `torch` path runs torch.sparse's 2:4 kernels on sm80+ GPUs. See prunedm/nn/__init__.py."""
+No dense copy of a weight is kept (unless cache_dense=True, or backend="auto" timed dense fastest):
+the `dense` path decompresses per call, `torch` runs torch.sparse's 2:4 kernels on sm80+ GPUs,
+`prunedm` runs prunedm's own mma.sp kernels. See prunedm/nn/__init__.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair, _reverse_repeat_tuple
 
-from prunedm.nn import _packing
+from prunedm.nn import _autotune, _cusparselt, _packing
 from prunedm.nn._base import _conv_matrix, _keep_mask, _SparseWeight
 from prunedm.ops import reference
 
@@ -80,19 +81,52 @@ class SparseLinear(_SparseWeight):
     def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self._dense_weight(), self.bias)
 
-    def _forward_sparse(self, x: torch.Tensor) -> torch.Tensor:
+    def _input_key(self, x: torch.Tensor) -> tuple | None:
+        rows = x.numel() // self.in_features
+        return (_autotune.batch_bucket(rows),) if isinstance(rows, int) else None
+
+    def _layer_signature(self) -> str:
+        dtype = str(self.values.dtype).removeprefix("torch.")
+        return f"linear {self.out_features}x{self.in_features} bias={self.bias is not None} {dtype}"
+
+    def _sparse_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x as the [M, K padded] matrix the sparse kernels take, and the bias they can fuse (None if padded rows)."""
         rows, cols = self._sparse_shape
         x2d = x.reshape(-1, self.in_features).to(self.values.dtype).contiguous()
         if cols != self.in_features:
             x2d = F.pad(x2d, (0, cols - self.in_features))
-        fuse_bias = rows == self.out_features
+        return x2d, self.bias if rows == self.out_features else None
+
+    def _forward_sparse(self, x: torch.Tensor) -> torch.Tensor:
+        rows, _ = self._sparse_shape
+        x2d, fused_bias = self._sparse_operands(x)
         with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(x2d, self._sparse_weight, self.bias if fuse_bias else None)
-            if not fuse_bias:
+            if self._cslt_packed is not None:
+                params = self._cslt_params.get(self._input_key(x), _cusparselt.DEFAULT_PARAMS)
+                y = _cusparselt.linear(self._cslt_packed, x2d, fused_bias, rows, params)
+            else:
+                y = F.linear(x2d, self._sparse_weight, fused_bias)
+            if rows != self.out_features:
                 y = y[:, : self.out_features]
                 if self.bias is not None:
                     y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _forward_prunedm(self, x: torch.Tensor) -> torch.Tensor:
+        rows_p, cols_p = self.values.shape[0], self.values.shape[1] * 2
+        x_in = x.to(self.values.dtype)
+        if cols_p != self.in_features:
+            x_in = F.pad(x_in, (0, cols_p - self.in_features))
+        fuse_bias = rows_p == self.out_features
+        with torch.autocast(x.device.type, enabled=False):
+            y = self._prunedm_fn(
+                x_in, self.values, self.meta, self.bias if fuse_bias else None, backend=self._prunedm_kernel
+            )
+            if not fuse_bias:
+                y = y[..., : self.out_features]
+                if self.bias is not None:
+                    y = y + self.bias
+        return y
 
     def to_dense(self) -> nn.Linear:
         """An equivalent nn.Linear holding the masked dense weight."""
@@ -114,10 +148,12 @@ class SparseConv2d(_SparseWeight):
     """nn.Conv2d (groups=1) with a 2:4-sparse weight, groups of 4 along Cin, stored as its GEMM matrix packed.
 
     The matrix is [Cout, kh*kw*Cin] in (kh, kw, Cin) order (prunedm.ops.conv_weight_to_matrix),
-    padded to multiples of 32. There is no public 2:4 sparse convolution kernel: every backend runs
-    the dense conv of the masked weight, rebuilt per call (prunedm's sparse conv kernel is pending)."""
+    padded to multiples of 32. torch.sparse has no 2:4 convolution: backend="prunedm" (and "auto" on
+    a GPU, when timed faster) runs prunedm's sparse implicit-GEMM conv; otherwise the dense conv of
+    the masked weight runs, the weight rebuilt per call."""
 
-    _supports_sparse_kernel = False
+    _supports_torch_kernel = False
+    _prunedm_op = "sparse_conv2d_2to4"
 
     def __init__(
         self,
@@ -232,8 +268,71 @@ class SparseConv2d(_SparseWeight):
             return F.conv2d(x, weight, self.bias, self.stride, _pair(0), self.dilation, self.groups)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def _forward_sparse(self, x: torch.Tensor) -> torch.Tensor:  # never chosen: no sparse conv kernel yet
-        return self._forward_dense(x)
+    def _output_hw(self, height: int, width: int) -> tuple[int, int]:
+        if isinstance(self.padding, str):
+            left_w, right_w, top, bottom = self._reversed_padding_repeated_twice
+            pads = (top + bottom, left_w + right_w)
+        else:
+            pads = (2 * self.padding[0], 2 * self.padding[1])
+        return tuple(
+            (size + pad - d * (k - 1) - 1) // s + 1
+            for size, pad, d, k, s in zip((height, width), pads, self.dilation, self.kernel_size, self.stride)
+        )
+
+    def _input_key(self, x: torch.Tensor) -> tuple | None:
+        batch = x.shape[0] if x.dim() == 4 else 1
+        height, width = x.shape[-2], x.shape[-1]
+        if not all(isinstance(v, int) for v in (batch, height, width)):
+            return None
+        out_h, out_w = self._output_hw(height, width)
+        return (height, width, _autotune.batch_bucket(max(batch * out_h * out_w, 0)))
+
+    def _layer_signature(self) -> str:
+        dtype = str(self.values.dtype).removeprefix("torch.")
+        kh, kw = self.kernel_size
+        return (
+            f"conv2d {self.out_channels}x{self.in_channels}x{kh}x{kw} s{list(self.stride)} p{self.padding} "
+            f"d{list(self.dilation)} {self.padding_mode} bias={self.bias is not None} {dtype}"
+        )
+
+    def _forward_prunedm(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # an unbatched [C, H, W] input, as nn.Conv2d accepts
+            return self._forward_prunedm(x.unsqueeze(0)).squeeze(0)
+        x_in = x.to(self.values.dtype)
+        padding = self.padding
+        if isinstance(padding, str) or self.padding_mode != "zeros":
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x_in = F.pad(x_in, self._reversed_padding_repeated_twice, mode=mode)
+            padding = (0, 0)
+        rows_p = self.values.shape[0]
+        fuse_bias = rows_p == self.out_channels
+        with torch.autocast(x.device.type, enabled=False):
+            # Padded output channels are computed (zero rows) and sliced off.
+            y = self._prunedm_fn(
+                x_in,
+                self.values,
+                self.meta,
+                (rows_p, *self.weight_shape[1:]),
+                self.bias if fuse_bias else None,
+                stride=self.stride,
+                padding=padding,
+                dilation=self.dilation,
+                backend=self._prunedm_kernel,
+            )
+            if not fuse_bias:
+                y = y[:, : self.out_channels]
+                if self.bias is not None:
+                    y = y + self.bias.reshape(1, -1, 1, 1)
+        return y
+
+    def _prunedm_shape_problem(self) -> tuple[str, str] | None:
+        if self.values.shape[1] * 2 != self._cols:
+            kh, kw = self.kernel_size
+            return "prunedm-conv-padded-k", (
+                f"prunedm's sparse conv needs kh*kw*Cin ({kh}*{kw}*{self.in_channels} = {self._cols}) in multiples "
+                "of 32 (the packed matrix is padded here): dense conv of the masked weight"
+            )
+        return None
 
     def to_dense(self) -> nn.Conv2d:
         """An equivalent nn.Conv2d holding the masked dense weight."""

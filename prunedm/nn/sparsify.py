@@ -68,6 +68,11 @@ class SparsifyReport:
         """name -> (path, why) of each converted layer's latest eager forward; None before its first."""
         return {name: module.last_run for name, module in self.modules.items()}
 
+    def auto_decisions(self) -> dict[str, dict[str, dict]]:
+        """backend="auto": per converted layer, what auto picked for each input shape it has run
+        ({"m64": {"backend": "torch", "times_ms": {...}, "source": "timed"|"cache"}}); {} before a forward."""
+        return {name: module.auto_decisions() for name, module in self.modules.items() if module.backend == "auto"}
+
     @property
     def sparse_kernel_layers(self) -> list[str]:
         return [name for name, run in self.runtime().items() if run is not None and run[0] != "dense"]
@@ -93,7 +98,12 @@ class SparsifyReport:
             rows = [("layer", "kind", "weight", "stored", "dtype", "dense", "packed", "last forward")]
             for c in self.converted:
                 run = runtime.get(c.name)
-                ran = "not run yet" if run is None else (run[0] if run[0] != "dense" else f"dense: {run[1]}")
+                if run is None:
+                    ran = "not run yet"
+                elif run[0] == "dense" or run[1].startswith("auto"):
+                    ran = f"{run[0]}: {run[1]}"
+                else:
+                    ran = run[0]
                 shape = "x".join(map(str, c.weight_shape))
                 rows.append(
                     (

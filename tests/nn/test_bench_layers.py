@@ -15,6 +15,14 @@ ROOT = str(Path(__file__).resolve().parents[2])  # bench/ is a top-level package
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 from bench import layers  # noqa: E402
+from prunedm.nn._backends import prunedm_sparse_ops  # noqa: E402
+
+PRUNEDM = prunedm_sparse_ops() is not None
+
+
+@pytest.fixture(autouse=True)
+def private_autotune_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEDM_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def test_harvest_real_configs():
@@ -24,7 +32,14 @@ def test_harvest_real_configs():
     assert "linear 4608x1152 in 256x1152" in shapes and "linear 1152x4608 in 256x4608" in shapes
     qkv = next(layer for layer in dit if layer.shape_text == "linear 1152x1152 in 256x1152")
     assert qkv.count == 28 * 4
+    # DiT-XL/2: 28 blocks x (q, k, v, out, mlp in/out, adaLN emb 3 linears) + patch embed conv + class/time
+    # embedders + final projections: 255 Linear/Conv2d layers, 9 unique shapes.
+    assert len(dit) == 9 and sum(layer.count for layer in dit) == 255
+    assert {layer.shape_text: layer.count for layer in dit}["conv 1152x4x2x2 s2 p0 in 4x32x32"] == 1
     ddpm = layers.harvest("ddpm")
+    # google/ddpm-cifar10-32's UNet: 113 Linear/Conv2d layers (65 convs), 30 unique (shape, input) pairs.
+    assert len(ddpm) == 30 and sum(layer.count for layer in ddpm) == 113
+    assert sum(layer.count for layer in ddpm if layer.op == "conv2d") == 65
     assert any(layer.shape_text == "conv 128x128x3x3 s1 p1 in 128x32x32" for layer in ddpm)
     sd15 = layers.harvest("sd15")
     assert any(layer.shape_text == "linear 320x768 in 77x768" for layer in sd15)  # cross-attention k/v
@@ -42,8 +57,11 @@ def test_bench_layer_rows(module, sample_shape):
     if isinstance(module, nn.Conv2d) and module.in_channels == 3:
         assert rows[-1]["ran"] == "skipped" and "in_channels=3" in rows[-1]["note"]
     else:
-        assert [r["backend"] for r in rows] == ["dense", "sparse[dense]", "sparse[auto]"]
-        assert all(r["device"] == "cpu" and r["ran"] == "dense" and r["ratio_to_dense"] > 0 for r in rows)
+        expected = ["dense", "sparse[dense]", *(["sparse[prunedm]"] if PRUNEDM else []), "sparse[auto]"]
+        assert [r["backend"] for r in rows] == expected
+        assert all(r["device"] == "cpu" and r["ratio_to_dense"] > 0 for r in rows)
+        assert all(r["kind"] == "cpu-reference" for r in rows[1:])
+        assert [r["ran"] for r in rows if r["backend"] != "sparse[prunedm]"] == ["dense"] * (len(rows) - PRUNEDM)
         assert rows[1]["weight_bytes"] < rows[0]["weight_bytes"]
 
 
@@ -51,5 +69,6 @@ def test_quick_run_writes_results(tmp_path):
     assert layers.main(["--quick", "--device", "cpu", "--models", "dit", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "layers.json").read_text())
     assert data["environment"]["device"].startswith("cpu")
-    assert {r["backend"] for r in data["rows"]} == {"dense", "sparse[dense]", "sparse[auto]"}
+    expected = {"dense", "sparse[dense]", "sparse[auto]"} | ({"sparse[prunedm]"} if PRUNEDM else set())
+    assert {r["backend"] for r in data["rows"]} == expected
     assert (tmp_path / "layers.csv").read_text().startswith("model,")

@@ -28,6 +28,12 @@ CONV_CASES = [
 
 
 @pytest.fixture(autouse=True)
+def private_autotune_cache(tmp_path, monkeypatch):
+    """auto's timing decisions go to a per-test cache file, never to ~/.cache."""
+    monkeypatch.setenv("PRUNEDM_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True)
 def fresh_warnings():
     """Each test sees the once-per-process fallback warnings afresh."""
     _backends._warned.clear()
@@ -367,9 +373,9 @@ def test_cuda_torch_backend_linear(shape, dtype, batch):
 
 @pytest.mark.cuda
 @pytest.mark.sm80
-def test_cuda_auto_autocast_and_compile():
+def test_cuda_torch_autocast_and_compile():
     linear = _linear(1152, 1152, torch.float16).cuda()
-    sparse = SparseLinear.from_dense(linear)
+    sparse = SparseLinear.from_dense(linear, backend="torch")
     x = _input((64, 1152), torch.float32).cuda()
     with torch.autocast("cuda", dtype=torch.float16):
         got = sparse(x)
@@ -412,9 +418,30 @@ def test_cuda_conv_and_device_moves():
     sparse = SparseConv2d.from_dense(conv).cuda()
     x = _input((2, 8, 16, 16), torch.float16)
     out = sparse(x.cuda())
-    assert sparse.last_run[0] == "dense" and "conv" in sparse.last_run[1]
+    assert sparse.last_run[0] in ("dense", "prunedm"), sparse.last_run  # auto: prunedm's conv when faster
     torch.testing.assert_close(out.cpu(), sparse.cpu()(x), rtol=1e-2, atol=1e-2)
     linear = SparseLinear.from_dense(_linear(64, 64, torch.float16)).cuda()
     y = linear(_input((2, 64), torch.float16).cuda())
     back = linear.cpu()
     assert back._sparse_weight is None and back(_input((2, 64), torch.float16)).shape == y.shape
+
+
+@pytest.mark.cuda
+@pytest.mark.sm80
+@pytest.mark.parametrize("shape", [(4096, 4096), (1152, 4608)])
+def test_cuda_auto_is_never_much_slower_than_dense(shape):
+    """The issue's case: 1x4096 @ 4096x4096 ran at 0.11x dense through padding; auto must time and avoid that."""
+    from prunedm.nn._autotune import measure_ms
+
+    linear = _linear(*shape, torch.float16).cuda()
+    dense = nn.Linear(*shape).half().cuda()
+    dense.weight.data = _masked_linear_weight(linear.weight.detach())
+    auto = SparseLinear.from_dense(linear)
+    for batch in (1, 8, 64, 512):
+        x = _input((batch, shape[0]), torch.float16).cuda()
+        with torch.no_grad():
+            torch.testing.assert_close(auto(x), dense(x), rtol=1e-2, atol=5e-2)
+            dense_ms = measure_ms(lambda: dense(x), x.device)
+            auto_ms = measure_ms(lambda: auto(x), x.device)
+        assert auto_ms <= dense_ms * 1.25, (batch, auto.last_run, auto_ms, dense_ms)
+    assert auto.auto_decisions() and all(d["source"] for d in auto.auto_decisions().values())
