@@ -125,17 +125,26 @@ def _split_batch(batch) -> tuple[torch.Tensor, dict]:
     return batch, {}
 
 
+# Flux-dev's pipeline default guidance scale.
+FLUX_DEFAULT_GUIDANCE = 3.5
+
+
 def denoiser_output(model: nn.Module, batch, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """The default forward_fn: model(noisy, timestep=timesteps, **conditioning).sample.
 
     batch: latents; (latents, class_labels); or a dict with "latents" ("sample", "hidden_states") and
     the model's conditioning kwargs (encoder_hidden_states, pooled_projections, img_ids, ...). A class-
-    conditional DiT without labels gets class 0. Timesteps are DDPM's integers in [0, 1000): models that
-    expect another scale (Flux takes t / 1000) want their own forward_fn."""
+    conditional DiT without labels gets class 0. Timesteps are DDPM's integers in [0, 1000); a
+    FluxTransformer2DModel gets them as t / 1000 (its pipeline's scale; the model multiplies by 1000) and,
+    when guidance-distilled and the batch has no "guidance", the default guidance 3.5."""
     _, kwargs = _split_batch(batch)
     config = getattr(model, "config", None)
     if "class_labels" not in kwargs and getattr(config, "num_embeds_ada_norm", None):
         kwargs["class_labels"] = torch.zeros(noisy.shape[0], dtype=torch.long, device=noisy.device)
+    if type(model).__name__ == "FluxTransformer2DModel":
+        timesteps = timesteps.float() / 1000
+        if getattr(config, "guidance_embeds", False) and "guidance" not in kwargs:
+            kwargs["guidance"] = torch.full((noisy.shape[0],), FLUX_DEFAULT_GUIDANCE, device=noisy.device)
     out = model(noisy, timestep=timesteps, **kwargs)
     if hasattr(out, "sample"):
         return out.sample

@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import prunedm
 from prunedm.masks import StructuralGateLearner
@@ -48,8 +49,20 @@ def flux_batch(n: int = 2, seed: int = 1) -> dict:
 
 
 def flux_forward(model, batch, noisy, timesteps):
-    """Flux takes timesteps in [0, 1]."""
-    return sg.denoiser_output(model, batch, noisy, timesteps.float() / 1000)
+    """The default forward_fn: Flux gets timesteps / 1000 (checked in test_flux_timestep_scale)."""
+    return sg.denoiser_output(model, batch, noisy, timesteps)
+
+
+@torch.no_grad()
+def test_flux_timestep_scale():
+    model = tiny_flux().eval()
+    batch = flux_batch()
+    latents = batch["latents"]
+    t = torch.tensor([7, 640])[: latents.shape[0]]
+    kwargs = {k: v for k, v in batch.items() if k != "latents"}
+    expected = model(latents, timestep=t.float() / 1000, **kwargs).sample
+    torch.testing.assert_close(sg.denoiser_output(model, batch, latents, t), expected, rtol=0, atol=0)
+    assert not torch.allclose(expected, model(latents, timestep=t.float(), **kwargs).sample)
 
 
 @torch.no_grad()
@@ -198,17 +211,19 @@ def test_pruned_flux_saves_and_loads_in_a_fresh_process(tmp_path):
     assert sorted(report.masked_norms) == sorted(["transformer_blocks.0.norm2", f"{SINGLE[1]}.attn.norm_q"])
     assert model.single_transformer_blocks[1].proj_mlp.weight.shape == (0, DIM)
     prunedm.save_pretrained(model, tmp_path / "flux")
-    torch.save({"batch": flux_batch(), "out": out}, tmp_path / "flux.pt")
+    save_file({**flux_batch(), "out": out}, str(tmp_path / "flux.safetensors"))
     script = textwrap.dedent(f"""
         import torch, prunedm
         torch.set_num_threads(1)
         from prunedm.masks import structural as sg
         model = prunedm.load_pretrained({str(tmp_path / "flux")!r})
-        saved = torch.load({str(tmp_path / "flux.pt")!r})
-        latents = saved["batch"]["latents"]
+        from safetensors.torch import load_file
+        # clone: fresh, aligned buffers, as the parent process had (alignment can change SIMD rounding)
+        batch = {{k: v.clone() for k, v in load_file({str(tmp_path / "flux.safetensors")!r}).items()}}
+        expected = batch.pop("out")
         with torch.no_grad():
-            out = sg.denoiser_output(model, saved["batch"], latents, torch.tensor([7, 640]).float() / 1000)
-        assert torch.equal(out, saved["out"]), (out - saved["out"]).abs().max()
+            out = sg.denoiser_output(model, batch, batch["latents"], torch.tensor([7, 640]))
+        assert torch.equal(out, expected), (out - expected).abs().max()
         blocks = model.single_transformer_blocks
         assert type(blocks[0].attn).__name__ == "PrunedAttention" and blocks[0].proj_out.in_features == 0
         assert blocks[1].proj_mlp.out_features == 0 and blocks[1].attn.heads == blocks[1].attn.to_q.out_features // 8
