@@ -32,6 +32,18 @@ TORCH_LIBRARY(prunedm, m) {
   m.def(
       "gumbel_pattern_sample_backward(Tensor grad, Tensor pattern_logits, int n, int m, float tau, int seed) -> "
       "Tensor");
+  // 2:4 sparse linear with a fused epilogue: act(input @ W.T + bias) + residual, W = decompress_2to4(values,
+  // meta) [out, K]; input [..., K]; activation one of none, relu, silu, gelu, gelu_tanh (prunedm/sparse_gemm.h).
+  m.def(
+      "sparse_linear_2to4(Tensor input, Tensor values, Tensor meta, Tensor? bias, str activation, Tensor? residual) "
+      "-> Tensor");
+  // 2:4 sparse Conv2d (groups = 1) as an implicit GEMM: act(conv2d(input, W, bias)) + residual with
+  // W = matrix_to_conv_weight(decompress_2to4(values, meta), weight_shape), K in (kh, kw, Cin) order
+  // (prunedm/implicit_gemm.h); stride/padding/dilation are (h, w). The output is channels_last when
+  // the input is.
+  m.def(
+      "sparse_conv2d_2to4(Tensor input, Tensor values, Tensor meta, int[] weight_shape, Tensor? bias, int[] stride, "
+      "int[] padding, int[] dilation, str activation, Tensor? residual) -> Tensor");
 }
 
 namespace {

@@ -1,5 +1,5 @@
-"""prunedm's ops: N:M masks, 2:4 compression, conv weight layout, Gumbel N:M sampling. Each has a reference in
-prunedm.ops.reference (the spec) and fast paths chosen by `backend=` ("auto" picks)."""
+"""prunedm's ops: N:M masks, 2:4 compression, conv weight layout, Gumbel N:M sampling, 2:4 sparse linear and
+conv. Each has a reference in prunedm.ops.reference (the spec) and fast paths chosen by `backend=` ("auto" picks)."""
 
 from prunedm.ops import reference
 from prunedm.ops._dispatch import BACKENDS
@@ -7,6 +7,7 @@ from prunedm.ops.conv_layout import conv_weight_to_matrix, matrix_to_conv_weight
 from prunedm.ops.gumbel import gumbel_nm_sample, gumbel_pattern_sample, nm_patterns, pattern_index, patterns_to_mask
 from prunedm.ops.nm import is_nm_sparse, nm_mask, nm_violations
 from prunedm.ops.sparse24 import compress_2to4, decompress_2to4, to_semi_structured
+from prunedm.ops.sparse_mm import sparse_conv2d_2to4, sparse_kernels_available, sparse_linear_2to4
 
 __all__ = [
     "BACKENDS",
@@ -23,5 +24,8 @@ __all__ = [
     "pattern_index",
     "patterns_to_mask",
     "reference",
+    "sparse_conv2d_2to4",
+    "sparse_kernels_available",
+    "sparse_linear_2to4",
     "to_semi_structured",
 ]

@@ -192,3 +192,134 @@ def check_gumbel_pattern(pattern_logits, n, m, tau, hard, seed) -> None:
         )
     check_tau(op, tau)
     check_seed(op, seed)
+
+
+# 2:4 sparse linear / conv (mirrors check_sparse_* in csrc/common/checks.h)
+
+ACTIVATIONS = ("none", "relu", "silu", "gelu", "gelu_tanh")
+SPARSE_MM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_activation(op: str, activation) -> None:
+    if not isinstance(activation, str):
+        raise TypeError(f"{op}: activation must be a str, got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _check_like_input(op: str, arg: str, t, input: torch.Tensor) -> None:
+    check_tensor(op, arg, t)
+    if t.dtype != input.dtype:
+        raise TypeError(f"{op}: {arg} must have input's dtype ({input.dtype}), got {t.dtype}")
+    if t.device != input.device:
+        raise ValueError(f"{op}: {arg} must be on input's device ({input.device}), got {t.device}")
+
+
+def check_sparse_weight(op: str, input, values, meta) -> tuple[int, int]:
+    """values [out, K/2] in input's dtype, meta [out, K/16] int16, out % 32 == 0, K % 32 == 0; returns (out, K)."""
+    check_tensor(op, "input", input)
+    if input.dtype not in SPARSE_MM_DTYPES:
+        raise TypeError(f"{op}: input must be float16, bfloat16 or float32, got {input.dtype}")
+    _check_like_input(op, "values", values, input)
+    check_tensor(op, "meta", meta)
+    if meta.dtype != torch.int16:
+        raise TypeError(f"{op}: meta must be int16, got {meta.dtype}")
+    if meta.device != input.device:
+        raise ValueError(f"{op}: meta must be on input's device ({input.device}), got {meta.device}")
+    if values.dim() != 2:
+        raise ValueError(f"{op}: values must be 2-D [out, K/2], got {values.dim()}-D")
+    rows, k = values.shape[0], 2 * values.shape[1]
+    if rows % ROW_TILE or k % COL_TILE or rows == 0 or k == 0:
+        raise ValueError(
+            f"{op}: values must be [out, K/2] with out a positive multiple of {ROW_TILE} and K of {COL_TILE}, "
+            f"got {list(values.shape)}"
+        )
+    if meta.dim() != 2 or tuple(meta.shape) != (rows, k // 16):
+        raise ValueError(
+            f"{op}: meta must be [{rows}, {k // 16}] for values of shape {list(values.shape)}, got {list(meta.shape)}"
+        )
+    return rows, k
+
+
+def _check_bias(op: str, bias, input: torch.Tensor, rows: int) -> None:
+    if bias is None:
+        return
+    _check_like_input(op, "bias", bias, input)
+    if bias.dim() != 1 or bias.shape[0] != rows:
+        raise ValueError(f"{op}: bias must be [{rows}], got {list(bias.shape)}")
+
+
+def _check_residual(op: str, residual, input: torch.Tensor, out_shape) -> None:
+    if residual is None:
+        return
+    _check_like_input(op, "residual", residual, input)
+    out_shape = list(out_shape)
+    ok = residual.dim() <= len(out_shape) and all(
+        r in (o, 1) for r, o in zip(reversed(residual.shape), reversed(out_shape))
+    )
+    if not ok:
+        raise ValueError(
+            f"{op}: residual of shape {list(residual.shape)} does not broadcast to the output's shape {out_shape}"
+        )
+
+
+def check_sparse_linear(input, values, meta, bias, activation, residual) -> tuple[int, int]:
+    """Checks sparse_linear_2to4's arguments; returns (out, K)."""
+    op = "sparse_linear_2to4"
+    rows, k = check_sparse_weight(op, input, values, meta)
+    if input.dim() < 1 or input.shape[-1] != k:
+        raise ValueError(f"{op}: input must be [..., {k}] (K = 2 * values.shape[1]), got {list(input.shape)}")
+    _check_bias(op, bias, input, rows)
+    _check_residual(op, residual, input, [*input.shape[:-1], rows])
+    check_activation(op, activation)
+    return rows, k
+
+
+def conv_pair(op: str, arg: str, v, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints (h, w), each >= minimum, as a tuple."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        pair = (v, v)
+    else:
+        pair = tuple(v) if isinstance(v, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair):
+        raise TypeError(f"{op}: {arg} must be an int or a pair of ints, got {v!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{op}: {arg} must be >= {minimum}, got {v!r}")
+    return pair
+
+
+def conv_out_size(size: int, kernel: int, stride: int, pad: int, dil: int) -> int:
+    """Output size of one spatial dim as torch computes it; 0 when the dilated kernel does not fit."""
+    span = size + 2 * pad - dil * (kernel - 1) - 1
+    return 0 if span < 0 else span // stride + 1
+
+
+def check_sparse_conv(input, values, meta, weight_shape, bias, stride, padding, dilation, activation, residual):
+    """Checks sparse_conv2d_2to4's arguments; returns (weight_shape, stride, padding, dilation, out_hw) as tuples."""
+    op = "sparse_conv2d_2to4"
+    rows, k = check_sparse_weight(op, input, values, meta)
+    shape = tuple(weight_shape) if isinstance(weight_shape, (tuple, list, torch.Size)) else None
+    if shape is None or len(shape) != 4 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ValueError(f"{op}: weight_shape must be 4 positive ints (Cout, Cin, kh, kw), got {weight_shape!r}")
+    cout, cin, kh, kw = shape
+    if cout != rows or cin * kh * kw != k:
+        raise ValueError(
+            f"{op}: weight_shape {shape} does not match values of shape {list(values.shape)} "
+            f"(needs Cout = {rows} and Cin*kh*kw = K = {k})"
+        )
+    if input.dim() != 4 or input.shape[1] != cin:
+        raise ValueError(f"{op}: input must be [N, Cin, H, W] with Cin = {cin}, got {list(input.shape)}")
+    stride = conv_pair(op, "stride", stride, 1)
+    padding = conv_pair(op, "padding", padding, 0)
+    dilation = conv_pair(op, "dilation", dilation, 1)
+    out_hw = tuple(
+        conv_out_size(input.shape[2 + i], shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)
+    )
+    if min(out_hw) <= 0:
+        raise ValueError(
+            f"{op}: the (dilated) kernel {shape[2:]} does not fit the padded input {list(input.shape[2:])}"
+        )
+    _check_bias(op, bias, input, rows)
+    _check_residual(op, residual, input, [input.shape[0], rows, *out_hw])
+    check_activation(op, activation)
+    return shape, stride, padding, dilation, out_hw

@@ -69,3 +69,28 @@ def _register_gumbel() -> None:
 
 if hasattr(torch.ops.prunedm, "gumbel_nm_sample"):
     _register_gumbel()
+
+
+# 2:4 sparse linear / conv: output shapes (and the conv's memory format, as csrc/common/checks.h's
+# conv_output_channels_last decides it).
+
+
+def _register_sparse_mm() -> None:
+    @torch.library.register_fake("prunedm::sparse_linear_2to4")
+    def _sparse_linear_2to4_fake(input, values, meta, bias, activation, residual):
+        return input.new_empty((*input.shape[:-1], values.shape[0]))
+
+    @torch.library.register_fake("prunedm::sparse_conv2d_2to4")
+    def _sparse_conv2d_2to4_fake(input, values, meta, weight_shape, bias, stride, padding, dilation, activation,
+                                 residual):  # fmt: skip
+        from prunedm.ops._checks import conv_out_size
+
+        out_hw = [conv_out_size(input.shape[2 + i], weight_shape[2 + i], stride[i], padding[i], dilation[i])
+                  for i in range(2)]  # fmt: skip
+        channels_last = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return input.new_empty((input.shape[0], values.shape[0], *out_hw)).contiguous(memory_format=fmt)
+
+
+if hasattr(torch.ops.prunedm, "sparse_linear_2to4"):
+    _register_sparse_mm()

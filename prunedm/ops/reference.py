@@ -271,3 +271,59 @@ def nm_set_probabilities_ref(logits: torch.Tensor, n: int) -> torch.Tensor:
             total = total + prob
         columns.append(total)
     return torch.stack(columns, -1)
+
+
+# 2:4 sparse linear / conv with a fused epilogue -------------------------------------------------
+#
+# The spec of prunedm.ops.sparse_linear_2to4 / sparse_conv2d_2to4: decompress the weight, run the
+# dense op, then bias, activation and residual, all in the compute dtype (float32 for 16-bit
+# inputs, as the kernels accumulate), rounding to the input's dtype once at the end.
+
+ACTIVATIONS = ("none", "relu", "silu", "gelu", "gelu_tanh")
+
+
+def sparse_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float16/bfloat16 inputs, the dtype itself otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def apply_activation_ref(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(x) for an activation name in ACTIVATIONS (gelu: erf form; gelu_tanh: tanh approximation)."""
+    F = torch.nn.functional
+    if activation == "relu":
+        return F.relu(x)
+    if activation == "silu":
+        return F.silu(x)
+    if activation == "gelu":
+        return F.gelu(x)
+    if activation == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    return x
+
+
+def _epilogue_ref(out, activation, residual, dtype):
+    out = apply_activation_ref(out, activation)
+    if residual is not None:
+        out = out + residual.to(out.dtype)
+    return out.to(dtype)
+
+
+def sparse_linear_2to4_ref(input, values, meta, bias=None, activation="none", residual=None) -> torch.Tensor:
+    """act(input @ W.T + bias) + residual with W = decompress_2to4_ref(values, meta) of shape [out, K]."""
+    compute = sparse_compute_dtype(input.dtype)
+    weight = decompress_2to4_ref(values, meta).to(compute)
+    out = torch.nn.functional.linear(input.to(compute), weight, None if bias is None else bias.to(compute))
+    return _epilogue_ref(out, activation, residual, input.dtype)
+
+
+def sparse_conv2d_2to4_ref(
+    input, values, meta, weight_shape, bias=None, stride=1, padding=0, dilation=1, activation="none", residual=None
+) -> torch.Tensor:
+    """act(conv2d(input, W, bias, stride, padding, dilation)) + residual, groups=1, with
+    W = matrix_to_conv_weight_ref(decompress_2to4_ref(values, meta), weight_shape) (K in (kh, kw, Cin) order)."""
+    compute = sparse_compute_dtype(input.dtype)
+    weight = matrix_to_conv_weight_ref(decompress_2to4_ref(values, meta), weight_shape).to(compute)
+    out = torch.nn.functional.conv2d(
+        input.to(compute), weight, None if bias is None else bias.to(compute), stride, padding, dilation
+    )
+    return _epilogue_ref(out, activation, residual, input.dtype)
