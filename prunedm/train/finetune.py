@@ -41,6 +41,9 @@ class FinetuneConfig:
     log_every: int = 10
     seed: int = 0
     progress: bool = True
+    # Keep the zero pattern of every Linear/Conv2d weight that is exactly 2:4 sparse at the start
+    # (a learned or magnitude mask): masked entries are re-zeroed after each step, in the EMA too.
+    keep_sparsity: bool = False
 
     def validate(self, world_size: int) -> None:
         if self.steps < 1:
@@ -125,6 +128,40 @@ def diffusion_target(scheduler, images, noise, timesteps) -> torch.Tensor:
     raise ValueError(f"scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction, sample)")
 
 
+@torch.no_grad()
+def nm_sparse_masks(model: nn.Module, n: int = 2, m: int = 4) -> dict[str, torch.Tensor]:
+    """Weight-shaped bool masks (True = non-zero) of the model's Linear/Conv2d weights that are exactly
+    n:m sparse along the input dim (convs in the [Cout, kh*kw*Cin] GEMM layout), keyed by module name."""
+    from prunedm import ops
+
+    masks = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or getattr(module, "weight", None) is None:
+            continue
+        weight = module.weight.detach()
+        if isinstance(module, nn.Conv2d):
+            if module.groups != 1:
+                continue
+            matrix = ops.conv_weight_to_matrix(weight)
+        else:
+            matrix = weight
+        if matrix.shape[-1] % m or not matrix.dtype.is_floating_point:
+            continue
+        if ops.is_nm_sparse(matrix.float().cpu(), n, m):
+            masks[name] = weight != 0
+    return masks
+
+
+@torch.no_grad()
+def _reapply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero, in place, the weights outside each module's kept pattern."""
+    if not masks:
+        return
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        modules[name].weight.mul_(mask)
+
+
 def _seed_for(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63)
 
@@ -165,6 +202,7 @@ def finetune(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16 and device.type == "cuda")
     distill_loss = DistillLoss(distill, model) if distill is not None else None
 
+    sparse_masks = nm_sparse_masks(model) if config.keep_sparsity else {}
     start_step, history = 0, []
     if resume:
         found = ckpt.latest_checkpoint(ckpt_dir)
@@ -210,7 +248,9 @@ def finetune(
         scaler.step(optimizer)
         scaler.update()
         lr_schedule.step()
+        _reapply_masks(model, sparse_masks)
         ema.update_parameters(model)
+        _reapply_masks(ema.module, sparse_masks)
         loss_value = float(loss.detach())
         done = step + 1
         bar.update(1)
@@ -248,4 +288,4 @@ def _metrics_up_to(path: Path, step: int) -> list[dict]:
     return kept
 
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "StepSampler", "finetune", "predict"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "StepSampler", "finetune", "nm_sparse_masks", "predict"]
