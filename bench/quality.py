@@ -45,7 +45,10 @@ class Budget:
     seed: int = 0
     ratio: float = 0.3  # channel pruning ratio (Diff-Pruning's CIFAR-10 setting)
     mask_steps: int = 100  # MaskLLM / MaskPro learning steps, before the finetune
-    maskllm_lr: float = 5e-2  # MaskLLMLearner's default mask_lr
+    # MaskLLMLearner's default 5e-2 (the paper's, for thousands of steps) lets Adam's first steps undo the
+    # magnitude prior in a short run: on the digits DDPM after 40 steps the final mask's loss was 0.110 at
+    # 5e-2, 0.036 at 5e-3 and 0.035 at 5e-4, against 0.087 for magnitude 2:4.
+    maskllm_lr: float = 5e-3
     samples: int = 256
     sample_steps: int = 50  # DDIM
     gradient_images: int = 32  # images of the Taylor / Diff-Pruning gradient pass
@@ -413,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-steps", type=int, default=None, help="DDIM steps")
     parser.add_argument("--mask-steps", type=int, default=None, help="MaskLLM/MaskPro learning steps")
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--maskllm-lr", type=float, default=None, help="MaskLLM's mask learning rate (default 5e-2)")
+    parser.add_argument("--maskllm-lr", type=float, default=None, help="MaskLLM's mask learning rate (default 5e-3)")
     parser.add_argument("--ratio", type=float, default=None, help="channel pruning ratio (default 0.3)")
     parser.add_argument("--variants", default=None, help=f"comma-separated subset of: {','.join(variant_names())}")
     parser.add_argument("--force", action="store_true", help="recompute variants whose result file exists")

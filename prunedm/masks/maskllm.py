@@ -31,7 +31,12 @@ class MaskLLMLearner(MaskLearner):
     its most likely pattern (argmax of the logits).
 
     loss_fn(model, batch) -> scalar tensor is the task loss; step(batch) samples, back-propagates into
-    the logits (AdamW, mask_lr) and, with model_lr > 0, the weights, then advances the schedules."""
+    the logits (AdamW, mask_lr) and, with model_lr > 0, the weights, then advances the schedules.
+
+    mask_lr defaults to 5e-3, not the paper's 5e-2: the paper learns for thousands of steps, while in a
+    run of tens to hundreds of steps Adam's first updates at 5e-2 (~0.05 per logit, x scale) swamp the
+    prior's margin (prior_strength * init_std = 0.06). On the shipped digits DDPM, 40 steps gave a final
+    loss of 0.110 at 5e-2, 0.036 at 5e-3, and 0.087 for the magnitude mask."""
 
     def __init__(
         self,
@@ -48,7 +53,7 @@ class MaskLLMLearner(MaskLearner):
         schedule: str = "linear",
         total_steps: int = 1000,
         weight_reg: float = 0.0,
-        mask_lr: float = 5e-2,
+        mask_lr: float = 5e-3,
         model_lr: float = 0.0,
         types: Iterable[type] = _targets.DEFAULT_TYPES,
         include: _targets.ModuleFilter = None,
