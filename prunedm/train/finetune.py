@@ -222,7 +222,8 @@ def finetune(
 
     train_model = nn.parallel.DistributedDataParallel(model) if distributed else model
     model.train()
-    loss_value = math.nan
+    # A run resumed after its last step reports the loss it logged last.
+    loss_value = float(history[-1]["loss"]) if history else math.nan
     bar = tqdm(total=config.steps, initial=start_step, disable=not config.progress or rank != 0, desc="finetune")
     for step in range(start_step, config.steps):
         started = time.perf_counter()

@@ -52,6 +52,13 @@ def test_finetune_writes_metrics_checkpoints_and_ema(tmp_path):
     assert result.final_loss == records[-1]["loss"]
 
 
+def test_resuming_a_finished_run_reports_its_last_loss(tmp_path):
+    first = finetune(tiny_unet(), tiny_images(), tmp_path, quiet(checkpoint_every=2))
+    again = finetune(tiny_unet(), tiny_images(), tmp_path, quiet(checkpoint_every=2), resume=True)
+    assert again.final_loss == first.final_loss and again.final_loss > 0
+    assert torch.equal(again.ema_model.state_dict()["conv_in.weight"], first.ema_model.state_dict()["conv_in.weight"])
+
+
 _KILLED_RUN = """
 import os, signal, sys, torch
 sys.path.insert(0, {tests!r})
