@@ -13,8 +13,9 @@ import subprocess
 from setuptools import find_packages, setup
 
 # prunedm and its subpackages, plus the top-level kernels/ (Triton) and bench/ (benchmark harness)
-# installed as prunedm.kernels and prunedm.bench.
-PACKAGES = [*find_packages(include=["prunedm", "prunedm.*"]), "prunedm.kernels", "prunedm.bench"]
+# installed as prunedm.kernels and prunedm.bench, and the torch-free CUDA sources of csrc/ as the data-only
+# prunedm._csrc, which NVRTC compiles at first use when no nvcc built the CUDA kernels (prunedm/ops/_nvrtc.py).
+PACKAGES = [*find_packages(include=["prunedm", "prunedm.*"]), "prunedm.kernels", "prunedm.bench", "prunedm._csrc"]
 DEFAULT_ARCHS = ["8.0", "8.6", "8.9", "9.0a"]
 
 
@@ -125,7 +126,7 @@ def _build_ext():
 
 setup(
     packages=PACKAGES,
-    package_dir={"prunedm.kernels": "kernels", "prunedm.bench": "bench"},
+    package_dir={"prunedm.kernels": "kernels", "prunedm.bench": "bench", "prunedm._csrc": "csrc"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
 )

@@ -43,6 +43,33 @@ def cuda_kernels_built() -> bool:
     return bool(module is not None and getattr(module, "WITH_CUDA", 0))
 
 
+# (importable, reason when not, cupy version) of the NVRTC path, filled once by nvrtc_status().
+_NVRTC_STATUS: tuple[bool, str, str] | None = None
+
+
+def nvrtc_status() -> tuple[bool, str, str]:
+    """(usable in principle, reason when not, cupy version) of the no-nvcc path: the CUDA kernel sources
+    compiled at first use with NVRTC through cupy (prunedm.ops._nvrtc). Checked once per process."""
+    global _NVRTC_STATUS
+    if _NVRTC_STATUS is None:
+        from prunedm.ops import _nvrtc
+
+        _NVRTC_STATUS = _nvrtc.status()
+    return _NVRTC_STATUS
+
+
+def _cuda_kernels_path(cuda: dict, cuda_device: bool) -> tuple[str, str]:
+    """Which CUDA kernels the sparse ops use here ("extension", "nvrtc (cupy X.Y)" or "none") and why not
+    usable (empty when they are)."""
+    if cuda["built"]:
+        return "extension", cuda["reason"]
+    ok, reason, version = nvrtc_status()
+    if ok:
+        short = ".".join(version.split(".")[:2])
+        return f"nvrtc (cupy {short})", "" if cuda_device else "no CUDA device is visible"
+    return "none", f"{cuda['reason']}; and the NVRTC path is unavailable: {reason}"
+
+
 def _triton_status() -> tuple[bool, bool, str]:
     """(importable, interpreter on, reason when unusable)."""
     try:
@@ -57,7 +84,10 @@ def extension_info() -> dict:
     """Which backends (cpu, cuda, triton) are built and usable here, and why not.
 
     Returns {"cpu": {...}, "cuda": {...}, "triton": {...}, "torch": version, ...}; each backend
-    entry has "built" and "usable" (bools) and "reason" (empty when usable)."""
+    entry has "built" and "usable" (bools) and "reason" (empty when usable). "cuda_kernels" says which
+    CUDA sparse kernels run: "extension" (prunedm._C), "nvrtc (cupy X.Y)" (compiled at first use, when
+    _C has no CUDA and cupy is installed) or "none"; "cuda_kernels_reason" says why they cannot run
+    here (empty when they can)."""
     module, load_error = _load()
     cuda_device = torch.cuda.is_available()
     info: dict = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
@@ -81,6 +111,8 @@ def extension_info() -> dict:
         cuda["device"] = torch.cuda.get_device_name()
         cuda["capability"] = "%d.%d" % torch.cuda.get_device_capability()
     info["cuda"] = cuda
+    # The 2:4 sparse linear/conv kernels: the extension's, else the same sources compiled by NVRTC (cupy).
+    info["cuda_kernels"], info["cuda_kernels_reason"] = _cuda_kernels_path(cuda, cuda_device)
 
     importable, interpret, reason = _triton_status()
     triton_info = {"built": importable, "usable": False, "interpret": interpret, "reason": reason}

@@ -238,6 +238,7 @@ __global__ void __launch_bounds__(kThreads) sparse_gemm_kernel(const Params<T> p
       }
 }
 
+#if !defined(PRUNEDM_NVRTC)  // NVRTC compiles device code only (csrc/cuda/nvrtc_entry.cu): no streams, no <<<>>>
 // Launches the kernel over out [P, M] (nothing to do when P == 0).
 template <typename T, bool kConv>
 void launch_sparse_gemm(const Params<T>& prm, cudaStream_t stream) {
@@ -245,6 +246,7 @@ void launch_sparse_gemm(const Params<T>& prm, cudaStream_t stream) {
   const dim3 grid(unsigned((prm.p + kBlockN - 1) / kBlockN), unsigned((prm.m + kBlockM - 1) / kBlockM));
   sparse_gemm_kernel<T, kConv><<<grid, kThreads, 0, stream>>>(prm);
 }
+#endif
 
 }  // namespace sparse_gemm_cuda
 }  // namespace prunedm

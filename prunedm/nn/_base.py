@@ -173,8 +173,8 @@ class _SparseWeight(nn.Module):
         ops = _backends.prunedm_sparse_ops()
         self._prunedm_fn = getattr(ops, self._prunedm_op)
         # The kernel itself (CUDA, or its C++ twin on CPU), never a silent switch to the reference.
-        usable = ops.sparse_kernels_available(device)[0]
-        self._prunedm_kernel = "extension" if usable else "reference"
+        kernel, _ = ops.sparse_kernel_backend(device)  # "extension", "nvrtc" (CUDA without a CUDA build) or None
+        self._prunedm_kernel = kernel or "reference"
         self._paths.append("prunedm")
         return None
 

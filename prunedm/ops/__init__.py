@@ -7,7 +7,12 @@ from prunedm.ops.conv_layout import conv_weight_to_matrix, matrix_to_conv_weight
 from prunedm.ops.gumbel import gumbel_nm_sample, gumbel_pattern_sample, nm_patterns, pattern_index, patterns_to_mask
 from prunedm.ops.nm import is_nm_sparse, nm_mask, nm_violations
 from prunedm.ops.sparse24 import compress_2to4, decompress_2to4, to_semi_structured
-from prunedm.ops.sparse_mm import sparse_conv2d_2to4, sparse_kernels_available, sparse_linear_2to4
+from prunedm.ops.sparse_mm import (
+    sparse_conv2d_2to4,
+    sparse_kernel_backend,
+    sparse_kernels_available,
+    sparse_linear_2to4,
+)
 
 __all__ = [
     "BACKENDS",
@@ -25,6 +30,7 @@ __all__ = [
     "patterns_to_mask",
     "reference",
     "sparse_conv2d_2to4",
+    "sparse_kernel_backend",
     "sparse_kernels_available",
     "sparse_linear_2to4",
     "to_semi_structured",
