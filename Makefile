@@ -47,8 +47,9 @@ pytest: build
 
 test: build lint ctest pytest
 
+# The whole pipeline on the shipped digits DDPM; --resume: a second run skips finished stages.
 demo: build
-	$(VENV)/bin/prunedm demo
+	$(VENV)/bin/prunedm demo --out demo-out --resume
 
 bench: build
 	$(PY) -m bench.ops --out bench/out

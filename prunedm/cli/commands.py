@@ -13,10 +13,14 @@ from prunedm.cli.config import ConfigError, write_text_atomic
 from prunedm.cli.models import load_model, training_images
 from prunedm.train import FinetuneConfig
 
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 DEFAULTS = {
     "prune": {
         "model": None,
         "seed": 0,
+        "device": "auto",
         "method": "channels",  # channels | depth
         "channels": {"importance": "magnitude", "ratio": 0.3, "rounding": "diff-pruning", "data": "digits"},
         "depth": {"keep": None, "every": 2},
@@ -24,22 +28,121 @@ DEFAULTS = {
     "finetune": {
         "model": None,
         "data": "digits",
+        "device": "auto",
         "finetune": {f.name: f.default for f in fields(FinetuneConfig)},
     },
     "learn-mask": {
         "model": None,
         "data": "digits",
         "seed": 0,
+        "device": "auto",
         "method": "maskllm",  # maskllm | maskpro | magnitude
+        "pattern": "2:4",  # N:M; sparse tensor cores (and `prunedm sparsify`) run 2:4
         "steps": 100,
         "batch_size": 16,
         "checkpoint_every": 25,
         "maskllm": {"tau": [4.0, 0.05], "scale": [100.0, 500.0], "weight_reg": 0.0},
         "maskpro": {"logit_init": 10.0, "mask_lr": 50.0, "model_lr": 0.0},
     },
-    "sparsify": {"model": None, "seed": 0, "backend": "auto", "verify": True},
-    "sample": {"model": None, "seed": 0, "num_samples": 16, "steps": 50, "scheduler": "ddim"},
+    "sparsify": {
+        "model": None,
+        "seed": 0,
+        "device": "auto",
+        "dtype": "float32",  # the packed weights' dtype; sparse tensor cores need float16 or bfloat16
+        "masks": None,  # a masks.safetensors from learn-mask; None: magnitude 2:4 of every eligible layer
+        "backend": "auto",
+        "verify": True,
+    },
+    "sample": {
+        "model": None,
+        "seed": 0,
+        "device": "auto",
+        "dtype": "float32",  # float16/bfloat16 sample under autocast
+        "num_samples": 16,
+        "steps": 50,
+        "scheduler": "ddim",
+    },
+    "eval": {
+        "model": None,  # sample from this model ...
+        "samples": None,  # ... or judge these: a samples.safetensors from `prunedm sample`, or an image folder
+        "reference": "digits",  # or a folder of reference images
+        "features": "digits-classifier",  # or inception (needs inception_dir)
+        "inception_dir": None,
+        "num_samples": 256,
+        "steps": 50,
+        "scheduler": "ddim",
+        "seed": 0,
+        "device": "auto",
+        "dtype": "float32",
+    },
 }
+
+# The job flags --seed/--device/--dtype are shorthands for these config keys (where a job has them).
+FLAG_KEYS = {
+    "seed": {job: "finetune.seed" if job == "finetune" else "seed" for job in DEFAULTS},
+    "device": {job: "device" for job in DEFAULTS},
+    "dtype": {job: "dtype" for job, d in DEFAULTS.items() if "dtype" in d},
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch.device a config's device= names: auto (cuda when visible), cpu or cuda."""
+    if name not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda: no CUDA device is visible; use device=cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """The torch dtype a config's dtype= names."""
+    if name not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def parse_pattern(text) -> tuple[int, int]:
+    """'2:4' -> (2, 4): the N:M rule (keep N of every M consecutive weights, 0 < N < M)."""
+    if isinstance(text, int) and not isinstance(text, bool):  # unquoted 2:4 in a YAML file: base-60 124
+        text = "%d:%d" % divmod(text, 60)
+    try:
+        n, m = (int(part) for part in str(text).split(":"))
+    except ValueError:
+        raise ConfigError(f"pattern must look like N:M (e.g. 2:4), got {text!r}") from None
+    if not 0 < n < m:
+        raise ConfigError(f"pattern {text!r} breaks the N:M rule: need 0 < N < M")
+    return n, m
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _to(model, device: torch.device, dtype: torch.dtype | None = None):
+    """model.to(device, dtype), skipping what already holds (diffusers warns on every dtype cast)."""
+    param = next(model.parameters(), None)
+    if param is None:
+        return model
+    if param.device != device:
+        model = model.to(device)
+    if dtype is not None and param.dtype != dtype:
+        model = model.to(dtype)
+    return model
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    import contextlib
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _write_json(path: Path, data) -> None:
@@ -47,14 +150,17 @@ def _write_json(path: Path, data) -> None:
 
 
 def run_prune(config: dict, out: Path, resume: bool) -> dict:
+    """prune: channels of a UNet (torch-pruning) or blocks of a DiT; writes model/ and report.json."""
     import prunedm
 
+    device = resolve_device(config["device"])
     model = load_model(config["model"], config["seed"])
     if config["method"] == "channels":
         c = config["channels"]
+        model = _to(model, device)
         data = None
         if c["importance"] in ("taylor", "diff-pruning"):
-            data = [training_images(c["data"], model)[:32]]
+            data = [training_images(c["data"], model)[:32].to(device)]
         report = prunedm.prune_channels(
             model, importance=c["importance"], ratio=c["ratio"], data=data, rounding=c["rounding"], seed=config["seed"]
         )
@@ -73,57 +179,168 @@ def run_prune(config: dict, out: Path, resume: bool) -> dict:
         summary = {"kept_blocks": list(keep), "blocks_before": len(blocks)}
     else:
         raise ConfigError(f"method must be channels or depth, got {config['method']!r}")
-    prunedm.save_pretrained(model, out / "model")
+    prunedm.save_pretrained(model.cpu(), out / "model")
     _write_json(out / "report.json", summary)
     print(f"pruned model saved to {out / 'model'}")
     return summary
 
 
 def run_finetune(config: dict, out: Path, resume: bool) -> dict:
+    """finetune: noise-prediction loss with EMA and checkpoints (DDP under torchrun); writes model/ (EMA)."""
     from prunedm import save_pretrained
     from prunedm.train import finetune
 
-    model = load_model(config["model"])
+    rank, _ = _distributed()
+    device = resolve_device(config["device"])
+    model = _to(load_model(config["model"]), device)
     images = training_images(config["data"], model)
     result = finetune(model, images, out, FinetuneConfig(**config["finetune"]), resume=resume)
-    save_pretrained(result.ema_model, out / "model")
-    print(f"finetuned (EMA) model saved to {out / 'model'}; final loss {result.final_loss:.4f}")
-    return {"final_loss": result.final_loss, "steps": result.steps}
+    summary = {"final_loss": result.final_loss, "steps": result.steps}
+    if rank == 0:
+        save_pretrained(result.ema_model.cpu(), out / "model")
+        _write_json(out / "report.json", summary)
+        print(f"finetuned (EMA) model saved to {out / 'model'}; final loss {result.final_loss:.4f}")
+    return summary
+
+
+def _load_masks(path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(str(path))
+    if path.is_dir():
+        path = path / "masks.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"masks={path}: no such file (a masks.safetensors written by `prunedm learn-mask`)")
+    try:
+        return {name: mask.bool() for name, mask in load_file(str(path)).items()}
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"masks={path}: not a safetensors file of masks ({exc})") from exc
 
 
 def run_sparsify(config: dict, out: Path, resume: bool) -> dict:
+    """sparsify: swap eligible Linear/Conv2d for 2:4-packed ones; writes model/, report.txt, report.json."""
     import prunedm
 
-    model = load_model(config["model"], config["seed"]).eval()
-    report = prunedm.sparsify(model, backend=config["backend"], verify=config["verify"])
-    prunedm.save_pretrained(model, out / "model")
+    device, dtype = resolve_device(config["device"]), resolve_dtype(config["dtype"])
+    masks = _load_masks(config["masks"]) if config["masks"] else None
+    model = _to(load_model(config["model"], config["seed"]).eval(), device, dtype)
+    report = prunedm.sparsify(model, masks=masks, backend=config["backend"], verify=config["verify"])
+    prunedm.save_pretrained(model.cpu(), out / "model")
     write_text_atomic(out / "report.txt", str(report) + "\n")
     summary = {
         "converted": [c.name for c in report.converted],
         "skipped": {s.name: s.reason for s in report.skipped},
         "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
+        "model_bytes_before": report.model_bytes_before, "model_bytes_after": report.model_bytes_after,
     }  # fmt: skip
     _write_json(out / "report.json", summary)
     print(report)
     return summary
 
 
-def run_sample(config: dict, out: Path, resume: bool) -> dict:
+def _scheduler(name: str):
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    from prunedm.eval.sampling import sample_images, save_grid
+    if name not in ("ddim", "ddpm"):
+        raise ConfigError(f"scheduler must be ddim or ddpm, got {name!r}")
+    return (DDIMScheduler if name == "ddim" else DDPMScheduler)(num_train_timesteps=1000)
 
-    if config["scheduler"] not in ("ddim", "ddpm"):
-        raise ConfigError(f"scheduler must be ddim or ddpm, got {config['scheduler']!r}")
-    model = load_model(config["model"], config["seed"]).eval()
-    scheduler = (DDIMScheduler if config["scheduler"] == "ddim" else DDPMScheduler)(num_train_timesteps=1000)
-    images = sample_images(model, scheduler, config["num_samples"], config["steps"], seed=config["seed"])
-    save_grid(images, out / "samples.png")
+
+def _positive(config: dict, *keys: str) -> None:
+    for key in keys:
+        value = config[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+
+
+def _sample_from(config: dict) -> torch.Tensor:
+    """num_samples images in [-1, 1] from config's model (device, dtype, scheduler, steps, seed)."""
+    from prunedm.eval.sampling import sample_images
+
+    _positive(config, "num_samples", "steps")
+    scheduler = _scheduler(config["scheduler"])
+    device, dtype = resolve_device(config["device"]), resolve_dtype(config["dtype"])
+    model = _to(load_model(config["model"], config["seed"]).eval(), device)
+    with _autocast(device, dtype):
+        images = sample_images(model, scheduler, config["num_samples"], config["steps"], seed=config["seed"])
+    return images.float()
+
+
+def _save_samples(images: torch.Tensor, out: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({"images": images.contiguous()}, str(out / "samples.safetensors"))
-    print(f"wrote {out / 'samples.png'}")
+    tmp = out / ".samples.safetensors.tmp"
+    save_file({"images": images.contiguous()}, str(tmp))
+    tmp.replace(out / "samples.safetensors")
+
+
+def run_sample(config: dict, out: Path, resume: bool) -> dict:
+    """sample: images from a UNet; writes samples.png (grid) and samples.safetensors ("images", [-1, 1])."""
+    from prunedm.eval.sampling import save_grid
+
+    images = _sample_from(config)
+    save_grid(images, out / "samples.png")
+    _save_samples(images, out)
+    print(f"wrote {out / 'samples.png'} and {out / 'samples.safetensors'}")
     return {"num_samples": int(images.shape[0])}
+
+
+def _samples_to_judge(spec) -> torch.Tensor | Path:
+    """eval's samples=: a samples.safetensors (or the dir of a `prunedm sample` run) or an image folder."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(str(spec))
+    if path.is_dir() and (path / "samples.safetensors").is_file():
+        path = path / "samples.safetensors"
+    if path.is_dir():
+        return path
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise ConfigError(f"samples={spec}: expected a samples.safetensors from `prunedm sample` or an image folder")
+    try:
+        images = load_file(str(path)).get("images")
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"samples={spec}: not a readable safetensors file ({exc})") from exc
+    if images is None or images.dim() != 4:
+        raise ConfigError(f"samples={spec}: needs an 'images' tensor [N, C, H, W] in [-1, 1]")
+    return images.float()
+
+
+def run_eval(config: dict, out: Path, resume: bool) -> dict:
+    """eval: FID (digits-classifier or Inception features) and the digits classifier's verdict on samples
+    drawn from model= or read from samples=; writes metrics.json and samples.png."""
+    from prunedm.eval.sampling import save_grid
+
+    if (config["model"] is None) == (config["samples"] is None):
+        raise ConfigError("eval needs exactly one of model=<model to sample from> or samples=<file or folder>")
+    if config["features"] not in ("digits-classifier", "inception"):
+        raise ConfigError(f"features must be digits-classifier or inception, got {config['features']!r}")
+    if config["features"] == "inception" and not config["inception_dir"]:
+        raise ConfigError("features=inception needs inception_dir=<dir holding inception-2015-12-05.pt>")
+    reference = config["reference"]
+    if reference != "digits" and not Path(str(reference)).is_dir():
+        raise ConfigError(f"reference={reference}: expected 'digits' or a folder of images")
+    from prunedm.eval.fid import evaluate_samples, load_image_folder
+
+    if config["model"] is not None:
+        images = _sample_from(config)
+        _save_samples(images, out)
+        source = {"model": config["model"]}
+    else:
+        images = _samples_to_judge(config["samples"])
+        source = {"samples": str(config["samples"])}
+    metrics = evaluate_samples(images, reference, features=config["features"], inception_dir=config["inception_dir"])
+    grid = images if isinstance(images, torch.Tensor) else load_image_folder(images)
+    save_grid(grid[:64], out / "samples.png")
+    result = {**metrics, **source, "reference": str(reference)}
+    _write_json(out / "metrics.json", result)
+    print(
+        f"FID {metrics['fid']:.2f} ({metrics['features']} features, {metrics['num_samples']} samples), "
+        f"classifier accuracy {metrics['classifier_accuracy']:.3f}, class entropy {metrics['class_entropy']:.2f}; "
+        f"wrote {out / 'metrics.json'}"
+    )
+    return result
 
 
 def _denoising_loss(scheduler):
@@ -134,6 +351,7 @@ def _denoising_loss(scheduler):
     def loss(model, images):
         noise = torch.randn_like(images)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],))
+        timesteps = timesteps.to(images.device)
         noisy = scheduler.add_noise(images, noise, timesteps)
         target = diffusion_target(scheduler, images, noise, timesteps)
         return torch.nn.functional.mse_loss(predict(model, noisy, timesteps, {}), target)
@@ -142,6 +360,8 @@ def _denoising_loss(scheduler):
 
 
 def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
+    """learn-mask: N:M masks (maskllm, maskpro or magnitude), with checkpointed learner state and --resume
+    (several processes under torchrun); writes masks.safetensors and model/ (the masked model)."""
     from diffusers import DDPMScheduler
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -153,45 +373,65 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
     method = config["method"]
     if method not in ("maskllm", "maskpro", "magnitude"):
         raise ConfigError(f"method must be maskllm, maskpro or magnitude, got {method!r}")
-    model = load_model(config["model"], config["seed"])
+    n, m = parse_pattern(config["pattern"])
+    _positive(config, "steps", "batch_size", "checkpoint_every")
+    rank, world = _distributed()
+    device = resolve_device(config["device"])
+    model = _to(load_model(config["model"], config["seed"]), device)
     torch.manual_seed(config["seed"])
     if method == "magnitude":
-        targets, _ = pm.find_targets(model)
-        found = pm.magnitude_masks(targets)
+        targets, _ = pm.find_targets(model, m=m)
+        found = pm.magnitude_masks(targets, n, m)
         pm.apply_masks(model, found)
     else:
-        images = training_images(config["data"], model)
+        images = training_images(config["data"], model).to(device)
         loss = _denoising_loss(DDPMScheduler(num_train_timesteps=1000))
         if method == "maskllm":
             c = config["maskllm"]
-            learner = pm.MaskLLMLearner(model, loss, tau=tuple(c["tau"]), scale=tuple(c["scale"]),
-                                        weight_reg=c["weight_reg"], total_steps=config["steps"])  # fmt: skip
+            learner = pm.MaskLLMLearner(model, loss, n, m, tau=tuple(c["tau"]), scale=tuple(c["scale"]),
+                                        weight_reg=c["weight_reg"], total_steps=config["steps"],
+                                        seed=config["seed"])  # fmt: skip
         else:
             c = config["maskpro"]
-            learner = pm.MaskProLearner(model, loss, logit_init=c["logit_init"], mask_lr=c["mask_lr"],
-                                        model_lr=c["model_lr"])  # fmt: skip
+            learner = pm.MaskProLearner(model, loss, n, m, logit_init=c["logit_init"], mask_lr=c["mask_lr"],
+                                        model_lr=c["model_lr"], seed=config["seed"])  # fmt: skip
         state = out / "learner.safetensors"
         if resume and state.exists():
             learner.load(state)
-        sampler = StepSampler(len(images), config["batch_size"], config["seed"])
-        with open(out / "metrics.jsonl", "a") as log:
-            for step in tqdm(range(learner.step_count, config["steps"]), desc="learn-mask"):
-                info = learner.step(images[sampler.indices(step)])
-                log.write(json.dumps({"step": step + 1, **{k: v for k, v in info.items() if _scalar(v)}}) + "\n")
-                if (step + 1) % config["checkpoint_every"] == 0 or step + 1 == config["steps"]:
+        sampler = StepSampler(len(images), config["batch_size"], config["seed"], rank, world)
+        log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+        try:
+            for step in tqdm(range(learner.step_count, config["steps"]), desc="learn-mask", disable=rank != 0):
+                info = learner.step(images[sampler.indices(step).to(images.device)])
+                if log is not None:
+                    log.write(json.dumps({"step": step + 1, **{k: v for k, v in info.items() if _scalar(v)}}) + "\n")
+                    log.flush()
+                last = step + 1 == config["steps"]
+                if rank == 0 and ((step + 1) % config["checkpoint_every"] == 0 or last):
                     learner.save(state.with_suffix(".tmp"))
                     state.with_suffix(".tmp").replace(state)
+        finally:
+            if log is not None:
+                log.close()
         found = learner.finalize()
-    tmp = out / ".masks.safetensors.tmp"
-    save_file({name: mask.contiguous() for name, mask in found.items()}, str(tmp))
-    tmp.replace(out / "masks.safetensors")
-    save_pretrained(model, out / "model")
-    print(f"{len(found)} 2:4 masks in {out / 'masks.safetensors'}; masked model in {out / 'model'}")
+    if rank == 0:
+        tmp = out / ".masks.safetensors.tmp"
+        save_file({name: mask.contiguous().cpu() for name, mask in found.items()}, str(tmp))
+        tmp.replace(out / "masks.safetensors")
+        save_pretrained(model.cpu(), out / "model")
+        print(f"{len(found)} {n}:{m} masks in {out / 'masks.safetensors'}; masked model in {out / 'model'}")
     return {"masks": len(found)}
 
 
 def _scalar(value) -> bool:
     return isinstance(value, (int, float, str, bool))
+
+
+def run_demo(config: dict, out: Path, resume: bool) -> dict:
+    """demo: the whole pipeline on the shipped digits DDPM (prunedm.cli.demo)."""
+    from prunedm.cli.demo import run_pipeline
+
+    return run_pipeline(config, out, resume)
 
 
 RUNNERS = {
@@ -200,4 +440,8 @@ RUNNERS = {
     "finetune": run_finetune,
     "sparsify": run_sparsify,
     "sample": run_sample,
+    "eval": run_eval,
 }
+
+# Commands that may run as several processes under torchrun (the rest refuse, rather than race).
+DISTRIBUTED = ("finetune", "learn-mask")

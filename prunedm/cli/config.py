@@ -7,11 +7,14 @@ import copy
 import difflib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+_RATIO = re.compile(r"\d+:\d+")
 
 
 class ConfigError(ValueError):
@@ -42,10 +45,13 @@ def parse_override(text: str) -> dict:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from exc
+    if _RATIO.fullmatch(raw):  # YAML 1.1 reads 2:4 as the base-60 integer 124; an N:M pattern is meant
+        value = raw
+    else:
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from exc
     for part in reversed(key.split(".")):
         value = {part: value}
     return value
@@ -70,7 +76,13 @@ def load_config(defaults: dict, path: str | os.PathLike | None = None, overrides
     return config
 
 
+def merge_config(defaults: dict, update: dict) -> dict:
+    """defaults <- update (a nested dict, as a YAML file would give); unknown keys are errors."""
+    return _merge(defaults, update, "")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all (a temporary file in the same folder, then os.replace)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
@@ -106,4 +118,5 @@ def _diff_keys(a: Any, b: Any, where: str = "") -> set[str]:
 
 
 def dumps(config: dict) -> str:
+    """The config as indented JSON, for the log."""
     return json.dumps(config, indent=1, default=str)

@@ -11,12 +11,24 @@ import torch
 from prunedm.architectures import ARCHITECTURES, build
 from prunedm.cli.config import ConfigError
 
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+SHIPPED_MODELS = ("digits-ddpm",)  # diffusers models shipped in prunedm/assets
+
 
 def load_model(spec: str | None, seed: int = 0):
-    """The model `spec` names: "arch:<name>", a prunedm save dir, a diffusers model dir, or a hub id
-    (only when it is already in the local cache: these machines may be offline)."""
+    """The model `spec` names: "arch:<name>" (random init), "asset:digits-ddpm" (the shipped tiny DDPM
+    trained on the digits), a prunedm save dir, a diffusers model dir, or a hub id (only when it is
+    already in the local cache: these machines may be offline)."""
     if not spec:
         raise ConfigError("no model given: set model=<dir> (a diffusers or prunedm model dir) or model=arch:tiny-unet")
+    if not isinstance(spec, str):
+        raise ConfigError(f"model must be a string (a dir, arch:NAME or asset:NAME), got {spec!r}")
+    if spec.startswith("asset:"):
+        name = spec.removeprefix("asset:")
+        if name not in SHIPPED_MODELS or not (ASSETS / name / "config.json").is_file():
+            shipped = ", ".join(f"asset:{n}" for n in SHIPPED_MODELS)
+            raise ConfigError(f"model={spec}: no such shipped model; shipped ones: {shipped}")
+        return _load_diffusers(ASSETS / name, json.loads((ASSETS / name / "config.json").read_text()))
     if spec.startswith("arch:"):
         name = spec.removeprefix("arch:")
         if name not in ARCHITECTURES:
@@ -44,7 +56,8 @@ def _diffusers_class(name: str | None, where: str):
 
 
 def _load_diffusers(path: Path, config: dict):
-    return _diffusers_class(config.get("_class_name"), str(path)).from_pretrained(path)
+    # low_cpu_mem_usage=False: the default asks for `accelerate` and prints an install hint when it is missing
+    return _diffusers_class(config.get("_class_name"), str(path)).from_pretrained(path, low_cpu_mem_usage=False)
 
 
 def _load_from_hub_cache(repo_id: str):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import yaml
 
 from prunedm.cli import main
 
@@ -95,3 +97,116 @@ def test_learn_mask_writes_2to4_masks_and_resumes(tmp_path, capsys, method):
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
         assert main([*args, "--out", str(out), "--resume"]) == 0  # already at step 2: nothing to redo
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def _write_images(path, images):
+    from safetensors.torch import save_file
+
+    save_file({"images": images.contiguous()}, str(path))
+    return path
+
+
+def test_eval_tells_digits_from_noise(tmp_path, capsys):
+    from prunedm.data import DigitsDataset
+
+    digits = _write_images(tmp_path / "digits.safetensors", DigitsDataset("test", size=16).images[:128])
+    noise = _write_images(
+        tmp_path / "noise.safetensors", torch.rand(128, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    )
+    results = {}
+    for name, path in [("digits", digits), ("noise", noise)]:
+        out = tmp_path / f"eval-{name}"
+        assert main(["eval", f"samples={path}", "--out", str(out)]) == 0
+        results[name] = json.loads((out / "metrics.json").read_text())
+        assert (out / "samples.png").stat().st_size > 0
+    assert results["digits"]["num_samples"] == 128 and results["digits"]["features"] == "digits-classifier"
+    assert results["digits"]["fid"] < 0.2 * results["noise"]["fid"]
+    assert results["digits"]["classifier_accuracy"] > 0.8 > results["noise"]["classifier_accuracy"]
+    assert results["digits"]["class_entropy"] > 2.0  # all ten digits present in the test split
+
+
+def test_eval_samples_a_model_and_flags_set_config(tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["eval", "model=arch:tiny-unet", "num_samples=8", "steps=1", "--seed", "3", "--device", "cpu"]
+    assert main([*argv, "--out", str(out)]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["seed"] == 3 and config["device"] == "cpu" and config["dtype"] == "float32"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_samples"] == 8 and metrics["fid"] > 0 and metrics["model"] == "arch:tiny-unet"
+    from safetensors.torch import load_file
+
+    images = load_file(str(out / "samples.safetensors"))["images"]
+    assert images.shape == (8, 1, 16, 16) and float(images.abs().max()) <= 1.0
+    # --seed on finetune is finetune.seed
+    ft = tmp_path / "ft"
+    args = ["finetune", "model=arch:tiny-unet", "finetune.steps=1", "finetune.batch_size=4", "finetune.progress=false"]
+    assert main([*args, "--seed", "5", "--out", str(ft)]) == 0
+    assert yaml.safe_load((ft / "config.yaml").read_text())["finetune"]["seed"] == 5
+
+
+def test_sparsify_with_learned_masks(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    masks = tmp_path / "masks"
+    assert main(["learn-mask", "model=arch:tiny-unet", "method=magnitude", "--out", str(masks)]) == 0
+    sparse = tmp_path / "sparse"
+    argv = ["sparsify", f"model={masks / 'model'}", f"masks={masks / 'masks.safetensors'}", "backend=dense"]
+    assert main([*argv, "--out", str(sparse)]) == 0
+    report = json.loads((sparse / "report.json").read_text())
+    assert set(report["converted"]) <= set(load_file(str(masks / "masks.safetensors")))
+    assert len(report["converted"]) >= 10
+    # a mask that keeps 3 of 4 breaks the 2:4 rule: one line, nothing written
+    broken = {name: torch.ones_like(mask) for name, mask in load_file(str(masks / "masks.safetensors")).items()}
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    capsys.readouterr()
+    argv = ["sparsify", f"model={masks / 'model'}", f"masks={tmp_path / 'broken.safetensors'}"]
+    assert main([*argv, "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "2:4" in err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["prune", "model=arch:tiny-unet", "method=depth"], "method=depth needs a transformer"),
+        (["learn-mask", "model=arch:tiny-unet", "pattern=4:2"], "breaks the N:M rule"),
+        (["learn-mask", "model=arch:tiny-unet", "pattern=two"], "pattern must look like N:M"),
+        (["sparsify", "model=arch:tiny-unet", "masks=/nonexistent/masks.safetensors"], "no such file"),
+        (["eval", "model=arch:tiny-unet", "samples=/tmp/x.safetensors"], "exactly one of model="),
+        (["eval", "samples=/nonexistent.safetensors"], "expected a samples.safetensors"),
+        (["eval", "model=arch:tiny-unet", "features=clip"], "features must be digits-classifier or inception"),
+        (["eval", "model=arch:tiny-unet", "features=inception"], "needs inception_dir"),
+        (["eval", "model=arch:tiny-unet", "reference=/nonexistent"], "expected 'digits' or a folder"),
+        (["sample", "model=arch:tiny-unet", "num_samples=0"], "num_samples must be a positive integer"),
+        (["sample", "model=asset:nope"], "no such shipped model"),
+        (["sample", "model=arch:tiny-unet", "device=tpu"], "device must be one of"),
+        (["sparsify", "model=arch:tiny-unet", "dtype=int8"], "dtype must be one of"),
+        (["demo", "prune.ratoi=0.5"], "unknown config key 'prune.ratoi'; did you mean 'ratio'?"),
+    ],
+)
+def test_more_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_non_empty_out_without_resume(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("mine")
+    assert main(["sample", "model=arch:tiny-unet", "--out", str(tmp_path)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_bench_delegates_to_bench_run(monkeypatch, tmp_path):
+    import types
+
+    calls = []
+    fake = types.ModuleType("prunedm.bench.run")
+    fake.main = lambda argv: calls.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "prunedm.bench.run", fake)
+    assert main(["bench", "--out", str(tmp_path), "--device", "cpu", "--quick", "--suite", "ops,layers"]) == 0
+    assert calls == [["--out", str(tmp_path), "--device", "cpu", "--quick", "--suite", "ops,layers"]]

@@ -63,3 +63,9 @@ def test_out_dir_rules(tmp_path):
     (tmp_path / "other" / "file").write_text("x")
     with pytest.raises(ConfigError, match="exists and is not empty"):
         prepare_out_dir(tmp_path / "other", DEFAULTS, resume=False)
+
+
+def test_nm_pattern_override_stays_text():
+    # YAML 1.1 would read 2:4 as the base-60 integer 124
+    assert parse_override("pattern=2:4") == {"pattern": "2:4"}
+    assert parse_override("time=1:30:00") == {"time": 5400}  # only N:M is special-cased
