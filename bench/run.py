@@ -62,6 +62,14 @@ def _models_suite(out: Path, device: torch.device, quick: bool, env: dict, model
 
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen suites and write their JSON, CSV and PNGs into --out; 0 on success."""
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(threads)  # --threads / --quick must not leak into a caller's process
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/out", help="directory for every result file")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

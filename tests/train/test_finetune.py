@@ -61,6 +61,7 @@ def test_resuming_a_finished_run_reports_its_last_loss(tmp_path):
 
 _KILLED_RUN = """
 import os, signal, sys, torch
+torch.set_num_threads({threads})  # the parent's: float reductions depend on the thread count
 sys.path.insert(0, {tests!r})
 from test_finetune import tiny_unet, tiny_images, quiet
 from prunedm.train import finetune
@@ -78,7 +79,7 @@ def test_resume_after_a_killed_run_continues_exactly(tmp_path):
     finetune(straight, tiny_images(), tmp_path / "straight", quiet(steps=8, checkpoint_every=4))
 
     out = tmp_path / "killed"
-    script = _KILLED_RUN.format(tests=str(Path(__file__).parent), out=str(out))
+    script = _KILLED_RUN.format(tests=str(Path(__file__).parent), out=str(out), threads=torch.get_num_threads())
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert latest_checkpoint(out / "checkpoints").name == "step-00000004"
