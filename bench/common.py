@@ -85,7 +85,9 @@ def time_ms(fn, device: torch.device, min_run_time: float = 0.2) -> dict:
     import torch.utils.benchmark as benchmark
 
     fn()
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    # Timer runs at 1 thread unless told; time at the process's thread count, which environment() records.
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
     times = sorted(m.times)
     pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] * 1e3  # noqa: E731
     return {"median_ms": m.median * 1e3, "q20_ms": pick(0.2), "q80_ms": pick(0.8)}

@@ -29,18 +29,33 @@ def dit(size: str):
     return build(f"dit-{size}")
 
 
-def _forward(model, inputs: dict, device: torch.device):
+def _forward(model, inputs: dict, device: torch.device, compiled: bool = False):
+    """A no-argument forward of `model` on `inputs`; compiled: through torch.compile (inductor) with
+    weight freezing, conv models in channels_last (what inductor's CPU conv path prefers)."""
     model = model.to(device).eval()
     inputs = {k: v.to(device) for k, v in inputs.items()}
+    if compiled and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last)
 
     def forward():
         with torch.inference_mode():
             return model(**inputs).sample
 
-    return forward
+    if not compiled:
+        return forward
+    import torch._inductor.config as inductor_config
+
+    compiled_forward = torch.compile(forward)
+    # Freezing constant-folds and prepacks the (inference-only) weights; patched only while compiling
+    # (the first call, outside the timed region) so the caller's process keeps its inductor settings.
+    with inductor_config.patch(freezing=True), torch.inference_mode():
+        compiled_forward()
+    return compiled_forward
 
 
-def bench_unet(batch: int, ratios: list[float], device: torch.device, min_run_time: float, rounds: int) -> list[dict]:
+def bench_unet(
+    batch: int, ratios: list[float], device: torch.device, min_run_time: float, rounds: int, compiled: bool = False
+) -> list[dict]:
     torch.manual_seed(0)
     dense = ddpm_cifar10().eval()
     inputs = {"sample": torch.randn(batch, 3, 32, 32), "timestep": torch.randint(0, 1000, (batch,))}
@@ -52,10 +67,12 @@ def bench_unet(batch: int, ratios: list[float], device: torch.device, min_run_ti
         with torch.inference_mode():
             assert pruned(**inputs).sample.shape == (batch, 3, 32, 32)
         variants.append((f"channels-{ratio}", pruned))
-    return _rows("ddpm-cifar10-32 unet", variants, inputs, count_inputs, batch, device, min_run_time, rounds)
+    return _rows("ddpm-cifar10-32 unet", variants, inputs, count_inputs, batch, device, min_run_time, rounds, compiled)
 
 
-def bench_dit(size: str, batch: int, device: torch.device, min_run_time: float, rounds: int) -> list[dict]:
+def bench_dit(
+    size: str, batch: int, device: torch.device, min_run_time: float, rounds: int, compiled: bool = False
+) -> list[dict]:
     torch.manual_seed(0)
     dense = dit(size).eval()
     inputs = {
@@ -69,20 +86,23 @@ def bench_dit(size: str, batch: int, device: torch.device, min_run_time: float, 
     with torch.inference_mode():
         assert half(**inputs).sample.shape == (batch, 8, 32, 32)
     variants = [("dense", dense), (f"depth-{len(half.transformer_blocks)}of{len(dense.transformer_blocks)}", half)]
-    return _rows(f"dit-{size}", variants, inputs, count_inputs, batch, device, min_run_time, rounds)
+    return _rows(f"dit-{size}", variants, inputs, count_inputs, batch, device, min_run_time, rounds, compiled)
 
 
-def _rows(model_name, variants, inputs, count_inputs, batch, device, min_run_time, rounds) -> list[dict]:
+def _rows(
+    model_name, variants, inputs, count_inputs, batch, device, min_run_time, rounds, compiled=False
+) -> list[dict]:
     """Time the variants in interleaved rounds (dense, pruned, dense, ...) so that load on a shared
     machine hits them alike; the speedup is the median over rounds of the per-round ratio."""
     counts = [count_macs_and_params(model.eval(), count_inputs) for _, model in variants]
-    forwards = [_forward(model, inputs, device) for _, model in variants]
+    forwards = [_forward(model, inputs, device, compiled) for _, model in variants]
     timings = [[time_ms(fn, device, min_run_time=min_run_time) for fn in forwards] for _ in range(rounds)]
     rows = []
     for i, ((variant, _), (macs, params)) in enumerate(zip(variants, counts)):
         medians = [round_[i]["median_ms"] for round_ in timings]
         speedups = [round_[0]["median_ms"] / round_[i]["median_ms"] for round_ in timings]
         row = {"model": model_name, "variant": variant, "batch": batch, "dtype": "float32", "device": device.type,
+               "execution": "torch.compile (inductor, freezing)" if compiled else "eager",
                "params": params, "macs_per_sample": macs, "median_ms": statistics.median(medians),
                "round_min_ms": min(medians), "round_max_ms": max(medians), "rounds": rounds,
                "speedup_vs_dense": statistics.median(speedups), "params_ratio": params / counts[0][1],
@@ -105,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per model and round (CPU)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--quick", action="store_true", help="batch 2, ratio 0.5 only, DiT-S/2")
+    parser.add_argument("--compile", action="store_true", help="time every model through torch.compile (inductor)")
+    parser.add_argument("--skip-dit", action="store_true", help="UNet rows only")
     args = parser.parse_args(argv)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -113,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     batch = 2 if args.quick else args.batch
     ratios = [0.5] if args.quick else [0.3, 0.5]
     dit_size = "s-2" if args.quick else args.dit or ("xl-2" if device.type == "cuda" else "s-2")
-    rows = bench_unet(batch, ratios, device, args.min_run_time, args.rounds)
-    rows += bench_dit(dit_size, batch, device, args.min_run_time, args.rounds)
-    json_path, csv_path = write_results(args.out, "pruning", environment(device), rows)
+    rows = bench_unet(batch, ratios, device, args.min_run_time, args.rounds, args.compile)
+    if not args.skip_dit:
+        rows += bench_dit(dit_size, batch, device, args.min_run_time, args.rounds, args.compile)
+    name = "pruning-compiled" if args.compile else "pruning"
+    json_path, csv_path = write_results(args.out, name, environment(device), rows)
     print(f"wrote {json_path} and {csv_path}")
     return 0
 
