@@ -35,12 +35,14 @@ python3 -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUT/pytest-cuda.xm
 if command -v compute-sanitizer > /dev/null && [ "$quick" != "--quick" ]; then
   for tool in memcheck racecheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \
-      tests/ops/test_cuda_ops.py -k "compress or decompress or nm_mask" -x > "$OUT/sanitizer-$tool.log" 2>&1 || status=1
+      tests/ops/test_cuda_ops.py tests/ops/test_cuda_sparse_mm.py -k "compress or decompress or nm_mask or linear or conv" \
+      -x > "$OUT/sanitizer-$tool.log" 2>&1 || status=1
     tail -3 "$OUT/sanitizer-$tool.log"
   done
 fi
 
-for bench in bench.ops bench.layers bench.gumbel bench.pruning; do
+# bench.run: ops, layers (dense / torch / prunedm / auto) and whole models with plots; then the rest.
+for bench in bench.run bench.gumbel bench.pruning; do
   if python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$bench') is None)"; then
     python3 -m "$bench" --device cuda --out "$OUT/bench" ${quick:+--quick} 2>&1 | tee "$OUT/$bench.log" || status=1
   fi
