@@ -48,6 +48,16 @@ def random_2to4(rows: int, cols: int, dtype, seed=0) -> torch.Tensor:
     return (dense * (ranks < kept)).reshape(rows, cols).to(dtype)
 
 
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """One torch thread for a whole test module (`pytest.mark.usefixtures("one_thread_module")`): for
+    tiny models, thread start-up and oversubscription would dominate every op. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_sm80 = pytest.mark.skip(reason="needs Sparse Tensor Cores (compute capability >= 8.0)")

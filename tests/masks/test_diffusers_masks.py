@@ -15,15 +15,10 @@ from prunedm import masks as pm
 from prunedm import ops
 
 diffusers = pytest.importorskip("diffusers")
-pytestmark = pytest.mark.skipif(not prunedm.extension_info()["cpu"]["usable"], reason="extension not built")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.skipif(not prunedm.extension_info()["cpu"]["usable"], reason="extension not built"),
+    pytest.mark.usefixtures("one_thread_module"),
+]
 
 
 def tiny_unet():

@@ -16,16 +16,10 @@ from prunedm import masks as pm
 from prunedm import ops
 from prunedm.ops import reference
 
-pytestmark = pytest.mark.skipif(not prunedm.extension_info()["cpu"]["usable"], reason="extension not built")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: thread start-up and oversubscription would dominate every op.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.skipif(not prunedm.extension_info()["cpu"]["usable"], reason="extension not built"),
+    pytest.mark.usefixtures("one_thread_module"),
+]
 
 
 def mse(model, batch):

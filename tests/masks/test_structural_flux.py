@@ -25,12 +25,7 @@ HEADS, HEAD_DIM, DIM, MLP = 2, 8, 16, 64
 SINGLE = [f"single_transformer_blocks.{i}" for i in range(2)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def tiny_flux():
