@@ -76,9 +76,35 @@ def _load_from_hub_cache(repo_id: str):
     return _load_diffusers(config_path.parent, json.loads(config_path.read_text()))
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def _folder_images(folder: Path, size: int, channels: int) -> torch.Tensor:
+    """Every image under `folder` (sorted by path), as [N, channels, size, size] in [-1, 1] (bicubic resize)."""
+    import numpy as np
+    from PIL import Image
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"data={folder}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    if channels not in (1, 3):
+        raise ConfigError(f"data={folder}: an image folder feeds models with 1 or 3 input channels, not {channels}")
+    mode = "L" if channels == 1 else "RGB"
+    arrays = []
+    for file in files:
+        with Image.open(file) as image:
+            image = image.convert(mode)
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BICUBIC)
+            arrays.append(np.asarray(image, dtype=np.float32).reshape(size, size, channels))
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return (images / 127.5 - 1.0).clamp(-1, 1).contiguous()
+
+
 def training_images(data: str, model) -> torch.Tensor:
-    """Images in [-1, 1] shaped for `model`: data="digits" (shipped with scikit-learn) or a
-    .safetensors file whose "images" tensor is [N, C, H, W]."""
+    """Images in [-1, 1] shaped for `model`: data="digits" (shipped with scikit-learn), a folder of
+    images (PNG/JPG/..., resized to the model's sample_size; the real-scale path, e.g. CIFAR-10 as
+    PNGs), or a .safetensors file whose "images" tensor is [N, C, H, W]."""
     config = model.config
     size, channels = config.sample_size, config.in_channels
     if data == "digits":
@@ -87,8 +113,13 @@ def training_images(data: str, model) -> torch.Tensor:
         images = DigitsDataset("train", size=size).images
         return images.expand(-1, channels, -1, -1).contiguous()
     path = Path(data)
+    if path.is_dir():
+        return _folder_images(path, size, channels)
     if path.suffix != ".safetensors" or not path.is_file():
-        raise ConfigError(f"data={data}: expected 'digits' or an existing .safetensors file with an 'images' tensor")
+        raise ConfigError(
+            f"data={data}: expected 'digits', a folder of images, "
+            "or an existing .safetensors file with an 'images' tensor"
+        )
     from safetensors.torch import load_file
 
     images = load_file(str(path)).get("images")

@@ -210,3 +210,37 @@ def test_bench_delegates_to_bench_run(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "prunedm.bench.run", fake)
     assert main(["bench", "--out", str(tmp_path), "--device", "cpu", "--quick", "--suite", "ops,layers"]) == 0
     assert calls == [["--out", str(tmp_path), "--device", "cpu", "--quick", "--suite", "ops,layers"]]
+
+
+def test_real_scale_path_local_diffusers_dir_and_image_folders(tmp_path, capsys):
+    """What a user with a downloaded google/ddpm-cifar10-32 and CIFAR-10 as PNGs runs: a diffusers model
+    dir (here a tiny random-init RGB UNet saved with save_pretrained) and image folders."""
+    import numpy as np
+    from diffusers import UNet2DModel
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+    )  # fmt: skip
+    model.save_pretrained(tmp_path / "ddpm")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):  # 20x20 RGB: resized to the model's 16x16
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+    ft = tmp_path / "ft"
+    argv = ["finetune", f"model={tmp_path / 'ddpm'}", f"data={images}", "finetune.steps=2", "finetune.batch_size=4"]
+    assert main([*argv, "finetune.progress=false", "--out", str(ft)]) == 0
+    assert [json.loads(x)["step"] for x in (ft / "metrics.jsonl").read_text().splitlines()][-1] == 2
+    ev = tmp_path / "eval"
+    argv = ["eval", f"model={ft / 'model'}", f"reference={images}", "num_samples=8", "steps=1", "--device", "cpu"]
+    assert main([*argv, "--out", str(ev)]) == 0
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["num_samples"] == 8 and metrics["fid"] > 0 and metrics["reference"] == str(images)
+    # a folder without images is one clear error
+    (tmp_path / "empty").mkdir()
+    argv = ["finetune", f"model={tmp_path / 'ddpm'}", f"data={tmp_path / 'empty'}", "--out", str(tmp_path / "ft2")]
+    assert main(argv) == 2
+    assert "holds no images" in capsys.readouterr().err
