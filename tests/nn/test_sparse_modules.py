@@ -445,3 +445,22 @@ def test_cuda_auto_is_never_much_slower_than_dense(shape):
             auto_ms = measure_ms(lambda: auto(x), x.device)
         assert auto_ms <= dense_ms * 1.25, (batch, auto.last_run, auto_ms, dense_ms)
     assert auto.auto_decisions() and all(d["source"] for d in auto.auto_decisions().values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(32, 32), (40, 72), (384, 1536)])
+def test_wide_dtypes_unpack_bit_for_bit(dtype, shape):
+    """32/64-bit weights unpack through the 16-bit kernel plane by plane: bit-exact, odd values included."""
+    from prunedm import ops
+    from prunedm.nn import _packing
+
+    rows, cols = shape
+    w = torch.randn(rows, cols, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    w[0, :8] = torch.tensor([1e-40, -0.0, float("inf"), 3.0, float("nan"), 0.0, 0.0, -2.0], dtype=dtype)
+    w = w * ops.nm_mask(w.float().nan_to_num(0.0)).to(dtype)
+    w = torch.where(w == 0, torch.zeros_like(w), w)  # packing keeps no zeros, so no -0.0 either
+    values, meta = _packing.pack(w)
+    restored = _packing.unpack(values, meta, rows, cols)
+    as_int = {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
+    assert restored.shape == (rows, cols) and restored.dtype == dtype
+    assert torch.equal(restored.view(as_int), w.view(as_int))
