@@ -11,7 +11,7 @@ export MAX_JOBS ?= 2
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 BUILT := $(VENV)/.prunedm-built
 
-.PHONY: all venv build lint ctest pytest test demo bench clean
+.PHONY: all venv build lint ctest pytest test demo bench clean gpu-prebuild
 
 all: test
 
@@ -53,6 +53,11 @@ demo: build
 
 bench: build
 	$(PY) -m bench.ops --out bench/out
+
+# What a GPU run carries (docs/GPU.md): prunedm._C for the device image in .gpu/, the wheels it lacks in .whl/.
+# Builds in a copy of the tree with a scratch Python 3.12 venv (.gpu-venv); the checkout's build is untouched.
+gpu-prebuild:
+	MAX_JOBS=$(MAX_JOBS) bash scripts/gpu_check/prebuild.sh
 
 clean:
 	rm -rf build dist *.egg-info prunedm/_C*.so $(BUILT)

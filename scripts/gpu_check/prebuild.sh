@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Builds, on a CPU machine, what a GPU run carries (docs/GPU.md): prunedm._C for the device image (Python 3.12,
+# torch 2.11.0+cu130; sm_80 + sm_90a + compute_80 PTX) into .gpu/, and the pure-Python wheels it lacks into .whl/.
+#   usage: scripts/gpu_check/prebuild.sh      (make gpu-prebuild; knobs: GPU_PYTHON, GPU_TORCH, MAX_JOBS, GPU_WHEELS)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+# pyenv's shim refuses versions the local .python-version does not name: take the interpreter itself.
+GPU_PYTHON=${GPU_PYTHON:-$(ls -d "$(pyenv root 2>/dev/null || echo ~/.pyenv)"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)}
+GPU_PYTHON=${GPU_PYTHON:-$(command -v python3.12 || true)}
+GPU_TORCH=${GPU_TORCH:-torch==2.11.0}
+GPU_ARCHS=${GPU_ARCHS:-8.0+PTX;9.0a}
+# diffusers and torch-pruning with the dependencies the image lacks (checked by the import test below).
+GPU_WHEELS=${GPU_WHEELS:-diffusers==0.42.1 torch-pruning==1.6.1 clean-fid==0.1.35 importlib-metadata zipp \
+huggingface-hub regex requests urllib3 idna certifi charset-normalizer httpx httpcore h11 anyio sniffio \
+hf-xet typer-slim shellingham click packaging}
+venv=$root/.gpu-venv
+src=/tmp/prunedm-gpu-src
+[ -n "$GPU_PYTHON" ] || { echo "gpu-prebuild: no python3.12 found; set GPU_PYTHON=/path/to/python3.12" >&2; exit 2; }
+
+# A scratch venv that mirrors the image's torch, so the extension's ABI matches the device's.
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '${GPU_TORCH#torch==}')" 2>/dev/null; then
+  "$GPU_PYTHON" -m venv "$venv"
+  "$venv/bin/pip" install -q "$GPU_TORCH" numpy ninja pybind11 setuptools wheel safetensors pyyaml tqdm
+fi
+
+# Build from a copy of the working tree (tracked + untracked, not ignored files), never in the checkout:
+# other builds and the .so the checkout's venv loads stay untouched.
+# The copy keeps its build/ (and tar keeps mtimes), so ninja recompiles only what changed since the last run.
+mkdir -p "$src"
+find "$src" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
+git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$src"
+cd "$src"
+rm -f prunedm/_C*.so
+# torch's build finds ninja on PATH.
+export PATH="$venv/bin:$PATH" TORCH_CUDA_ARCH_LIST="$GPU_ARCHS" MAX_JOBS="${MAX_JOBS:-1}" PRUNEDM_REQUIRE_CUDA_BUILD=1
+start=$(date +%s)
+"$venv/bin/python" setup.py -q build_ext --inplace
+build_s=$(( $(date +%s) - start ))
+cd "$root"
+
+so=$(ls "$src"/prunedm/_C*.so)
+# The temporaries live in .gpu/ itself, so the rename into place never crosses a filesystem.
+mkdir -p .gpu
+find .gpu -name '.*.prunedm-tmp-*' -delete
+tmp=".gpu/.$(basename "$so").prunedm-tmp-$$"
+cp "$so" "$tmp" && strip --strip-debug "$tmp" && mv -f "$tmp" ".gpu/$(basename "$so")"
+# The commit and a hash of csrc/: gpu-check.sh reads them (the carried tree has no .git) and rebuilds when stale.
+"$venv/bin/python" - "$root" "$build_s" <<'EOF'
+import hashlib, json, os, subprocess, sys, torch
+root, build_s = sys.argv[1], int(sys.argv[2])
+def git(*args):
+    return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True).stdout.strip()
+digest = hashlib.sha256()
+for dirpath, dirs, files in sorted(os.walk(os.path.join(root, "csrc"))):
+    dirs.sort()
+    for name in sorted(files):
+        path = os.path.join(dirpath, name)
+        digest.update(os.path.relpath(path, root).encode() + b"\0" + open(path, "rb").read())
+info = {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "csrc_sha256": digest.hexdigest(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+        "python": "%d.%d" % sys.version_info[:2], "arch_list": os.environ["TORCH_CUDA_ARCH_LIST"],
+        "build_seconds": build_s, "so": sorted(f for f in os.listdir(os.path.join(root, ".gpu")) if f.endswith(".so"))}
+tmp = os.path.join(root, ".gpu", ".BUILD.json.prunedm-tmp-%d" % os.getpid())
+with open(tmp, "w") as f:
+    json.dump(info, f, indent=1)
+os.replace(tmp, os.path.join(root, ".gpu", "BUILD.json"))
+print(json.dumps(info, indent=1))
+EOF
+
+# The wheels the image lacks, for Python 3.12 (the logic of ../shared/gpu/fetch-wheels.sh).
+mkdir -p .whl
+# shellcheck disable=SC2086
+"$venv/bin/python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform any -d .whl $GPU_WHEELS
+
+# The check the device will do: the carried .so loads and registers its ops under Python 3.12 + torch 2.11,
+# with the wheels installed the way gpu-check.sh installs them (no index, no deps, a --target dir).
+site=$(mktemp -d)
+trap 'rm -rf "$site"' EXIT
+"$venv/bin/python" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
+cp ".gpu/$(basename "$so")" "$src/prunedm/$(basename "$so")"
+for pkg in kernels bench; do ln -sfn "../$pkg" "$src/prunedm/$pkg"; done
+ln -sfn ../csrc "$src/prunedm/_csrc"
+(cd "$src" && PYTHONPATH="$src:$site" "$venv/bin/python" -c "
+import json, torch, prunedm, diffusers, torch_pruning
+from prunedm import _C
+ops = sorted(n for n in dir(torch.ops.prunedm) if not n.startswith('_'))
+assert _C.WITH_CUDA and 'sparse_linear_2to4' in ops, ops
+print(json.dumps({'torch': torch.__version__, 'diffusers': diffusers.__version__, 'with_cuda': _C.WITH_CUDA, 'ops': ops}))
+")
+du -ch .gpu/*.so .whl/*.whl | tail -1
+total_kib=$(du -ck .gpu .whl | tail -1 | cut -f1)
+[ "$total_kib" -le $((40 * 1024)) ] || { echo "gpu-prebuild: .gpu + .whl hold ${total_kib} KiB, over 40 MiB" >&2; exit 1; }
+echo "gpu-prebuild: .gpu/ and .whl/ ready (${total_kib} KiB); carry them: [\".gpu\", \".whl\"]"
