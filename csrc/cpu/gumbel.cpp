@@ -60,17 +60,20 @@ template <typename scalar_t, int kCap>
 void gumbel_nm_groups(const scalar_t* src, scalar_t* dst, const double* noise, int64_t first, int64_t last, int n,
                       int m, double tau, bool hard) {
   using T = gumbel_compute_t<scalar_t>;
-  T keys[kCap], soft[kCap];
+  T keys[kCap], noise_c[kCap], soft[kCap];
   const T tau_c = T(tau);
   for (int64_t g = first; g < last; ++g) {
     const int64_t base = g * m;
     const double* group_noise = noise + (g - first) * m;
-    for (int i = 0; i < m; ++i) keys[i] = T(src[base + i]) + T(group_noise[i]);
+    for (int i = 0; i < m; ++i) {
+      noise_c[i] = T(group_noise[i]);
+      keys[i] = T(src[base + i]) + noise_c[i];
+    }
     if (hard) {
-      const uint64_t kept = top_n_bits(keys, n, m);
+      const uint64_t kept = ranked_top_n_bits(keys, noise_c, n, m);
       for (int i = 0; i < m; ++i) dst[base + i] = scalar_t(T((kept >> i) & 1u));
     } else {
-      relaxed_top_n<T, kCap>(keys, n, m, tau_c, soft);
+      relaxed_top_n_levels<T, kCap>(keys, noise_c, n, m, tau_c, soft);
       for (int i = 0; i < m; ++i) dst[base + i] = scalar_t(soft[i]);
     }
   }
@@ -99,16 +102,17 @@ template <typename scalar_t, int kCap>
 void gumbel_nm_backward_groups(const scalar_t* grad, const scalar_t* src, scalar_t* dst, const double* noise,
                                int64_t first, int64_t last, int n, int m, double tau) {
   using T = gumbel_compute_t<scalar_t>;
-  T keys[kCap], g[kCap], grad_keys[kCap];
+  T keys[kCap], noise_c[kCap], g[kCap], grad_keys[kCap];
   const T tau_c = T(tau);
   for (int64_t group = first; group < last; ++group) {
     const int64_t base = group * m;
     const double* group_noise = noise + (group - first) * m;
     for (int i = 0; i < m; ++i) {
-      keys[i] = T(src[base + i]) + T(group_noise[i]);
+      noise_c[i] = T(group_noise[i]);
+      keys[i] = T(src[base + i]) + noise_c[i];
       g[i] = T(grad[base + i]);
     }
-    relaxed_top_n_backward<T, kCap>(keys, g, n, m, tau_c, grad_keys);
+    relaxed_top_n_levels_backward<T, kCap>(keys, noise_c, g, n, m, tau_c, grad_keys);
     for (int i = 0; i < m; ++i) dst[base + i] = scalar_t(grad_keys[i]);
   }
 }
@@ -144,17 +148,23 @@ void gumbel_pattern_groups(const scalar_t* src, scalar_t* dst, const double* noi
   using T = gumbel_compute_t<scalar_t>;
   // Hard patterns rank the keys themselves; the relaxation's scores are keys / tau.
   const T scale = hard ? T(1) : T(tau);
-  std::vector<T> keys(static_cast<size_t>(patterns));
+  std::vector<T> keys(static_cast<size_t>(patterns)), noises(static_cast<size_t>(patterns));
   const auto key = [&](int64_t p) { return keys[size_t(p)]; };
+  const auto noise_of = [&](int64_t p) { return noises[size_t(p)]; };
   T mask[kMaxPatternGroupSize];
   for (int64_t g = first; g < last; ++g) {
     const double* group_noise = noise + (g - first) * patterns;
-    for (int64_t p = 0; p < patterns; ++p) keys[size_t(p)] = (T(src[g * patterns + p]) + T(group_noise[p])) / scale;
+    for (int64_t p = 0; p < patterns; ++p) {
+      keys[size_t(p)] = (T(src[g * patterns + p]) + T(group_noise[p])) / scale;
+      noises[size_t(p)] = T(group_noise[p]) / scale;
+    }
+    const int top = top_level<T>(key, patterns);
+    const auto competing = [&](int64_t p) { return level_value<T>(key, noise_of, top, p); };
     if (hard) {
-      const uint64_t bits = argmax_pattern<T>(key, patterns, n, m);
+      const uint64_t bits = argmax_pattern<T>(competing, patterns, n, m);
       for (int i = 0; i < m; ++i) mask[i] = T((bits >> i) & 1u);
     } else {
-      soft_pattern_mask<T>(key, patterns, n, m, mask);
+      soft_pattern_mask<T>(competing, patterns, n, m, mask);
     }
     for (int i = 0; i < m; ++i) dst[g * m + i] = scalar_t(mask[i]);
   }
@@ -181,16 +191,24 @@ void gumbel_pattern_backward_groups(const scalar_t* grad, const scalar_t* src, s
                                     int64_t first, int64_t last, int64_t patterns, int n, int m, double tau) {
   using T = gumbel_compute_t<scalar_t>;
   const T tau_c = T(tau);
-  std::vector<T> z(static_cast<size_t>(patterns));
+  std::vector<T> z(static_cast<size_t>(patterns)), noises(static_cast<size_t>(patterns));
   const auto score = [&](int64_t p) { return z[size_t(p)]; };
+  const auto noise_of = [&](int64_t p) { return noises[size_t(p)]; };
   T grad_mask[kMaxPatternGroupSize];
   for (int64_t g = first; g < last; ++g) {
     const int64_t base = g * patterns;
     const double* group_noise = noise + (g - first) * patterns;
-    for (int64_t p = 0; p < patterns; ++p) z[size_t(p)] = (T(src[base + p]) + T(group_noise[p])) / tau_c;
+    for (int64_t p = 0; p < patterns; ++p) {
+      z[size_t(p)] = (T(src[base + p]) + T(group_noise[p])) / tau_c;
+      noises[size_t(p)] = T(group_noise[p]) / tau_c;
+    }
     for (int i = 0; i < m; ++i) grad_mask[i] = T(grad[g * m + i]);
-    soft_pattern_mask_backward<T>(score, patterns, n, m, grad_mask,
-                                  [&](int64_t p, T value) { dst[base + p] = scalar_t(value / tau_c); });
+    // Infinite logits carry no gradient: with an infinite top level every pattern's is 0.
+    const int top = top_level<T>(score, patterns);
+    const auto competing = [&](int64_t p) { return level_value<T>(score, noise_of, top, p); };
+    soft_pattern_mask_backward<T>(competing, patterns, n, m, grad_mask, [&](int64_t p, T value) {
+      dst[base + p] = scalar_t(top == 0 ? value / tau_c : T(0));
+    });
   }
 }
 

@@ -55,15 +55,18 @@ __global__ void __launch_bounds__(kThreads)
   const int m = kCap == kM24 ? kM24 : m_runtime;
   const T tau_c = T(tau);
   PhiloxStream stream(seed);
-  T keys[kCap], soft[kCap];
+  T keys[kCap], noise[kCap], soft[kCap];
   for (int64_t g = first_index(); g < groups; g += grid_stride()) {
     const int64_t base = g * m;
-    for (int i = 0; i < m; ++i) keys[i] = T(src[base + i]) + gumbel_noise<T>(stream, uint64_t(base + i));
+    for (int i = 0; i < m; ++i) {
+      noise[i] = gumbel_noise<T>(stream, uint64_t(base + i));
+      keys[i] = T(src[base + i]) + noise[i];
+    }
     if (hard) {
-      const uint64_t kept = top_n_bits(keys, n, m);
+      const uint64_t kept = ranked_top_n_bits(keys, noise, n, m);
       for (int i = 0; i < m; ++i) dst[base + i] = scalar_t(T((kept >> i) & 1u));
     } else {
-      relaxed_top_n<T, kCap>(keys, n, m, tau_c, soft);
+      relaxed_top_n_levels<T, kCap>(keys, noise, n, m, tau_c, soft);
       for (int i = 0; i < m; ++i) dst[base + i] = scalar_t(soft[i]);
     }
   }
@@ -78,14 +81,15 @@ __global__ void __launch_bounds__(kThreads)
   const int m = kCap == kM24 ? kM24 : m_runtime;
   const T tau_c = T(tau);
   PhiloxStream stream(seed);
-  T keys[kCap], g[kCap], grad_keys[kCap];
+  T keys[kCap], noise[kCap], g[kCap], grad_keys[kCap];
   for (int64_t group = first_index(); group < groups; group += grid_stride()) {
     const int64_t base = group * m;
     for (int i = 0; i < m; ++i) {
-      keys[i] = T(src[base + i]) + gumbel_noise<T>(stream, uint64_t(base + i));
+      noise[i] = gumbel_noise<T>(stream, uint64_t(base + i));
+      keys[i] = T(src[base + i]) + noise[i];
       g[i] = T(grad[base + i]);
     }
-    relaxed_top_n_backward<T, kCap>(keys, g, n, m, tau_c, grad_keys);
+    relaxed_top_n_levels_backward<T, kCap>(keys, noise, g, n, m, tau_c, grad_keys);
     for (int i = 0; i < m; ++i) dst[base + i] = scalar_t(grad_keys[i]);
   }
 }
@@ -156,13 +160,17 @@ __global__ void __launch_bounds__(kThreads)
   // Hard patterns rank the keys themselves; the relaxation's scores are keys / tau.
   const T scale = hard ? T(1) : T(tau);
   PhiloxStream stream(seed);
-  T cached[kP > 0 ? kP : 1];
+  T cached[kP > 0 ? kP : 1], cached_noise[kP > 0 ? kP : 1];
   T mask[kP > 0 ? kM24 : kMaxPatternGroupSize];
   for (int64_t g = first_index(); g < groups; g += grid_stride()) {
     const int64_t base = g * patterns;
     if constexpr (kP > 0) {
 #pragma unroll
-      for (int p = 0; p < kP; ++p) cached[p] = (T(src[base + p]) + gumbel_noise<T>(stream, uint64_t(base + p))) / scale;
+      for (int p = 0; p < kP; ++p) {
+        cached_noise[p] = gumbel_noise<T>(stream, uint64_t(base + p));
+        cached[p] = (T(src[base + p]) + cached_noise[p]) / scale;
+        cached_noise[p] /= scale;
+      }
     }
     const auto key = [&](int64_t p) -> T {
       if constexpr (kP > 0) {
@@ -171,11 +179,20 @@ __global__ void __launch_bounds__(kThreads)
         return (T(src[base + p]) + gumbel_noise<T>(stream, uint64_t(base + p))) / scale;
       }
     };
+    const auto noise_of = [&](int64_t p) -> T {
+      if constexpr (kP > 0) {
+        return cached_noise[p];
+      } else {
+        return gumbel_noise<T>(stream, uint64_t(base + p)) / scale;
+      }
+    };
+    const int top = top_level<T>(key, patterns);
+    const auto competing = [&](int64_t p) { return level_value<T>(key, noise_of, top, p); };
     if (hard) {
-      const uint64_t bits = argmax_pattern<T>(key, patterns, n, m);
+      const uint64_t bits = argmax_pattern<T>(competing, patterns, n, m);
       for (int i = 0; i < m; ++i) mask[i] = T((bits >> i) & 1u);
     } else {
-      soft_pattern_mask<T>(key, patterns, n, m, mask);
+      soft_pattern_mask<T>(competing, patterns, n, m, mask);
     }
     for (int i = 0; i < m; ++i) dst[g * m + i] = scalar_t(mask[i]);
   }
@@ -191,13 +208,17 @@ __global__ void __launch_bounds__(kThreads)
   const int m = kP > 0 ? kM24 : m_runtime;
   const T tau_c = T(tau);
   PhiloxStream stream(seed);
-  T cached[kP > 0 ? kP : 1];
+  T cached[kP > 0 ? kP : 1], cached_noise[kP > 0 ? kP : 1];
   T grad_mask[kP > 0 ? kM24 : kMaxPatternGroupSize];
   for (int64_t g = first_index(); g < groups; g += grid_stride()) {
     const int64_t base = g * patterns;
     if constexpr (kP > 0) {
 #pragma unroll
-      for (int p = 0; p < kP; ++p) cached[p] = (T(src[base + p]) + gumbel_noise<T>(stream, uint64_t(base + p))) / tau_c;
+      for (int p = 0; p < kP; ++p) {
+        cached_noise[p] = gumbel_noise<T>(stream, uint64_t(base + p));
+        cached[p] = (T(src[base + p]) + cached_noise[p]) / tau_c;
+        cached_noise[p] /= tau_c;
+      }
     }
     const auto score = [&](int64_t p) -> T {
       if constexpr (kP > 0) {
@@ -206,9 +227,20 @@ __global__ void __launch_bounds__(kThreads)
         return (T(src[base + p]) + gumbel_noise<T>(stream, uint64_t(base + p))) / tau_c;
       }
     };
+    const auto noise_of = [&](int64_t p) -> T {
+      if constexpr (kP > 0) {
+        return cached_noise[p];
+      } else {
+        return gumbel_noise<T>(stream, uint64_t(base + p)) / tau_c;
+      }
+    };
     for (int i = 0; i < m; ++i) grad_mask[i] = T(grad[g * m + i]);
-    soft_pattern_mask_backward<T>(score, patterns, n, m, grad_mask,
-                                  [&](int64_t p, T value) { dst[base + p] = scalar_t(value / tau_c); });
+    // Infinite logits carry no gradient: with an infinite top level every pattern's is 0.
+    const int top = top_level<T>(score, patterns);
+    const auto competing = [&](int64_t p) { return level_value<T>(score, noise_of, top, p); };
+    soft_pattern_mask_backward<T>(competing, patterns, n, m, grad_mask, [&](int64_t p, T value) {
+      dst[base + p] = scalar_t(top == 0 ? value / tau_c : T(0));
+    });
   }
 }
 

@@ -162,6 +162,27 @@ def _check_gumbel_input(op: str, arg: str, t, hard) -> None:
         raise TypeError(f"{op}: hard must be a bool, got {type(hard).__name__}")
 
 
+def _is_traced(t: torch.Tensor) -> bool:
+    """Whether t has no values to read: under torch.compile tracing, a fake tensor, or CUDA graph capture."""
+    if torch.compiler.is_compiling() or type(t).__name__ == "FakeTensor":
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def check_no_nan(op: str, arg: str, t: torch.Tensor) -> None:
+    """NaN has no place in a ranking: +-inf are the extremes the samplers define, NaN is refused. Reads one
+    bool back (skipped while tracing or capturing, where the kernels assume no NaN)."""
+    if t.numel() == 0 or _is_traced(t):
+        return
+    nan = torch.isnan(t.detach())
+    if bool(nan.any()):
+        first = [int(i) for i in nan.nonzero()[0]]
+        raise ValueError(
+            f"{op}: {arg} holds {int(nan.sum())} NaN value(s) (the first at index {first}); "
+            f"{arg} must hold numbers or +-inf (see the op's docstring for what +-inf mean)"
+        )
+
+
 def check_gumbel_nm(logits, n, m, tau, hard, seed) -> None:
     op = "gumbel_nm_sample"
     _check_gumbel_input(op, "logits", logits, hard)
@@ -169,6 +190,7 @@ def check_gumbel_nm(logits, n, m, tau, hard, seed) -> None:
     check_last_dim_groups(op, "logits", logits, m)
     check_tau(op, tau)
     check_seed(op, seed)
+    check_no_nan(op, "logits", logits)
 
 
 def num_patterns(n: int, m: int) -> int:
@@ -192,6 +214,7 @@ def check_gumbel_pattern(pattern_logits, n, m, tau, hard, seed) -> None:
         )
     check_tau(op, tau)
     check_seed(op, seed)
+    check_no_nan(op, "pattern_logits", pattern_logits)
 
 
 # 2:4 sparse linear / conv (mirrors check_sparse_* in csrc/common/checks.h)

@@ -42,7 +42,17 @@ def gumbel_nm_sample(
     seed: the noise is Philox4x32-10 keyed by seed and each element's flat index, so the same seed
     gives the same mask on every backend and launch geometry (None: a seed from torch's default
     generator). float16/bfloat16/float32 compute in float32, float64 in float64.
-    backend: "auto" (default), "reference", "extension" (C++/CUDA) or "triton"."""
+    backend: "auto" (default), "reference", "extension" (C++/CUDA) or "triton".
+
+    Infinite logits (every backend alike): +inf = keep, -inf = drop. A group ranks its elements by
+    level (+inf, finite, -inf), then by key, an infinite element's key being its noise alone (a
+    uniform draw among equal infinite logits). hard: the first n of that order, so a group always
+    keeps exactly n (-inf elements only when fewer than n are above -inf). hard=False: levels that fit
+    whole into n are 1, the level that straddles n takes the relaxed top-r of its keys for the r
+    places left, lower levels 0; it still sums to n. Finite logits so large that key / tau overflows
+    count as infinite in the relaxation. Gradients reach finite logits only (0 at +-inf).
+    NaN logits raise ValueError (one bool read back per call; skipped under torch.compile tracing
+    and CUDA graph capture, where the kernels assume there is none)."""
     _checks.check_gumbel_nm(logits, n, m, tau, hard, seed)
     seed = resolve_seed(seed)
     chosen = pick_backend("gumbel_nm_sample", backend, logits)
@@ -72,11 +82,23 @@ def gumbel_pattern_sample(
     so logits [R, C/4, 6] give a mask [R, C]. It is gumbel_softmax(pattern_logits, tau) @ patterns:
     hard=True (default) takes the pattern with the largest logit + Gumbel noise (a draw from
     softmax(pattern_logits)) and passes the soft mask's gradient straight through; hard=False
-    returns softmax((pattern_logits + noise) / tau) @ patterns. m <= 16. seed and backend as in
-    gumbel_nm_sample."""
+    returns softmax((pattern_logits + noise) / tau) @ patterns. m <= 16 (the triton backend: while
+    the [C(m, n), m] pattern table fits one program, see prunedm.kernels.gumbel_pattern_fits; "auto"
+    then runs the extension or the reference). seed and backend as in gumbel_nm_sample.
+
+    Infinite logits: a +inf pattern beats every finite one, a -inf pattern loses to them, and among
+    equal infinite logits the noise alone decides (softmax(noise / tau) among them: the limit of
+    equal logits going to +-inf); the softmax covers the highest level present only. Gradients
+    reach finite logits only. NaN logits raise ValueError, as in gumbel_nm_sample."""
     _checks.check_gumbel_pattern(pattern_logits, n, m, tau, hard, seed)
     seed = resolve_seed(seed)
     chosen = pick_backend("gumbel_pattern_sample", backend, pattern_logits)
+    if chosen == "triton" and backend == "auto":
+        from prunedm.kernels import gumbel as triton_gumbel
+
+        # The triton kernel holds the whole pattern table per program; past its limit it refuses.
+        if not triton_gumbel.gumbel_pattern_fits(n, m):
+            chosen = "reference"
     if chosen == "extension":
         return torch.ops.prunedm.gumbel_pattern_sample(pattern_logits, n, m, float(tau), hard, seed)
     if chosen == "triton":

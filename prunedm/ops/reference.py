@@ -181,23 +181,32 @@ def _log1m_softmax_ref(z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """log(1 - a) for a = softmax(z) along the last dim, exact where a rounds to 1: at the (first)
     argmax it is logsumexp(z without it) - logsumexp(z); elsewhere a <= 1/2 and log1p(-a) is accurate."""
     top = torch.nn.functional.one_hot(z.argmax(-1), z.shape[-1]).bool()
-    rest = torch.logsumexp(z.masked_fill(top, float("-inf")), -1, keepdim=True)
+    others = z.masked_fill(top, float("-inf"))
+    # A row whose other entries are all -inf has log(1 - a_top) = -inf; logsumexp's gradient there
+    # would be NaN (exp(-inf - -inf)), so such rows take it on zeros and where() drops it.
+    has_rest = (others > float("-inf")).any(-1, keepdim=True)
+    rest = torch.where(has_rest, torch.logsumexp(torch.where(has_rest, others, 0), -1, keepdim=True), float("-inf"))
     # masked_fill keeps log1p's gradient finite at the argmax, where where() drops it anyway.
     return torch.where(top, rest - torch.logsumexp(z, -1, keepdim=True), torch.log1p(-a.masked_fill(top, 0)))
 
 
-def relaxed_top_n_ref(keys: torch.Tensor, n: int, tau: float) -> torch.Tensor:
+def relaxed_top_n_ref(keys: torch.Tensor, n: int, tau: float, steps: torch.Tensor | None = None) -> torch.Tensor:
     """The relaxed top-n along the last dim: Xie & Ermon's (2019) successive softmaxes.
 
     alpha_1 = keys; a_k = softmax(alpha_k / tau); alpha_{k+1} = alpha_k + log(1 - a_k); the result is
-    a_1 + ... + a_n. It sums to n and tends to the hard top-n as tau -> 0. Differentiable."""
+    a_1 + ... + a_n. It sums to n and tends to the hard top-n as tau -> 0. Differentiable. steps
+    (int, broadcast against keys[..., :1]): a row takes only its first steps[row] <= n softmaxes;
+    a row needs at least that many keys above -inf."""
     alpha, soft = keys, torch.zeros_like(keys)
     for k in range(n):
-        z = alpha / tau
+        live = None if steps is None else steps > k
+        # Rows that are done compute on zeros, so no NaN reaches even the branch where() drops.
+        z = (alpha if live is None else torch.where(live, alpha, 0)) / tau
         a = torch.softmax(z, -1)
-        soft = soft + a
+        soft = soft + (a if live is None else torch.where(live, a, 0))
         if k + 1 < n:
-            alpha = alpha + _log1m_softmax_ref(z, a)
+            step = alpha + _log1m_softmax_ref(z, a)
+            alpha = step if live is None else torch.where(live, step, 0)
     return soft
 
 
@@ -205,6 +214,18 @@ def _hard_top_n_ref(keys: torch.Tensor, n: int) -> torch.Tensor:
     """0/1 tensor (keys' dtype) keeping the n largest keys along the last dim; ties to the lower index."""
     order = torch.sort(keys, dim=-1, descending=True, stable=True).indices
     return torch.zeros_like(keys).scatter_(-1, order[..., :n], 1.0)
+
+
+def _infinity_level(t: torch.Tensor) -> torch.Tensor:
+    """int64 like t: 1 where t is +inf, -1 where -inf, 0 where finite."""
+    return torch.isposinf(t).long() - torch.isneginf(t).long()
+
+
+def _ranked_order_ref(level: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Indices along the last dim by level, then key, descending; ties to the lower index (stable sorts)."""
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    by_level = torch.sort(level.gather(-1, order), dim=-1, descending=True, stable=True).indices
+    return order.gather(-1, by_level)
 
 
 def gumbel_nm_sample_ref(
@@ -215,15 +236,41 @@ def gumbel_nm_sample_ref(
     keys = logits + Gumbel noise (compute dtype). hard=True: 1 for the n largest keys of each group
     (ties to the lower index), 0 elsewhere: a Plackett-Luce draw of n without replacement from
     softmax(logits); its gradient is the relaxation's (straight-through). hard=False: the
-    relaxation relaxed_top_n_ref(keys, n, tau) itself. tau only shapes the relaxation."""
+    relaxation relaxed_top_n_ref(keys, n, tau) itself. tau only shapes the relaxation.
+
+    Infinite logits (the spec every backend follows; NaN is rejected by prunedm.ops): +inf means keep,
+    -inf drop. Each group ranks its elements by level (+inf, then finite, then -inf) and, within a
+    level, by key, where an infinite element's key is its noise alone (a uniform draw among equal
+    infinite logits). hard: the n first of that order, so a group always keeps exactly n (-inf
+    elements only when fewer than n are above -inf). hard=False: the levels that fit whole into n
+    are 1 (pinned), the level that straddles n takes the relaxed top-r of its keys for the r places
+    left, lower levels are 0; the mask still sums to n. An element whose key / tau overflows counts
+    as infinite in the relaxation. Gradients reach finite logits only (0 at +-inf)."""
     compute = gumbel_compute_dtype(logits.dtype)
     noise = gumbel_noise_ref(seed, logits.shape, compute, logits.device)
-    keys = (logits.to(compute) + noise).reshape(*logits.shape[:-1], logits.shape[-1] // m, m)
-    soft = relaxed_top_n_ref(keys, n, tau)
+    grouped = (*logits.shape[:-1], logits.shape[-1] // m, m)
+    keys = (logits.to(compute) + noise).reshape(grouped)
+    noise = noise.reshape(grouped)
+    soft = _relaxed_levels_ref(keys, noise, n, tau)
     if hard:
-        # hard + (soft - soft.detach()) is exactly hard, with soft's gradient.
-        soft = _hard_top_n_ref(keys.detach(), n) + (soft - soft.detach())
+        level = _infinity_level(keys.detach())
+        order = _ranked_order_ref(level, torch.where(level == 0, keys.detach(), noise))
+        chosen = torch.zeros_like(keys).scatter_(-1, order[..., :n], 1.0)
+        # chosen + (soft - soft.detach()) is exactly chosen, with soft's gradient.
+        soft = chosen + (soft - soft.detach())
     return soft.reshape(logits.shape).to(logits.dtype)
+
+
+def _relaxed_levels_ref(keys: torch.Tensor, noise: torch.Tensor, n: int, tau: float) -> torch.Tensor:
+    """The relaxation of gumbel_nm_sample_ref on grouped keys [..., m], levels by keys / tau."""
+    level = _infinity_level((keys / tau).detach())
+    above = (level == 1).sum(-1, keepdim=True)
+    finite = (level == 0).sum(-1, keepdim=True)
+    # The level that straddles n: +inf when it alone fills n, else finite when it fills the rest, else -inf.
+    active = torch.where(above >= n, 1, torch.where(above + finite >= n, 0, -1))
+    steps = torch.where(active == 1, n, torch.where(active == 0, n - above, n - above - finite))
+    active_keys = torch.where(level == active, torch.where(level == 0, keys, noise), float("-inf"))
+    return (level > active).to(keys.dtype) + relaxed_top_n_ref(active_keys, n, tau, steps)
 
 
 def nm_patterns_ref(n: int = 2, m: int = 4, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
@@ -241,14 +288,26 @@ def gumbel_pattern_sample_ref(
 
     keys = pattern_logits + Gumbel noise. hard=False: softmax(keys / tau) @ patterns. hard=True: the
     pattern with the largest key (the first on ties), a draw from softmax(pattern_logits), with the
-    soft mask's gradient (straight-through)."""
+    soft mask's gradient (straight-through).
+
+    Infinite logits: a +inf pattern beats every finite one, a -inf pattern loses to them; among equal
+    infinite logits the noise alone decides (their softmax is softmax(noise / tau)), which is the
+    limit of equal logits going to +-inf. So the softmax runs over the highest level present only
+    (an overflowing key / tau counts as infinite there); gradients reach finite logits only."""
     compute = gumbel_compute_dtype(pattern_logits.dtype)
     noise = gumbel_noise_ref(seed, pattern_logits.shape, compute, pattern_logits.device)
     keys = pattern_logits.to(compute) + noise
     patterns = nm_patterns_ref(n, m, compute, pattern_logits.device)
-    mask = torch.softmax(keys / tau, -1) @ patterns
+    z = keys / tau
+    level = _infinity_level(z.detach())
+    top = level == level.amax(-1, keepdim=True)
+    scores = torch.where(top, torch.where(level == 0, z, noise / tau), float("-inf"))
+    mask = torch.softmax(scores, -1) @ patterns
     if hard:
-        chosen = patterns[keys.detach().argmax(-1)]
+        hard_level = _infinity_level(keys.detach())
+        hard_top = hard_level == hard_level.amax(-1, keepdim=True)
+        ranked = torch.where(hard_top, torch.where(hard_level == 0, keys.detach(), noise), float("-inf"))
+        chosen = patterns[ranked.argmax(-1)]
         mask = chosen + (mask - mask.detach())
     return mask.reshape(*pattern_logits.shape[:-2], pattern_logits.shape[-2] * m).to(pattern_logits.dtype)
 

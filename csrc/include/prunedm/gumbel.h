@@ -182,6 +182,84 @@ PRUNEDM_HD void relaxed_top_n_backward(const T* keys, const T* grad, int n, int 
   for (int i = 0; i < m; ++i) grad_keys[i] = g[i];
 }
 
+// Infinite keys ---------------------------------------------------------------------------------
+// The rule every backend follows (prunedm/ops/reference.py states it with torch ops): +inf ranks
+// above every finite key and -inf below; among equal infinite keys the noise alone decides (the
+// limit of equal logits going to +-inf). NaN never gets here: the public ops refuse it.
+
+// 1 for +inf, -1 for -inf, 0 for a finite value.
+template <typename T>
+PRUNEDM_HD int infinity_level(T v) {
+  return v == -negative_infinity<T>() ? 1 : (v == negative_infinity<T>() ? -1 : 0);
+}
+
+// Bit i is set when element i is among the first n of the group ordered by level, then by rank key
+// (the key itself when finite, its noise when infinite), ties to the lower index.
+template <typename T>
+PRUNEDM_HD uint64_t ranked_top_n_bits(const T* keys, const T* noise, int n, int m) {
+  uint64_t kept = 0;
+  for (int i = 0; i < m; ++i) {
+    const int level_i = infinity_level(keys[i]);
+    const T key_i = level_i == 0 ? keys[i] : noise[i];
+    int rank = 0;
+    for (int j = 0; j < m; ++j) {
+      const int level_j = infinity_level(keys[j]);
+      const T key_j = level_j == 0 ? keys[j] : noise[j];
+      rank += int(level_j > level_i || (level_j == level_i && (key_j > key_i || (key_j == key_i && j < i))));
+    }
+    if (rank < n) kept |= uint64_t{1} << i;
+  }
+  return kept;
+}
+
+// How gumbel_nm_sample's relaxation treats a group with infinite keys / tau: the levels that fit
+// whole into n are pinned at 1, the level that straddles n (`active`) takes the relaxed top-`steps`
+// of its keys (noise for an infinite level), lower levels are 0. steps never exceeds the active
+// level's size, so every softmax of the relaxation has a finite entry.
+template <typename T, int kCap>
+struct LevelPlan {
+  int level[kCap];
+  T active_keys[kCap];
+  int active;
+  int steps;
+
+  PRUNEDM_HD void compute(const T* keys, const T* noise, int n, int m, T tau) {
+    int above = 0, finite = 0;
+    for (int i = 0; i < m; ++i) {
+      level[i] = infinity_level(keys[i] / tau);
+      above += int(level[i] == 1);
+      finite += int(level[i] == 0);
+    }
+    active = above >= n ? 1 : (above + finite >= n ? 0 : -1);
+    steps = active == 1 ? n : (active == 0 ? n - above : n - above - finite);
+    for (int i = 0; i < m; ++i)
+      active_keys[i] = level[i] != active ? negative_infinity<T>() : (active == 0 ? keys[i] : noise[i]);
+  }
+};
+
+// relaxed_top_n of keys that may be infinite, by the rule of LevelPlan.
+template <typename T, int kCap>
+PRUNEDM_HD void relaxed_top_n_levels(const T* keys, const T* noise, int n, int m, T tau, T* soft) {
+  LevelPlan<T, kCap> plan;
+  plan.compute(keys, noise, n, m, tau);
+  relaxed_top_n<T, kCap>(plan.active_keys, plan.steps, m, tau, soft);
+  for (int i = 0; i < m; ++i)
+    if (plan.level[i] > plan.active) soft[i] += T(1);
+}
+
+// Its gradient: the relaxation's where the active level is finite, 0 at every infinite key.
+template <typename T, int kCap>
+PRUNEDM_HD void relaxed_top_n_levels_backward(const T* keys, const T* noise, const T* grad, int n, int m, T tau,
+                                              T* grad_keys) {
+  LevelPlan<T, kCap> plan;
+  plan.compute(keys, noise, n, m, tau);
+  for (int i = 0; i < m; ++i) grad_keys[i] = T(0);
+  if (plan.active != 0) return;
+  relaxed_top_n_backward<T, kCap>(plan.active_keys, grad, plan.steps, m, tau, grad_keys);
+  for (int i = 0; i < m; ++i)
+    if (plan.level[i] != 0) grad_keys[i] = T(0);
+}
+
 // Candidate patterns of gumbel_pattern_sample: the n-subsets of {0..m-1} as bit masks (bit i =
 // element i kept), in lexicographic order of their sorted indices ({0,1}, {0,2}, {0,3}, {1,2},
 // {1,3}, {2,3} for 2:4), the order pattern logits are laid out in.
@@ -284,6 +362,26 @@ PRUNEDM_HD void soft_pattern_mask_backward(ScoreFn score, int64_t num_patterns, 
     const T y = exp_of(score(p) - s.max) / s.sum;
     write(p, y * (pattern_grad(bits) - y_dot_gy));
   }
+}
+
+// Patterns with infinite keys: only the highest level present competes, an infinite pattern by its
+// noise. value(p) is the key (or score) that decides the level, noise(p) the same scale's noise.
+template <typename T, typename ValueFn>
+PRUNEDM_HD int top_level(ValueFn value, int64_t num_patterns) {
+  int top = -1;
+  for (int64_t p = 0; p < num_patterns && top < 1; ++p) {
+    const int level = infinity_level(value(p));
+    if (level > top) top = level;
+  }
+  return top;
+}
+
+// The competing value of pattern p at level `top` (-inf for patterns below it).
+template <typename T, typename ValueFn, typename NoiseFn>
+PRUNEDM_HD T level_value(ValueFn value, NoiseFn noise, int top, int64_t p) {
+  const T v = value(p);
+  if (infinity_level(v) != top) return negative_infinity<T>();
+  return top == 0 ? v : noise(p);
 }
 
 }  // namespace prunedm
