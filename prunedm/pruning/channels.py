@@ -20,9 +20,9 @@ import io
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from prunedm.pruning.fixups import sync_diffusers_attributes
@@ -32,7 +32,11 @@ from prunedm.pruning.importance import (
     accumulate_denoising_gradients,
     first_image_batch,
     make_importance,
+    optional_import,
 )
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
 
 ROUNDINGS = ("diff-pruning", "per-group")
 
@@ -100,6 +104,7 @@ def layer_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def count_macs_and_params(model: nn.Module, example_inputs: Mapping) -> tuple[int, int]:
     """torch-pruning's MAC and parameter count, run on a weightless (meta) copy: same numbers, no compute."""
+    tp = optional_import("torch_pruning", "count_macs_and_params")
     memo = {}
     for tensor in [*model.parameters(), *model.buffers()]:
         empty = torch.empty_like(tensor, device="meta")
@@ -192,6 +197,7 @@ def prune_channels(
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    tp = optional_import("torch_pruning", "prune_channels")
     name = importance if isinstance(importance, str) else type(importance).__name__
     scorer = make_importance(importance) if isinstance(importance, str) else importance
     example_inputs = dict(example_inputs) if example_inputs is not None else default_example_inputs(model)

@@ -3,16 +3,39 @@ pass that feeds the gradient-based ones (Taylor, and Diff-Pruning's timestep-thr
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-import torch_pruning as tp
 from torch import nn
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
 
 IMPORTANCES = ("random", "magnitude", "l1", "l2", "taylor", "diff-pruning")
 GRADIENT_IMPORTANCES = ("taylor", "diff-pruning")
+
+
+# The optional packages prunedm uses and the extra that installs each: a plain `pip install prunedm` has none.
+EXTRAS = {"torch_pruning": "models", "diffusers": "models", "cleanfid": "models", "sklearn": "models"}
+PACKAGE_NAMES = {"torch_pruning": "torch-pruning", "cleanfid": "clean-fid", "sklearn": "scikit-learn"}
+
+
+def optional_import(module: str, feature: str):
+    """`module`, imported; when it is not installed, an ImportError naming the extra that brings it
+    ("prune_channels needs torch-pruning: pip install 'prunedm[models]'"), so a plain install imports
+    prunedm and fails only in the feature that needs the package."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        top = module.split(".")[0]
+        if exc.name is None or exc.name.split(".")[0] != top:
+            raise  # the package is there but something it imports is broken: show that, not a hint
+        package = PACKAGE_NAMES.get(top, top)
+        raise ImportError(f"{feature} needs {package}: pip install 'prunedm[{EXTRAS.get(top, 'models')}]'") from exc
 
 
 def make_importance(name: str) -> tp.importance.Importance:
@@ -21,6 +44,9 @@ def make_importance(name: str) -> tp.importance.Importance:
     magnitude/l2: group L2 norm; l1: group L1 norm; taylor: |sum(w * dL/dw)| per channel (first-order
     Taylor of the loss change); diff-pruning: sum |w * dL/dw|, the per-weight form the Diff-Pruning
     paper accumulates over timesteps (the gradients come from `accumulate_denoising_gradients`)."""
+    if name not in IMPORTANCES:
+        raise ValueError(f"importance must be one of {IMPORTANCES} or an importance callable, got {name!r}")
+    tp = optional_import("torch_pruning", f"importance={name!r}")
     if name == "random":
         return tp.importance.RandomImportance()
     if name in ("magnitude", "l2"):
@@ -29,9 +55,7 @@ def make_importance(name: str) -> tp.importance.Importance:
         return tp.importance.MagnitudeImportance(p=1)
     if name == "taylor":
         return tp.importance.TaylorImportance(multivariable=True)
-    if name == "diff-pruning":
-        return tp.importance.TaylorImportance(multivariable=False)
-    raise ValueError(f"importance must be one of {IMPORTANCES} or an importance callable, got {name!r}")
+    return tp.importance.TaylorImportance(multivariable=False)  # diff-pruning
 
 
 @dataclass
@@ -73,9 +97,8 @@ def accumulate_denoising_gradients(
     timestep whose loss falls below threshold * (largest loss so far); that step's gradient is kept,
     as in the paper's code. Without a threshold every timestep contributes (plain Taylor).
     `model_kwargs` (e.g. encoder_hidden_states) are expanded to the batch size when their batch is 1."""
-    from diffusers import DDPMScheduler
-
-    scheduler = scheduler if scheduler is not None else DDPMScheduler(num_train_timesteps=1000)
+    if scheduler is None:
+        scheduler = optional_import("diffusers", "the gradient pass").DDPMScheduler(num_train_timesteps=1000)
     if timesteps is None:
         timesteps = range(scheduler.config.num_train_timesteps)
     param = next(model.parameters())

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunedm.pruning.depth import _block_input, _block_output, transformer_blocks
+from prunedm.pruning.importance import optional_import
 
 
 @dataclass
@@ -45,7 +46,7 @@ def denoising_loss(model: nn.Module, batch, scheduler=None, generator: torch.Gen
 
     batch: latents, (latents, class_labels), or a dict with "latents"/"sample" and "class_labels".
     The first `latents.shape[1]` output channels are the noise estimate (DiT also predicts variance)."""
-    from diffusers import DDPMScheduler
+    DDPMScheduler = optional_import("diffusers", "denoising_loss").DDPMScheduler  # noqa: N806
 
     scheduler = scheduler if scheduler is not None else DDPMScheduler(num_train_timesteps=1000)
     labels = None
@@ -99,7 +100,7 @@ def learn_depth_keep(
     logits = nn.Parameter(torch.zeros(num_groups, len(patterns), device=param.device))
     gates = torch.ones(len(blocks), device=param.device)
     if loss_fn is None:
-        from diffusers import DDPMScheduler
+        DDPMScheduler = optional_import("diffusers", "learn_depth_keep").DDPMScheduler  # noqa: N806
 
         scheduler = DDPMScheduler(num_train_timesteps=1000)
         loss_fn = lambda m, b: denoising_loss(m, b, scheduler, generator)  # noqa: E731
