@@ -188,13 +188,21 @@ def run_prune(config: dict, out: Path, resume: bool) -> dict:
 def run_finetune(config: dict, out: Path, resume: bool) -> dict:
     """finetune: noise-prediction loss with EMA and checkpoints (DDP under torchrun); writes model/ (EMA)."""
     from prunedm import save_pretrained
+    from prunedm._atomic import remove_stale_temps
     from prunedm.train import finetune
 
-    rank, _ = _distributed()
+    rank, world = _distributed()
+    try:  # every setting is checked before any work
+        finetune_config = FinetuneConfig(**config["finetune"])
+        finetune_config.validate(world)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    if resume and rank == 0:
+        remove_stale_temps(out)
     device = resolve_device(config["device"])
     model = _to(load_model(config["model"]), device)
     images = training_images(config["data"], model)
-    result = finetune(model, images, out, FinetuneConfig(**config["finetune"]), resume=resume)
+    result = finetune(model, images, out, finetune_config, resume=resume)
     summary = {"final_loss": result.final_loss, "steps": result.steps}
     if rank == 0:
         save_pretrained(result.ema_model.cpu(), out / "model")
@@ -366,9 +374,9 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    from prunedm import _atomic, save_pretrained
     from prunedm import masks as pm
-    from prunedm import save_pretrained
-    from prunedm.train.finetune import StepSampler
+    from prunedm.train.finetune import StepSampler, metrics_up_to
 
     method = config["method"]
     if method not in ("maskllm", "maskpro", "magnitude"):
@@ -376,8 +384,11 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
     n, m = parse_pattern(config["pattern"])
     _positive(config, "steps", "batch_size", "checkpoint_every")
     rank, world = _distributed()
+    if resume and rank == 0:  # what a killed writer left; only rank 0 writes in --out
+        _atomic.remove_stale_temps(out)
     device = resolve_device(config["device"])
     model = _to(load_model(config["model"], config["seed"]), device)
+    # The loss draws noise and timesteps from the global RNG; learner.load() restores its state at the checkpoint.
     torch.manual_seed(config["seed"])
     if method == "magnitude":
         targets, _ = pm.find_targets(model, m=m)
@@ -397,8 +408,13 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
                                         model_lr=c["model_lr"], seed=config["seed"])  # fmt: skip
         state = out / "learner.safetensors"
         if resume and state.exists():
-            learner.load(state)
+            try:
+                learner.load(state)
+            except ValueError as exc:
+                raise ConfigError(f"--resume: {exc}; delete {state} to learn afresh, or use a new --out") from None
         sampler = StepSampler(len(images), config["batch_size"], config["seed"], rank, world)
+        if rank == 0:  # lines of steps after the checkpoint are redone (and a line cut short by a kill dropped)
+            metrics_up_to(out / "metrics.jsonl", learner.step_count)
         log = open(out / "metrics.jsonl", "a") if rank == 0 else None
         try:
             for step in tqdm(range(learner.step_count, config["steps"]), desc="learn-mask", disable=rank != 0):
@@ -408,16 +424,14 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
                     log.flush()
                 last = step + 1 == config["steps"]
                 if rank == 0 and ((step + 1) % config["checkpoint_every"] == 0 or last):
-                    learner.save(state.with_suffix(".tmp"))
-                    state.with_suffix(".tmp").replace(state)
+                    learner.save(state)  # whole or not at all
         finally:
             if log is not None:
                 log.close()
         found = learner.finalize()
     if rank == 0:
-        tmp = out / ".masks.safetensors.tmp"
-        save_file({name: mask.contiguous().cpu() for name, mask in found.items()}, str(tmp))
-        tmp.replace(out / "masks.safetensors")
+        with _atomic.atomic_file(out / "masks.safetensors") as tmp:
+            save_file({name: mask.contiguous().cpu() for name, mask in found.items()}, str(tmp))
         save_pretrained(model.cpu(), out / "model")
         print(f"{len(found)} {n}:{m} masks in {out / 'masks.safetensors'}; masked model in {out / 'model'}")
     return {"masks": len(found)}

@@ -1,19 +1,21 @@
 """What every N:M mask learner shares: the layers it targets, the masked-weight hook on them, its
-optimizers, hard masks out, and its state in and out of a safetensors file."""
+optimizers, hard masks out, and its state (with the RNG streams it consumes) in and out of safetensors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from collections.abc import Callable, Iterable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from prunedm._atomic import atomic_file
 from prunedm.masks import targets as _targets
 from prunedm.ops import _checks
 
@@ -61,7 +63,130 @@ def _unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-class MaskLearner:
+# ---- state files: what a killed run needs to continue exactly, checked before anything is touched ----
+
+
+def rng_state_tensors() -> dict[str, torch.Tensor]:
+    """The global torch RNG streams a training loop draws from (the CPU one, and every CUDA device's
+    once CUDA is in use), as uint8 tensors keyed rng.cpu and rng.cuda.<index>."""
+    tensors = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{index}"] = state.cpu()
+    return tensors
+
+
+def check_rng_tensors(what: str, tensors: dict[str, torch.Tensor]) -> None:
+    """ValueError unless `tensors` holds a CPU RNG state (and CUDA ones, if any) of the right size."""
+    expected = torch.get_rng_state()
+    states = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    if "rng.cpu" not in states:
+        raise ValueError(f"{what}: no RNG state (rng.cpu; written by an older prunedm?): cannot resume exactly")
+    for key, value in states.items():
+        shape_ok = value.shape == expected.shape if key == "rng.cpu" else value.dim() == 1
+        if value.dtype != torch.uint8 or not shape_ok or not (key == "rng.cpu" or key[9:].isdigit()):
+            raise ValueError(f"{what}: {key} is not an RNG state ({value.dtype}, {list(value.shape)})")
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    """Set the global RNG streams from rng_state_tensors()' output. CUDA streams are set where CUDA is in
+    use with the same device count (a run moved to another machine cannot continue a GPU stream)."""
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(sum(k.startswith("rng.cuda.") for k in tensors))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes (in name order)."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def save_state_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write tensors + JSON metadata (under "prunedm", with the tensors' sha256) whole or not at all."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    text = json.dumps({**meta, "sha256": tensors_digest(tensors)}, default=_json_default)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"prunedm": text})
+
+
+def load_state_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a file written by save_state_file; ValueError naming the file when it is
+    unreadable, truncated, or its tensors do not match the checksum recorded in it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        meta = json.loads(header["prunedm"])
+    except KeyError:
+        raise ValueError(f"{path}: not a prunedm state file (no prunedm metadata)") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{path}: unreadable or truncated ({' '.join(str(exc).split())[:200]})") from exc
+    if not isinstance(meta, dict) or meta.get("sha256") != tensors_digest(tensors):
+        raise ValueError(f"{path}: its tensors do not match the checksum recorded in it (damaged or edited)")
+    return tensors, meta
+
+
+def check_tensors(what: str, expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    """ValueError unless `got` has exactly `expected`'s names, each with the same shape and dtype."""
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{what}: tensors missing {missing[:3]}, unexpected {extra[:3]}")
+    for key, value in expected.items():
+        if got[key].shape != value.shape or got[key].dtype != value.dtype:
+            raise ValueError(
+                f"{what}: {key} is {got[key].dtype} {list(got[key].shape)}, expected {value.dtype} {list(value.shape)}"
+            )
+
+
+def check_step_meta(what: str, meta: dict) -> None:
+    """ValueError unless the metadata's seed and step are non-negative integers."""
+    for key in ("seed", "step"):
+        if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 0:
+            raise ValueError(f"{what}: state {key} must be a non-negative integer, got {meta[key]!r}")
+
+
+class StateFile:
+    """save()/load() of a learner's state_dict() through save_state_file/load_state_file."""
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the learner's state to a safetensors file (metadata as JSON under "prunedm"), atomically."""
+        save_state_file(path, *self.state_dict())
+
+    def load(self, path: str | os.PathLike, restore_rng_state: bool = True) -> None:
+        """Resume from a file written by save() for the same model and settings, continuing the global RNG
+        streams where it stopped. ValueError naming the file if it cannot be used; then nothing changed."""
+        tensors, meta = load_state_file(path)
+        try:
+            self.load_state_dict(tensors, meta, restore_rng_state)
+        except (KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise ValueError(f"{path}: malformed {type(self).__name__} state ({type(exc).__name__}: {exc})") from exc
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+
+def check_optimizer_state(what: str, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """ValueError unless a state dict fits `optimizer`: same group sizes, state tensors shaped like the params."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sizes = [len(group["params"]) for group in state["param_groups"]]
+    if sizes != [len(group["params"]) for group in optimizer.param_groups]:
+        raise ValueError(f"{what}: optimizer state for parameter groups of sizes {sizes}, not this learner's")
+    for index, entries in state["state"].items():
+        if not 0 <= index < len(params):
+            raise ValueError(f"{what}: optimizer state for parameter {index}, which does not exist")
+        for key, value in entries.items():
+            if torch.is_tensor(value) and value.dim() and value.shape != params[index].shape:
+                raise ValueError(f"{what}: optimizer {key} of parameter {index} has shape {list(value.shape)}")
+            if not torch.is_tensor(value) and not isinstance(value, (int, float)):
+                raise ValueError(f"{what}: optimizer {key} of parameter {index} is {value!r}")
+
+
+class MaskLearner(StateFile):
     """Base of the N:M mask learners. Subclasses hold per-target learnable state, sample masks in
     `sample()`, take a training step in `step(batch)`, and give the final hard masks in `masks()`.
 
@@ -211,9 +336,18 @@ class MaskLearner:
         self._frozen = []
         return masks
 
+    def _trained_params(self) -> list[nn.Parameter]:
+        if self.model_optimizer is None:
+            return []
+        return [p for group in self.model_optimizer.param_groups for p in group["params"]]
+
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, metadata): everything needed to resume learning, except the model's own weights."""
+        """(tensors, metadata): everything needed to resume learning exactly: the learner's tensors, its
+        optimizers, the global RNG streams (the loss's noise and timesteps draw from them) and, when
+        model_lr > 0, the trained weights (model.<i>, in the model optimizer's order)."""
         tensors = {f"learner.{k}": v.detach().cpu().contiguous() for k, v in self._state_tensors().items()}
+        tensors.update({f"model.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self._trained_params())})
+        tensors.update(rng_state_tensors())
         meta = {"class": type(self).__name__, "n": self.n, "m": self.m, "seed": self.seed, "step": self.step_count,
                 "targets": list(self.targets), "extra": self._extra_state(), "optimizers": {}}  # fmt: skip
         for prefix, optimizer in self._optimizers().items():
@@ -222,34 +356,54 @@ class MaskLearner:
             meta["optimizers"][prefix] = optimizer_meta
         return tensors, meta
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        if meta["class"] != type(self).__name__ or (meta["n"], meta["m"]) != (self.n, self.m):
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict, restore_rng_state: bool = True) -> None:
+        """Restore what state_dict() returned (and the global RNG streams, unless restore_rng_state=False).
+        Everything is checked first: on ValueError (KeyError/TypeError for missing or mistyped metadata)
+        the learner is unchanged."""
+        what = type(self).__name__
+        if meta["class"] != what or (meta["n"], meta["m"]) != (self.n, self.m):
             raise ValueError(
-                f"{type(self).__name__}: state is from a {meta['class']} with n:m = {meta['n']}:{meta['m']}, "
+                f"{what}: state is from a {meta['class']} with n:m = {meta['n']}:{meta['m']}, "
                 f"this learner is {self.n}:{self.m}"
             )
         if meta["targets"] != list(self.targets):
             missing = sorted(set(meta["targets"]) ^ set(self.targets))
-            raise ValueError(f"{type(self).__name__}: state targets differ from this model's: {missing[:5]}")
+            raise ValueError(f"{what}: state targets differ from this model's: {missing[:5]}")
+        check_step_meta(what, meta)
+        mine, _ = self.state_dict()
+        optimizers = self._optimizers()
+        own = ("learner.", "model.", "rng.")
+        check_tensors(what, {k: v for k, v in mine.items() if k.startswith(own[:2])},
+                      {k: v for k, v in tensors.items() if k.startswith(own[:2])})  # fmt: skip
+        check_rng_tensors(what, tensors)
+        stray = [k for k in tensors if not k.startswith(own) and k.split(".", 1)[0] not in optimizers]
+        if stray:
+            raise ValueError(f"{what}: state has unexpected tensors {stray[:3]}")
+        optimizer_states = {}
+        for prefix, optimizer in optimizers.items():
+            if prefix not in meta["optimizers"]:
+                raise ValueError(f"{what}: state has no {prefix} (saved with other learning rates?)")
+            optimizer_states[prefix] = _unflatten_optimizer(prefix, tensors, meta["optimizers"][prefix])
+            check_optimizer_state(what, optimizer, optimizer_states[prefix])
+        self._check_extra_state(meta["extra"])
         self.seed, self.step_count = meta["seed"], meta["step"]
         self._load_state_tensors({k[len("learner.") :]: v for k, v in tensors.items() if k.startswith("learner.")})
+        with torch.no_grad():
+            for index, param in enumerate(self._trained_params()):
+                param.copy_(tensors[f"model.{index}"])
         self._load_extra_state(meta["extra"])
-        for prefix, optimizer in self._optimizers().items():
-            if prefix not in meta["optimizers"]:
-                raise ValueError(f"{type(self).__name__}: state has no {prefix} (saved with other learning rates?)")
-            optimizer.load_state_dict(_unflatten_optimizer(prefix, tensors, meta["optimizers"][prefix]))
+        for prefix, optimizer in optimizers.items():
+            optimizer.load_state_dict(optimizer_states[prefix])
+        if restore_rng_state:
+            restore_rng(tensors)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the learner's state to a safetensors file (metadata as JSON under "prunedm")."""
-        tensors, meta = self.state_dict()
-        save_file(tensors, str(path), metadata={"prunedm": json.dumps(meta, default=_json_default)})
+    def _check_extra_state(self, state: dict) -> None:
+        """ValueError when the subclass's metadata (from _extra_state) is malformed."""
 
-    def load(self, path: str | os.PathLike) -> None:
-        """Resume from a file written by save() for the same model, targets and settings."""
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["prunedm"])
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-        self.load_state_dict(tensors, meta)
+
+def is_finite_number(value) -> bool:
+    """A real int or float (not a bool, not a string) that is finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _json_default(value):

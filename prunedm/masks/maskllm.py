@@ -11,7 +11,7 @@ from torch import nn
 
 from prunedm import ops
 from prunedm.masks import targets as _targets
-from prunedm.masks.learner import LossFn, MaskLearner
+from prunedm.masks.learner import LossFn, MaskLearner, is_finite_number
 from prunedm.masks.schedules import anneal
 
 
@@ -172,6 +172,16 @@ class MaskLLMLearner(MaskLearner):
     def _extra_state(self) -> dict:
         return {"tau": list(self.tau_range), "scale": list(self.scale_range), "schedule": self.schedule,
                 "total_steps": self.total_steps}  # fmt: skip
+
+    def _check_extra_state(self, state: dict) -> None:
+        for key in ("tau", "scale"):
+            pair = state[key]
+            if not isinstance(pair, list) or len(pair) != 2 or not all(is_finite_number(x) and x > 0 for x in pair):
+                raise ValueError(f"MaskLLMLearner: state {key} must be two positive numbers, got {pair!r}")
+        anneal(1.0, 1.0, 0.0, state["schedule"])
+        total = state["total_steps"]
+        if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+            raise ValueError(f"MaskLLMLearner: state total_steps must be an integer >= 1, got {total!r}")
 
     def _load_extra_state(self, state: dict) -> None:
         self.tau_range, self.scale_range = tuple(state["tau"]), tuple(state["scale"])

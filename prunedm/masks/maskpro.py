@@ -11,7 +11,7 @@ from torch import nn
 
 from prunedm import ops
 from prunedm.masks import targets as _targets
-from prunedm.masks.learner import LossFn, MaskLearner
+from prunedm.masks.learner import LossFn, MaskLearner, is_finite_number
 
 
 def top_n_mask(logits: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -163,6 +163,12 @@ class MaskProLearner(MaskLearner):
 
     def _extra_state(self) -> dict:
         return {"baseline": self.baseline, "baseline_decay": self.baseline_decay}
+
+    def _check_extra_state(self, state: dict) -> None:
+        if not is_finite_number(state["baseline"]):
+            raise ValueError(f"MaskProLearner: state baseline must be a finite number, got {state['baseline']!r}")
+        if not is_finite_number(state["baseline_decay"]) or not 0 <= state["baseline_decay"] < 1:
+            raise ValueError(f"MaskProLearner: state baseline_decay must be in [0, 1), got {state['baseline_decay']!r}")
 
     def _load_extra_state(self, state: dict) -> None:
         self.baseline, self.baseline_decay = state["baseline"], state["baseline_decay"]

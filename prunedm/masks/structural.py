@@ -1,10 +1,6 @@
 """Structural (EcoDiff-style) gates: one learnable gate per attention head and FFN hidden unit, trained so
 the gated model's denoiser output stays close to the original's while a sparsity term closes gates.
 
-    learner = StructuralGateLearner(model, gate_type="hard_concrete", sparsity_weight=0.05)
-    for batch in data: learner.step(batch)        # only the gates train; the model is frozen
-    report = learner.apply()                      # remove the hooks, then the closed heads/units
-
 Gates scale the input of each attention's output projection per head (`to_out[0]`, and `to_add_out`
 for joint attention) and of each FFN's output layer per hidden unit (`ff.net[2]`), through forward
 pre-hooks; in a Flux single-stream block, the attention's and proj_mlp's column ranges of proj_out.
@@ -13,18 +9,14 @@ prunedm.pruning.heads.apply_structural_masks then removes what they closed."""
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from prunedm.masks.learner import _flatten_optimizer, _json_default, _unflatten_optimizer
+from prunedm.masks import learner as _state
 from prunedm.masks.schedules import anneal
 from prunedm.masks.structural_gates import (
     HARD_CONCRETE_BETA,
@@ -49,17 +41,9 @@ GATE_TYPES = ("hard_concrete", "sigmoid", "gumbel_softmax")
 # forward_fn(model, batch, noisy_latents, timesteps) -> the denoiser's output tensor.
 ForwardFn = Callable[[nn.Module, object, torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = [
-    "GATE_TYPES",
-    "StructuralGateLearner",
-    "StructuralPruningReport",
-    "apply_structural_masks",
-    "denoiser_output",
-    "find_structural_targets",
-    "hard_concrete_eval",
-    "hard_concrete_l0",
-    "hard_concrete_sample",
-]
+__all__ = ["GATE_TYPES", "StructuralGateLearner", "StructuralPruningReport", "apply_structural_masks",
+           "denoiser_output", "find_structural_targets", "hard_concrete_eval", "hard_concrete_l0",
+           "hard_concrete_sample"]  # fmt: skip
 
 
 # ---- targets ----
@@ -172,7 +156,7 @@ class _GateModule(nn.Module):
         return [self._sample(logit, u, tau) for logit, u in zip(self.logits, noise)]
 
 
-class StructuralGateLearner:
+class StructuralGateLearner(_state.StateFile):
     """Learn which attention heads, FFN hidden units (and, optionally, norm channels) of a diffusion
     model to remove.
 
@@ -480,41 +464,36 @@ class StructuralGateLearner:
     # state ---------------------------------------------------------------------------------------
 
     def _meta(self) -> dict:
-        return {
-            "class": type(self).__name__,
-            "gate_type": self.gate_type,
-            "seed": self.seed,
-            "step": self.step_count,
-            "targets": {name: [layout.kind, layout.units] for name, layout in self.targets.items()},
-        }
+        targets = {name: [layout.kind, layout.units] for name, layout in self.targets.items()}
+        return {"class": type(self).__name__, "gate_type": self.gate_type, "seed": self.seed, "step": self.step_count,
+                "targets": targets}  # fmt: skip
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, metadata): the gate logits and optimizer state, enough to resume learning."""
+        """(tensors, metadata): the gate logits, optimizer state and global RNG streams, enough to resume exactly."""
         tensors = {f"gate.{name}": p.detach().cpu().contiguous() for name, p in self.logits.items()}
-        optimizer_tensors, optimizer_meta = _flatten_optimizer("optimizer", self.optimizer)
-        tensors.update(optimizer_tensors)
+        optimizer_tensors, optimizer_meta = _state._flatten_optimizer("optimizer", self.optimizer)
+        tensors.update({**optimizer_tensors, **_state.rng_state_tensors()})
         return tensors, {**self._meta(), "optimizer": optimizer_meta}
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Restore what state_dict() returned; ValueError when it was for another gate type or targets."""
-        mine = self._meta()
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict, restore_rng_state: bool = True) -> None:
+        """Restore what state_dict() returned (and the global RNG streams); ValueError when it was for another
+        gate type or targets, or is malformed (then the learner is unchanged)."""
+        mine, what = self._meta(), type(self).__name__
         for key in ("class", "gate_type", "targets"):
             if meta.get(key) != mine[key]:
-                raise ValueError(f"{type(self).__name__}: state {key} {meta.get(key)!r} differs from {mine[key]!r}")
+                raise ValueError(f"{what}: state {key} {meta.get(key)!r} differs from {mine[key]!r}")
+        _state.check_step_meta(what, meta)
+        gates = {k: v for k, v in tensors.items() if k.startswith("gate.")}
+        _state.check_tensors(what, {f"gate.{n}": p.detach().cpu() for n, p in self.logits.items()}, gates)
+        _state.check_rng_tensors(what, tensors)
+        if any(not k.startswith(("gate.", "rng.", "optimizer.")) for k in tensors):
+            raise ValueError(f"{what}: state has unexpected tensors")
+        optimizer_state = _state._unflatten_optimizer("optimizer", tensors, meta["optimizer"])
+        _state.check_optimizer_state(what, self.optimizer, optimizer_state)
         with torch.no_grad():
             for name, p in self.logits.items():
                 p.copy_(tensors[f"gate.{name}"])
-        self.optimizer.load_state_dict(_unflatten_optimizer("optimizer", tensors, meta["optimizer"]))
+        self.optimizer.load_state_dict(optimizer_state)
         self.seed, self.step_count = meta["seed"], meta["step"]
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the learner's state to a safetensors file (metadata as JSON under "prunedm")."""
-        tensors, meta = self.state_dict()
-        save_file(tensors, str(path), metadata={"prunedm": json.dumps(meta, default=_json_default)})
-
-    def load(self, path: str | os.PathLike) -> None:
-        """Resume from a file written by save() for the same model, targets and gate type."""
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["prunedm"])
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-        self.load_state_dict(tensors, meta)
+        if restore_rng_state:
+            _state.restore_rng(tensors)

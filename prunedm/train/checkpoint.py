@@ -1,21 +1,22 @@
-"""Training checkpoints without pickle: safetensors for tensors, JSON for the rest, written atomically.
-
-A checkpoint is a directory step-XXXXXXXX/ holding model, EMA and optimizer tensors, RNG states and a
-state.json; it is written under a temporary name and renamed into place, so a killed run never
-leaves a half-written checkpoint behind, and `latest` names the newest complete one."""
+"""Training checkpoints without pickle: step-XXXXXXXX/ directories of safetensors and a state.json with each
+file's sha256, written whole or not at all (prunedm._atomic.atomic_dir); `latest` names the newest one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from prunedm._atomic import atomic_dir, write_text_atomic
+
 LATEST = "latest"
+_STEP_DIR = re.compile(r"step-(\d{8})")
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -35,64 +36,145 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, to
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: dict) -> None:
+def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    """The optimizer state_dict that optimizer_to_tensors split."""
     state: dict[int, dict] = {}
     for name, value in [*tensors.items(), *rest["scalars"].items()]:
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: dict) -> None:
+    optimizer.load_state_dict(optimizer_state_from_tensors(tensors, rest))
+
+
+def check_state_tensors(what: str, expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    """ValueError unless `got` has exactly `expected`'s names, each with the same shape and dtype."""
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{what}: tensors missing {missing[:3]}, unexpected {extra[:3]}")
+    for key, value in expected.items():
+        if got[key].shape != value.shape or got[key].dtype != value.dtype:
+            raise ValueError(f"{what}: {key} is {got[key].dtype} {list(got[key].shape)}, expected {list(value.shape)}")
+
+
+def check_optimizer_state(what: str, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """ValueError unless an optimizer state dict fits `optimizer`: group sizes, per-parameter tensor shapes."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sizes = [len(group["params"]) for group in state["param_groups"]]
+    if sizes != [len(group["params"]) for group in optimizer.param_groups]:
+        raise ValueError(f"{what}: optimizer state for parameter groups of sizes {sizes}, not this model's")
+    for index, entries in state["state"].items():
+        if not 0 <= index < len(params):
+            raise ValueError(f"{what}: optimizer state for parameter {index}, which does not exist")
+        for key, value in entries.items():
+            if torch.is_tensor(value) and value.dim() and value.shape != params[index].shape:
+                raise ValueError(f"{what}: optimizer {key} of parameter {index} has shape {list(value.shape)}")
 
 
 def write_json_atomic(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def step_of(path: Path) -> int | None:
+    """The step of a checkpoint directory's name (step-XXXXXXXX), or None for other names."""
+    match = _STEP_DIR.fullmatch(path.name)
+    return int(match.group(1)) if match else None
 
 
 def save_checkpoint(
     root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, keep: int = 2
 ) -> Path:
-    """Write root/step-XXXXXXXX/{<name>.safetensors..., state.json} atomically; keep the newest `keep`."""
+    """Write root/step-XXXXXXXX/{<name>.safetensors..., state.json} atomically; keep the newest `keep` (>= 1)."""
+    if not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep_checkpoints must be an integer >= 1, got {keep!r}")
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
-    try:
+    with atomic_dir(final) as tmp:
+        files = {}
         for name, group in tensors.items():
             save_file(_contiguous(group), str(tmp / f"{name}.safetensors"))
-        write_json_atomic(tmp / "state.json", {"step": step, **state})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            files[f"{name}.safetensors"] = _sha256(tmp / f"{name}.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state, "files": files}, indent=1))
     write_json_atomic(root / LATEST, {"checkpoint": final.name, "step": step})
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+    for old in checkpoints_newest_first(root)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest_checkpoint(root: Path) -> Path | None:
+def checkpoints_newest_first(root: Path) -> list[Path]:
+    """The checkpoint directories under root (named step-XXXXXXXX), highest step first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def read_pointer(root: Path) -> str | None:
+    """The checkpoint name `latest` holds (None without one); ValueError when it is not a pointer."""
     pointer = root / LATEST
     if not pointer.exists():
         return None
     try:
         name = json.loads(pointer.read_text())["checkpoint"]
-    except (ValueError, KeyError) as exc:
+        if not isinstance(name, str) or step_of(Path(name)) is None or Path(name).name != name:
+            raise ValueError(f"names {name!r}, not a step-XXXXXXXX directory")
+    except (ValueError, KeyError, TypeError, OSError) as exc:
         raise ValueError(f"{pointer}: not a prunedm checkpoint pointer ({exc}); delete it to start afresh") from exc
+    return name
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint `latest` names (the newest step directory when there is no pointer), or None."""
+    name = read_pointer(root)
+    if name is None:
+        found = checkpoints_newest_first(root)
+        return found[0] if found else None
     path = root / name
     if not (path / "state.json").exists():
-        raise ValueError(f"{pointer} names {path}, which is missing or incomplete")
+        raise ValueError(f"{root / LATEST} names {path}, which is missing or incomplete")
     return path
 
 
 def load_checkpoint(path: Path, names: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """(tensors by file name, state) of a checkpoint; ValueError naming the checkpoint when a file is missing,
+    truncated, or differs from the sha256 recorded in state.json."""
     try:
-        tensors = {name: load_file(str(path / f"{name}.safetensors")) for name in names}
         state = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"checkpoint {path} cannot be read: {exc}") from exc
+        if not isinstance(state, dict):
+            raise ValueError("state.json is not a JSON object")
+        files = state.get("files")
+        if files is not None and not isinstance(files, dict):
+            raise ValueError("state.json: files is not a mapping")
+        tensors = {}
+        for name in names:
+            file = path / f"{name}.safetensors"
+            if files is not None and files.get(file.name) != _sha256(file):
+                raise ValueError(f"{file.name} differs from the sha256 in state.json (damaged or edited)")
+            tensors[name] = load_file(str(file))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ValueError(f"checkpoint {path} cannot be read: {' '.join(str(exc).split())[:300]}") from exc
     return tensors, state
+
+
+__all__ = [
+    "check_optimizer_state",
+    "check_state_tensors",
+    "checkpoints_newest_first",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "optimizer_from_tensors",
+    "optimizer_to_tensors",
+    "read_pointer",
+    "save_checkpoint",
+    "step_of",
+]

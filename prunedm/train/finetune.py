@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,9 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
+from prunedm._atomic import remove_stale_temps, write_text_atomic
 from prunedm.train import checkpoint as ckpt
 from prunedm.train.distill import DistillConfig, DistillLoss
 
@@ -28,39 +30,86 @@ MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclass
 class FinetuneConfig:
-    steps: int = 1000
-    batch_size: int = 32  # global batch; each of W ranks takes batch_size / W
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    ema_decay: float = 0.999
-    grad_clip: float | None = 1.0
+    """Finetuning settings; validate() checks every one against its range (below) before any work."""
+
+    steps: int = 1000  # >= 1
+    batch_size: int = 32  # >= 1; the global batch: each of W ranks takes batch_size / W
+    lr: float = 1e-4  # > 0
+    weight_decay: float = 0.0  # >= 0
+    warmup_steps: int = 0  # >= 0: linear learning-rate warm-up
+    ema_decay: float = 0.999  # [0, 1)
+    # diffusers' EMA warm-up: the k-th update (k = 0, 1, ...) decays by min(ema_decay, (1 + k) / (10 + k)), so a
+    # short run's EMA follows the trained weights instead of staying near the start (the first update copies).
+    ema_warmup: bool = True
+    grad_clip: float | None = 1.0  # > 0, or None: no clipping
     mixed_precision: str = "no"  # "no", "fp16" or "bf16"
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 0
+    checkpoint_every: int = 500  # >= 1
+    keep_checkpoints: int = 2  # >= 1: the newest checkpoints kept on disk (resume needs one)
+    log_every: int = 10  # >= 1
+    seed: int = 0  # any integer
     progress: bool = True
     # Keep the zero pattern of every Linear/Conv2d weight that is exactly 2:4 sparse at the start
     # (a learned or magnitude mask): masked entries are re-zeroed after each step, in the EMA too.
     keep_sparsity: bool = False
 
-    def validate(self, world_size: int) -> None:
-        if self.steps < 1:
-            raise ValueError(f"FinetuneConfig.steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1 or self.batch_size % world_size:
-            raise ValueError(
-                f"FinetuneConfig.batch_size must be a positive multiple of the {world_size} process(es), "
-                f"got {self.batch_size}"
-            )
+    def validate(self, world_size: int = 1) -> None:
+        """ValueError naming the first setting (as finetune.<name>) outside its range."""
+        integers = {"steps": 1, "batch_size": 1, "warmup_steps": 0, "checkpoint_every": 1, "keep_checkpoints": 1,
+                    "log_every": 1, "seed": None}  # fmt: skip
+        for name, low in integers.items():
+            value = getattr(self, name)
+            if not _is_int(value) or (low is not None and value < low):
+                wanted = "an integer" if low is None else f"an integer >= {low}"
+                raise ValueError(f"finetune.{name} must be {wanted}, got {value!r}")
+        for name, low, open_low in (("lr", 0.0, True), ("weight_decay", 0.0, False), ("ema_decay", 0.0, False)):
+            value = getattr(self, name)
+            if not _is_number(value) or value < low or (open_low and value == low):
+                raise ValueError(f"finetune.{name} must be a number {'>' if open_low else '>='} {low}, got {value!r}")
+        if not self.ema_decay < 1.0:
+            raise ValueError(f"finetune.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if self.grad_clip is not None and (not _is_number(self.grad_clip) or self.grad_clip <= 0):
+            raise ValueError(f"finetune.grad_clip must be a number > 0 or null (no clipping), got {self.grad_clip!r}")
+        for name in ("ema_warmup", "progress", "keep_sparsity"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"finetune.{name} must be true or false, got {getattr(self, name)!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
-                f"FinetuneConfig.mixed_precision must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+                f"finetune.mixed_precision must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}"
             )
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"FinetuneConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError("FinetuneConfig.checkpoint_every and log_every must be >= 1")
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"finetune.batch_size must be a multiple of the {world_size} process(es), got {self.batch_size}"
+            )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def ema_decay_at(decay: float, updates: int, warmup: bool = True) -> float:
+    """The decay of the EMA update that follows `updates` earlier ones: diffusers' warm-up
+    min(decay, (1 + updates) / (10 + updates)), or the fixed decay without warm-up."""
+    return min(decay, (1 + updates) / (10 + updates)) if warmup else decay
+
+
+def ema_update_fn(decay: float, warmup: bool):
+    """AveragedModel's multi_avg_fn for an EMA with (or without) warm-up. The update count comes from
+    AveragedModel's n_averaged buffer, which checkpoints hold, so a resumed run continues the schedule."""
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        step_decay = ema_decay_at(decay, int(num_averaged), warmup)
+        if torch.is_floating_point(ema_params[0]) or torch.is_complex(ema_params[0]):
+            torch._foreach_lerp_(ema_params, params, 1 - step_decay)
+        else:
+            for ema_param, param in zip(ema_params, params):
+                ema_param.copy_(ema_param * step_decay + param * (1 - step_decay))
+
+    return update
 
 
 @dataclass
@@ -198,19 +247,21 @@ def finetune(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(1, config.warmup_steps)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=ema_update_fn(config.ema_decay, config.ema_warmup), use_buffers=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16 and device.type == "cuda")
     distill_loss = DistillLoss(distill, model) if distill is not None else None
 
     sparse_masks = nm_sparse_masks(model) if config.keep_sparsity else {}
     start_step, history = 0, []
     if resume:
-        found = ckpt.latest_checkpoint(ckpt_dir)
+        if rank == 0:  # what a killed writer left; only rank 0 writes here
+            remove_stale_temps(out_dir)
+        found = _usable_checkpoint(ckpt_dir, model, ema, optimizer)
         if found is not None:
-            tensors, state = ckpt.load_checkpoint(found, ["model", "ema", "optimizer"])
+            tensors, state = found
             model.load_state_dict(tensors["model"])
             ema.load_state_dict(tensors["ema"])
-            ckpt.optimizer_from_tensors(optimizer, tensors["optimizer"], state["optimizer"])
+            optimizer.load_state_dict(ckpt.optimizer_state_from_tensors(tensors["optimizer"], state["optimizer"]))
             lr_schedule.load_state_dict(state["lr_schedule"])
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
@@ -218,7 +269,7 @@ def finetune(
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_json_atomic(out_dir / "finetune_config.json", asdict(config))
-        history = _metrics_up_to(metrics_path, start_step)
+        history = metrics_up_to(metrics_path, start_step)
 
     train_model = nn.parallel.DistributedDataParallel(model) if distributed else model
     model.train()
@@ -276,17 +327,61 @@ def finetune(
     return FinetuneResult(config.steps, loss_value, out_dir, ema.module, history)
 
 
-def _metrics_up_to(path: Path, step: int) -> list[dict]:
-    """Records of an earlier run up to `step` (later ones belong to steps about to be redone); rewrites the file."""
+def metrics_up_to(path: Path, step: int) -> list[dict]:
+    """Records of an earlier run up to `step` (later ones belong to steps about to be redone); rewrites the
+    file (whole or not at all). A line cut short by a kill is dropped."""
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in records if r.get("step", 0) <= step]
-    if len(kept) != len(records):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(path)
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and _is_int(record.get("step")):
+            records.append(record)
+    kept = [r for r in records if r["step"] <= step]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
 
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "StepSampler", "finetune", "nm_sparse_masks", "predict"]
+def _usable_checkpoint(root: Path, model: nn.Module, ema: nn.Module, optimizer) -> tuple[dict, dict] | None:
+    """(tensors, state) of the newest checkpoint under root that is whole and fits this model and optimizer;
+    None without checkpoints. A newer one that cannot be used is skipped with a warning (resuming from an
+    older one still reproduces the uninterrupted run); ValueError naming it when none can be used."""
+    pointer = ckpt.read_pointer(root)
+    candidates = ckpt.checkpoints_newest_first(root)
+    if not candidates:
+        if pointer is not None:
+            raise ValueError(f"{root / ckpt.LATEST} names {pointer}, which is missing: delete it to start afresh")
+        return None
+    problems = []
+    for path in candidates:
+        try:
+            tensors, state = ckpt.load_checkpoint(path, ["model", "ema", "optimizer"])
+            _check_checkpoint(path, tensors, state, model, ema, optimizer)
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.append(str(exc) if isinstance(exc, ValueError) else f"checkpoint {path}: malformed ({exc!r})")
+            continue
+        if problems:
+            warnings.warn(f"resuming from {path.name}: {'; '.join(problems)}", stacklevel=3)
+        return tensors, state
+    raise ValueError(f"cannot resume: {problems[0]}; delete {root} to start the finetuning afresh, or use a new --out")
+
+
+def _check_checkpoint(path: Path, tensors: dict, state: dict, model, ema, optimizer) -> None:
+    """ValueError unless the checkpoint's tensors and state fit the model, its EMA and the optimizer."""
+    if state["step"] != ckpt.step_of(path) or not _is_int(state["step"]):
+        raise ValueError(f"checkpoint {path}: state.json says step {state['step']!r}")
+    ckpt.check_state_tensors(f"checkpoint {path}: model", model.state_dict(), tensors["model"])
+    ckpt.check_state_tensors(f"checkpoint {path}: ema", ema.state_dict(), tensors["ema"])
+    optimizer_state = ckpt.optimizer_state_from_tensors(tensors["optimizer"], state["optimizer"])
+    ckpt.check_optimizer_state(f"checkpoint {path}", optimizer, optimizer_state)
+    if not isinstance(state["lr_schedule"], dict) or state["lr_schedule"].get("last_epoch") != state["step"]:
+        raise ValueError(f"checkpoint {path}: lr_schedule does not match step {state['step']}")
+    if state.get("scaler") is not None and not isinstance(state["scaler"], dict):
+        raise ValueError(f"checkpoint {path}: scaler is not a mapping")
+
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "StepSampler", "ema_decay_at", "ema_update_fn", "finetune",
+           "metrics_up_to", "nm_sparse_masks", "predict"]  # fmt: skip
