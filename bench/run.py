@@ -60,6 +60,17 @@ def _models_suite(out: Path, device: torch.device, quick: bool, env: dict, model
     return files + [p for p in (latency, memory) if p]
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device as a torch.device: auto is cuda when one is visible, else cpu; cuda needs one visible."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen suites and write their JSON, CSV and PNGs into --out; 0 on success."""
     threads = torch.get_num_threads()
@@ -84,11 +95,10 @@ def _main(argv: list[str] | None) -> int:
     unknown = sorted(set(suites) - set(SUITES))
     if unknown or not suites:
         parser.error(f"--suite takes a comma-separated subset of {', '.join(SUITES)}, got {args.suite!r}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
-    if device.type == "auto":
-        device = torch.device("cpu")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
     threads = args.threads or (1 if args.quick and device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)

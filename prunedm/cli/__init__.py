@@ -40,8 +40,26 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_SUITES = ("ops", "layers", "models")
+
+
+def _bench_device(name: str) -> str:
+    """--device of `prunedm bench` as the suites take it: auto becomes cuda when visible, else cpu."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
-    argv = ["--out", args.out, "--device", args.device] + (["--quick"] if args.quick else [])
+    if args.suite is not None:
+        suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+        if not suites or set(suites) - set(BENCH_SUITES):
+            raise ValueError(f"--suite takes a comma-separated subset of {', '.join(BENCH_SUITES)}, got {args.suite!r}")
+    argv = ["--out", args.out, "--device", _bench_device(args.device)] + (["--quick"] if args.quick else [])
     try:
         from prunedm.bench import run
     except ModuleNotFoundError as exc:  # an install without bench/run.py: the op benchmarks alone
@@ -55,14 +73,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run.main(argv + (["--suite", args.suite] if args.suite else []))
 
 
-def _job_defaults(command: str) -> dict:
-    if command == "demo":
-        from prunedm.cli.demo import DEMO_DEFAULTS
+def _job_defaults(args: argparse.Namespace) -> dict:
+    """The job's defaults; for `demo --quick` with the quick settings on top (a config file and the
+    user's key=value and flags still win over them)."""
+    from prunedm.cli.schema import job_defaults
 
-        return DEMO_DEFAULTS
-    from prunedm.cli.commands import DEFAULTS
+    defaults = job_defaults(args.command)
+    if getattr(args, "quick", False):
+        from prunedm.cli.config import load_config
+        from prunedm.cli.demo import QUICK_OVERRIDES
 
-    return DEFAULTS[command]
+        defaults = load_config(defaults, None, QUICK_OVERRIDES)
+    return defaults
 
 
 def _job_runner(command: str):
@@ -80,10 +102,6 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     from prunedm.cli.commands import FLAG_KEYS
 
     overrides = []
-    if getattr(args, "quick", False):
-        from prunedm.cli.demo import QUICK_OVERRIDES
-
-        overrides += QUICK_OVERRIDES
     for flag, keys in FLAG_KEYS.items():
         value = getattr(args, flag, None)
         if value is not None:
@@ -136,23 +154,64 @@ def _prepare(args: argparse.Namespace, config: dict, dist) -> Path:
     return Path(args.out)
 
 
-def _cmd_job(args: argparse.Namespace) -> int:
-    from prunedm.cli.config import dumps, load_config
+def _holds_progress(out: Path) -> bool:
+    """Whether `out` holds work that --resume would continue (the demo's stages keep theirs one level down)."""
+    for where in (out, *(p for p in out.iterdir() if p.is_dir() and not p.is_symlink())):
+        if any((where / name).exists() for name in RESUMABLE) or (where / "stage.json").is_file():
+            return True
+    return False
 
-    config = load_config(_job_defaults(args.command), args.config, [*args.overrides, *_flag_overrides(args)])
+
+def _remove_run(out: Path, keep_dir: bool) -> None:
+    """Remove what a failed new run wrote; an --out that existed (empty) before the run stays, empty."""
+    if not keep_dir:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for entry in out.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _check_resume(out: Path) -> None:
+    """--resume continues a run: --out must hold one. Temporaries a killed run left there are removed."""
+    from prunedm._atomic import remove_stale_temps
+    from prunedm.cli.config import RESOLVED, ConfigError
+
+    if not (out / RESOLVED).is_file():
+        state = "does not exist" if not out.exists() else "holds no run (no config.yaml)"
+        raise ConfigError(f"--resume: --out {out} {state}; drop --resume to start a new run there")
+    if os.environ.get("RANK", "0") == "0":  # one process cleans; the others of a torchrun job wait in _prepare
+        remove_stale_temps(out)
+
+
+def _cmd_job(args: argparse.Namespace) -> int:
+    from prunedm.cli.commands import resolve_device
+    from prunedm.cli.config import dumps, load_config
+    from prunedm.cli.schema import validate_config
+
+    config = load_config(_job_defaults(args), args.config, [*args.overrides, *_flag_overrides(args)])
+    # Every key is checked, and the device found, before anything is written or loaded.
+    config = validate_config(args.command, config)
+    resolve_device(config["device"])
     out = Path(args.out)
-    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
+    if args.resume:
+        _check_resume(out)
+    existed = out.exists()
+    fresh = not existed or (out.is_dir() and not any(out.iterdir()))
     dist = _init_distributed(args.command, config)
     try:
         out = _prepare(args, config, dist)
         if args.command != "demo" and (dist is None or dist.get_rank() == 0):
             print(f"prunedm {args.command}: writing to {out}\n{dumps(config)}", flush=True)
         _job_runner(args.command)(config, out, args.resume)
-    except USER_ERRORS:
-        # A new run that failed leaves nothing behind, unless it holds progress that --resume can use.
-        if fresh and not args.resume and out.is_dir() and not any((out / name).exists() for name in RESUMABLE):
+    except Exception:
+        # A new run that failed (a user's error or a bug alike) leaves nothing behind, unless it holds
+        # progress that --resume can use. Ctrl-C keeps the directory: the message suggests --resume.
+        if fresh and not args.resume and out.is_dir() and not _holds_progress(out):
             if dist is None or dist.get_rank() == 0:
-                shutil.rmtree(out, ignore_errors=True)
+                _remove_run(out, keep_dir=existed)
         raise
     finally:
         if dist is not None:
@@ -177,9 +236,19 @@ def _add_job_arguments(job: argparse.ArgumentParser, command: str, out_required:
     job.set_defaults(func=_cmd_job)
 
 
+class UsageError(ValueError):
+    """A command line argparse refuses (unknown flag, bad choice): reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the usage block and exits; the CLI's rule is one line on stderr and exit code 2.
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `prunedm` argument parser: info, bench, demo and the jobs."""
-    parser = argparse.ArgumentParser(prog="prunedm", description=__doc__)
+    parser = _Parser(prog="prunedm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, and which backends (cpu, cuda, triton) are usable and why not")
     info.set_defaults(func=_cmd_info)
@@ -205,7 +274,11 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `prunedm` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"prunedm: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     with warnings.catch_warnings():
         # Library deprecation notices are not the user's to act on; keep stderr for our own messages.
         warnings.filterwarnings("ignore", category=FutureWarning)

@@ -1,81 +1,22 @@
-"""The `prunedm` subcommands that run a job: each has its defaults (the config schema) and a
-function taking the resolved config and the run's output directory."""
+"""The `prunedm` subcommands that run a job: each takes the resolved config (defaults and checks in
+prunedm.cli.schema) and the run's output directory."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from prunedm.cli.config import ConfigError, write_text_atomic
+from prunedm._atomic import atomic_file, write_text_atomic
+from prunedm.cli.config import ConfigError
 from prunedm.cli.models import load_model, training_images
+
+# The jobs' defaults and the checks of every key live in one table (prunedm.cli.schema).
+from prunedm.cli.schema import DEFAULTS, DEVICES, parse_pattern  # noqa: F401  (parse_pattern: re-exported)
 from prunedm.train import FinetuneConfig
 
-DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-DEFAULTS = {
-    "prune": {
-        "model": None,
-        "seed": 0,
-        "device": "auto",
-        "method": "channels",  # channels | depth
-        "channels": {"importance": "magnitude", "ratio": 0.3, "rounding": "diff-pruning", "data": "digits"},
-        "depth": {"keep": None, "every": 2},
-    },
-    "finetune": {
-        "model": None,
-        "data": "digits",
-        "device": "auto",
-        "finetune": {f.name: f.default for f in fields(FinetuneConfig)},
-    },
-    "learn-mask": {
-        "model": None,
-        "data": "digits",
-        "seed": 0,
-        "device": "auto",
-        "method": "maskllm",  # maskllm | maskpro | magnitude
-        "pattern": "2:4",  # N:M; sparse tensor cores (and `prunedm sparsify`) run 2:4
-        "steps": 100,
-        "batch_size": 16,
-        "checkpoint_every": 25,
-        "maskllm": {"tau": [4.0, 0.05], "scale": [100.0, 500.0], "weight_reg": 0.0},
-        "maskpro": {"logit_init": 10.0, "mask_lr": 50.0, "model_lr": 0.0},
-    },
-    "sparsify": {
-        "model": None,
-        "seed": 0,
-        "device": "auto",
-        "dtype": "float32",  # the packed weights' dtype; sparse tensor cores need float16 or bfloat16
-        "masks": None,  # a masks.safetensors from learn-mask; None: magnitude 2:4 of every eligible layer
-        "backend": "auto",
-        "verify": True,
-    },
-    "sample": {
-        "model": None,
-        "seed": 0,
-        "device": "auto",
-        "dtype": "float32",  # float16/bfloat16 sample under autocast
-        "num_samples": 16,
-        "steps": 50,
-        "scheduler": "ddim",
-    },
-    "eval": {
-        "model": None,  # sample from this model ...
-        "samples": None,  # ... or judge these: a samples.safetensors from `prunedm sample`, or an image folder
-        "reference": "digits",  # or a folder of reference images
-        "features": "digits-classifier",  # or inception (needs inception_dir)
-        "inception_dir": None,
-        "num_samples": 256,
-        "steps": 50,
-        "scheduler": "ddim",
-        "seed": 0,
-        "device": "auto",
-        "dtype": "float32",
-    },
-}
 
 # The job flags --seed/--device/--dtype are shorthands for these config keys (where a job has them).
 FLAG_KEYS = {
@@ -101,19 +42,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
-
-
-def parse_pattern(text) -> tuple[int, int]:
-    """'2:4' -> (2, 4): the N:M rule (keep N of every M consecutive weights, 0 < N < M)."""
-    if isinstance(text, int) and not isinstance(text, bool):  # unquoted 2:4 in a YAML file: base-60 124
-        text = "%d:%d" % divmod(text, 60)
-    try:
-        n, m = (int(part) for part in str(text).split(":"))
-    except ValueError:
-        raise ConfigError(f"pattern must look like N:M (e.g. 2:4), got {text!r}") from None
-    if not 0 < n < m:
-        raise ConfigError(f"pattern {text!r} breaks the N:M rule: need 0 < N < M")
-    return n, m
 
 
 def _distributed() -> tuple[int, int]:
@@ -264,12 +192,20 @@ def _positive(config: dict, *keys: str) -> None:
 
 def _sample_from(config: dict) -> torch.Tensor:
     """num_samples images in [-1, 1] from config's model (device, dtype, scheduler, steps, seed)."""
+    from diffusers import UNet2DModel
+
     from prunedm.eval.sampling import sample_images
 
-    _positive(config, "num_samples", "steps")
     scheduler = _scheduler(config["scheduler"])
     device, dtype = resolve_device(config["device"]), resolve_dtype(config["dtype"])
-    model = _to(load_model(config["model"], config["seed"]).eval(), device)
+    model = load_model(config["model"], config["seed"]).eval()
+    if not isinstance(model, UNet2DModel):
+        # DiTs need class labels and conditional UNets text embeddings: sampling them without would crash.
+        raise ConfigError(
+            f"model={config['model']}: sampling supports unconditional UNet2DModel models; this is a "
+            f"{type(model).__name__}, which needs class labels or text conditioning: not yet supported"
+        )
+    model = _to(model, device)
     with _autocast(device, dtype):
         images = sample_images(model, scheduler, config["num_samples"], config["steps"], seed=config["seed"])
     return images.float()
@@ -278,9 +214,8 @@ def _sample_from(config: dict) -> torch.Tensor:
 def _save_samples(images: torch.Tensor, out: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = out / ".samples.safetensors.tmp"
-    save_file({"images": images.contiguous()}, str(tmp))
-    tmp.replace(out / "samples.safetensors")
+    with atomic_file(out / "samples.safetensors") as tmp:
+        save_file({"images": images.contiguous()}, str(tmp))
 
 
 def run_sample(config: dict, out: Path, resume: bool) -> dict:
@@ -320,15 +255,7 @@ def run_eval(config: dict, out: Path, resume: bool) -> dict:
     drawn from model= or read from samples=; writes metrics.json and samples.png."""
     from prunedm.eval.sampling import save_grid
 
-    if (config["model"] is None) == (config["samples"] is None):
-        raise ConfigError("eval needs exactly one of model=<model to sample from> or samples=<file or folder>")
-    if config["features"] not in ("digits-classifier", "inception"):
-        raise ConfigError(f"features must be digits-classifier or inception, got {config['features']!r}")
-    if config["features"] == "inception" and not config["inception_dir"]:
-        raise ConfigError("features=inception needs inception_dir=<dir holding inception-2015-12-05.pt>")
-    reference = config["reference"]
-    if reference != "digits" and not Path(str(reference)).is_dir():
-        raise ConfigError(f"reference={reference}: expected 'digits' or a folder of images")
+    reference = config["reference"]  # the keys and their combination were checked by schema.validate_config
     from prunedm.eval.fid import evaluate_samples, load_image_folder
 
     if config["model"] is not None:

@@ -117,6 +117,8 @@ def _merge(base: dict, update: dict, where: str) -> dict:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} must be a mapping, got {_short(value)}")
             merged[key] = _merge(base[key], value, f"{path}.")
+        elif isinstance(value, dict) and value:
+            raise ConfigError(f"unknown config key '{path}.{next(iter(value))}': {path!r} is a value, not a mapping")
         else:
             merged[key] = copy.deepcopy(value)
     return merged
@@ -151,9 +153,11 @@ def parse_override(text: str) -> dict:
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     problem = getattr(exc, "problem", None)
+    if problem is None:  # e.g. a ReaderError (a control character) has no problem/mark pair
+        return " ".join(str(exc).split())[:200]
     mark = getattr(exc, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{problem or type(exc).__name__}{where}"
+    return f"{problem}{where}"
 
 
 def read_config_file(path: str | os.PathLike) -> dict:

@@ -16,25 +16,13 @@ import torch
 
 import prunedm
 from prunedm import ops
-from prunedm.cli.commands import DEFAULTS, RUNNERS, resolve_device
-from prunedm.cli.config import merge_config, prepare_out_dir, write_text_atomic
+from prunedm._atomic import write_text_atomic
+from prunedm.cli.commands import RUNNERS, resolve_device
+from prunedm.cli.config import merge_config, prepare_out_dir
+from prunedm.cli.schema import DEFAULTS, DEMO_DEFAULTS, validate_config  # noqa: F401  (DEMO_DEFAULTS: re-exported)
 
-DEMO_DEFAULTS = {
-    "model": "asset:digits-ddpm",  # the tiny DDPM trained on scikit-learn's digits (16x16), shipped
-    "seed": 0,
-    "device": "auto",
-    "pack_check": True,  # pack DiT-XL/2-shaped weights to 2:4 and check the bytes against the reference
-    # Diff-Pruning importance: the best of the four at equal budget in bench/results/quality.
-    "prune": {"importance": "diff-pruning", "ratio": 0.3},
-    "learn_mask": {"method": "maskllm", "steps": 100, "batch_size": 8},
-    # ema_decay 0.98: an EMA horizon of ~50 steps; the usual 0.999 would keep the EMA near the unrecovered start.
-    # 600 steps: FID 28.6 (dense 14.5) in about 4 minutes on 2 CPU cores; 150 steps gave 50.6 in 1 minute.
-    "finetune": {"steps": 600, "batch_size": 32, "lr": 5e-4, "ema_decay": 0.98},
-    "sample": {"num_samples": 256, "steps": 25, "scheduler": "ddim"},
-    "eval": {"features": "digits-classifier", "inception_dir": None},
-    "bench": {"batch_size": 64, "rounds": 3, "repeats": 3},
-}
-# `prunedm demo --quick`: every stage, a few steps each (tests; about half a minute on 2 CPU cores).
+# `prunedm demo --quick`: every stage, a few steps each (tests; about half a minute on 2 CPU cores). These
+# replace the defaults only: a --config file, key=value overrides and flags still win over them.
 QUICK_OVERRIDES = [
     "pack_check=false",
     "learn_mask.steps=1",
@@ -146,7 +134,7 @@ def _run_stage(out: Path, index: int, total: int, name: str, what: str, work) ->
 
 def _job(command: str, stage_config: dict):
     def work(stage_dir: Path) -> dict:
-        config = merge_config(DEFAULTS[command], stage_config)
+        config = validate_config(command, merge_config(DEFAULTS[command], stage_config))
         prepare_out_dir(stage_dir, config, resume=True)  # an interrupted stage continues from its checkpoints
         return RUNNERS[command](config, stage_dir, True)
 

@@ -4,11 +4,9 @@ pruned sample grids side by side, and a plot of the training curves and the rati
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from prunedm.cli.config import write_text_atomic
+from prunedm._atomic import atomic_file, write_text_atomic
 
 REPORT = "report.md"
 SAMPLES_FIGURE = "samples-dense-vs-pruned.png"
@@ -22,10 +20,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _save_figure(figure, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    figure.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_file(path, suffix=".png") as tmp:  # matplotlib picks the format from the suffix
+        figure.savefig(tmp, dpi=110, bbox_inches="tight")
 
 
 def samples_figure(out: Path, path: Path) -> None:
