@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import statistics
-import tempfile
 import threading
 import time
 import warnings
@@ -18,16 +17,24 @@ from typing import Callable
 
 import torch
 
+from prunedm._atomic import write_text_atomic
+
 CACHE_FORMAT = "prunedm.autotune"
 CACHE_VERSION = 1
 CACHE_FILENAME = f"autotune-v{CACHE_VERSION}.json"
 ENV_CACHE_DIR = "PRUNEDM_CACHE_DIR"
 ENV_AUTOTUNE = "PRUNEDM_AUTOTUNE"
-# A sparse path must beat dense by this factor to be picked, so that timing noise never makes a
-# layer slower than dense.
-SPARSE_WIN_FACTOR = 0.97
+# A sparse path is picked only when it beats dense by more than max(MIN_ADVANTAGE, NOISE_FACTOR x the
+# measured noise), so that timing noise never makes a layer slower than dense.
+MIN_ADVANTAGE = 0.05
+NOISE_FACTOR = 3.0
 WARMUP_CALLS = 3
-TIMED_CALLS = {"cuda": 20, "cpu": 5}
+# One measurement times enough back-to-back launches to last this long (launch overhead and timer
+# resolution then amortise), at most MAX_LAUNCHES; each path is measured SAMPLES times, median kept.
+BATCH_TARGET_MS = {"cuda": 2.0, "cpu": 5.0}
+MAX_LAUNCHES = 1000
+SAMPLES = {"cuda": 7, "cpu": 5}
+_PATHS = ("dense", "torch", "prunedm")
 
 
 def cache_path() -> Path:
@@ -63,54 +70,98 @@ def context_key(device: torch.device) -> str:
     return f"torch={torch.__version__};prunedm={__version__};device={where}"
 
 
-def measure_ms(fn: Callable[[], object], device: torch.device, path: str = "") -> float:
-    """Median latency of fn() in ms after a warm-up (CUDA events on CUDA, perf_counter elsewhere).
+def _time_batch_ms(fn: Callable[[], object], device: torch.device, launches: int) -> float:
+    """Wall time of `launches` back-to-back calls in ms; on CUDA between two events, one sync at the end."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(launches):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    for _ in range(launches):
+        fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure_samples_ms(fn: Callable[[], object], device: torch.device, path: str = "") -> list[float]:
+    """Per-call latencies of fn() in ms, one per measurement, after a warm-up. Each measurement is a batch
+    of back-to-back calls long enough to last BATCH_TARGET_MS (so ~10 us layers are not measured as launch
+    overhead plus a host sync); the spread of the samples is the noise auto compares against.
 
     `path` names what fn runs ("dense", "torch", "prunedm"); a fake timer in tests keys on it."""
-    repeats = TIMED_CALLS.get(device.type, TIMED_CALLS["cpu"])
+    kind = "cuda" if device.type == "cuda" else "cpu"
     for _ in range(WARMUP_CALLS):
         fn()
-    times = []
-    if device.type == "cuda":
+    if kind == "cuda":
         torch.cuda.synchronize(device)
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    launches, target = 1, BATCH_TARGET_MS[kind]
+    while launches < MAX_LAUNCHES:
+        elapsed = _time_batch_ms(fn, device, launches)
+        if elapsed >= target:
+            break
+        # Grow towards the target (x2 at least, x16 at most per step: a first call may be slow).
+        grow = min(16.0, max(2.0, target / max(elapsed, 1e-6)))
+        launches = min(MAX_LAUNCHES, int(launches * grow))
+    return [_time_batch_ms(fn, device, launches) / launches for _ in range(SAMPLES[kind])]
 
 
-# Tests replace this with a fake; the module looks it up at call time.
-TIMER: Callable[[Callable[[], object], torch.device, str], float] = measure_ms
+def measure_ms(fn: Callable[[], object], device: torch.device, path: str = "") -> float:
+    """Median per-call latency of fn() in ms over batched measurements (measure_samples_ms)."""
+    return statistics.median(measure_samples_ms(fn, device, path))
 
 
-def pick_fastest(times_ms: dict[str, float]) -> str:
-    """The fastest path; "dense" unless a sparse path beats it by SPARSE_WIN_FACTOR (dense is always a candidate)."""
+# Tests replace this with a fake; the module looks it up at call time. It returns per-call samples in ms
+# (a single number counts as one sample, no noise).
+TIMER: Callable[[Callable[[], object], torch.device, str], list[float] | float] = measure_samples_ms
+
+
+class Timings(dict):
+    """{path: median ms} of one timing round, with `noise`: the relative spread (max - min) / median of
+    the dense samples, i.e. how far apart two timings of the same thing came out."""
+
+    noise: float = 0.0
+
+
+def relative_spread(samples: list[float]) -> float:
+    """(max - min) / median of repeated timings of one thing: 0 for a single sample."""
+    middle = statistics.median(samples)
+    return (max(samples) - min(samples)) / middle if middle > 0 else 0.0
+
+
+def pick_fastest(times_ms: dict[str, float], noise: float | None = None) -> str:
+    """The fastest path; "dense" unless a sparse path beats it by more than max(MIN_ADVANTAGE,
+    NOISE_FACTOR x noise) (dense is always a candidate). noise defaults to times_ms.noise (Timings)."""
     if "dense" not in times_ms:
         raise ValueError(f"pick_fastest: times_ms must include 'dense', got {sorted(times_ms)}")
+    if noise is None:
+        noise = getattr(times_ms, "noise", 0.0)
     best = min(times_ms, key=lambda name: (times_ms[name], name != "dense"))
-    if best != "dense" and times_ms[best] > times_ms["dense"] * SPARSE_WIN_FACTOR:
+    needed = max(MIN_ADVANTAGE, NOISE_FACTOR * noise)
+    if best != "dense" and times_ms[best] > times_ms["dense"] * (1.0 - needed):
         return "dense"
     return best
 
 
-def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.device) -> tuple[dict, dict]:
-    """Time each candidate once (warm-up included); ({name: ms}, {name: error}) for those that ran / raised."""
-    times, errors = {}, {}
+def time_candidates(candidates: dict[str, Callable[[], object]], device: torch.device) -> tuple[Timings, dict]:
+    """Time each candidate (batched, several samples); (Timings {name: median ms} with .noise from the
+    dense samples, {name: error}) for those that ran / raised."""
+    times, errors = Timings(), {}
     with torch.no_grad():
         for name, fn in candidates.items():
             try:
-                times[name] = float(TIMER(fn, device, name))
+                result = TIMER(fn, device, name)
+                samples = [float(result)] if isinstance(result, (int, float)) else [float(v) for v in result]
+                if not samples:
+                    raise ValueError("the timer returned no samples")
             except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
                 errors[name] = f"{type(exc).__name__}: {exc}"
+                continue
+            times[name] = statistics.median(samples)
+            if name == "dense":
+                times.noise = relative_spread(samples)
     return times, errors
 
 
@@ -131,8 +182,67 @@ def _file_lock(path: Path):
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
+def _entry_problem(entry) -> str | None:
+    """Why one cache entry cannot be used (wrong types or values), or None."""
+    if not isinstance(entry, dict):
+        return f"an entry must be an object, got {type(entry).__name__}"
+    key = entry.get("input")
+    if key is not None and not (
+        isinstance(key, list) and 0 < len(key) <= 4 and all(type(v) is int and v >= 0 for v in key)
+    ):
+        return f"input must be a list of non-negative ints, got {key!r}"
+    if "backend" in entry and entry["backend"] not in _PATHS:
+        return f"backend must be one of {_PATHS}, got {entry['backend']!r}"
+    times = entry.get("times_ms", {})
+    if not isinstance(times, dict) or not all(
+        name in _PATHS and type(ms) in (int, float) and 0 <= ms < float("inf") for name, ms in times.items()
+    ):
+        return f"times_ms must map paths to non-negative numbers, got {times!r}"
+    cslt = entry.get("cslt")
+    if cslt is not None and not (isinstance(cslt, list) and len(cslt) == 3 and all(type(v) is int for v in cslt)):
+        return f"cslt must be [alg_id, split_k, split_k_mode] ints, got {cslt!r}"
+    return None
+
+
+_warned_bad: set[tuple[str, int, str]] = set()
+
+
+def _valid_entries(entries, path: Path) -> dict:
+    """The well-formed part of a file's {context: {layer: {input: entry}}}; what is not (edited by hand, or
+    written by another version) is dropped with one warning, and timed again when needed."""
+    bad: list[str] = []
+    clean: dict = {}
+    if not isinstance(entries, dict):
+        bad.append(f"entries must be an object, got {type(entries).__name__}")
+        entries = {}
+    for context, layers in entries.items():
+        if not isinstance(layers, dict):
+            bad.append(f"{context}: must be an object")
+            continue
+        for layer, inputs in layers.items():
+            if not isinstance(inputs, dict):
+                bad.append(f"{context} / {layer}: must be an object")
+                continue
+            for key, entry in inputs.items():
+                problem = _entry_problem(entry)
+                if problem is not None:
+                    bad.append(f"{context} / {layer} / {key}: {problem}")
+                else:
+                    clean.setdefault(context, {}).setdefault(layer, {})[key] = entry
+    # One warning per bad file content, however often it is re-read before it is rewritten.
+    if bad and (str(path), len(bad), bad[0]) not in _warned_bad:
+        _warned_bad.add((str(path), len(bad), bad[0]))
+        warnings.warn(
+            f"prunedm autotune cache {path}: ignored {len(bad)} malformed entr{'y' if len(bad) == 1 else 'ies'} "
+            f"(first: {bad[0]}); they are timed again and rewritten",
+            stacklevel=4,
+        )
+    return clean
+
+
 def _read(path: Path) -> dict:
-    """The file's entries {context: {layer: {input: entry}}}; {} when missing, unreadable or another format."""
+    """The file's well-formed entries {context: {layer: {input: entry}}}; {} when missing, unreadable or
+    another format. A cache is a cache: nothing in it is ever fatal."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -142,8 +252,7 @@ def _read(path: Path) -> dict:
         return {}
     if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or data.get("version") != CACHE_VERSION:
         return {}
-    entries = data.get("entries")
-    return entries if isinstance(entries, dict) else {}
+    return _valid_entries(data.get("entries", {}), path)
 
 
 def _merge(into: dict, new: dict) -> dict:
@@ -214,10 +323,7 @@ class AutotuneCache:
                 with _file_lock(path):
                     on_disk = _merge(_read(path), mine)
                     text = json.dumps({"format": CACHE_FORMAT, "version": CACHE_VERSION, "entries": on_disk}, indent=1)
-                    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-                    with os.fdopen(fd, "w") as f:
-                        f.write(text + "\n")
-                    os.replace(tmp, path)
+                    write_text_atomic(path, text + "\n")
                     self._mtime_ns = path.stat().st_mtime_ns
                     self._entries = _merge(on_disk, self._entries)
                 self.writes += 1

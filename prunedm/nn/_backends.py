@@ -85,7 +85,25 @@ def prunedm_backend_problem(
             f"{str(dtype).removeprefix('torch.')} weights: 2:4 sparse kernels run float16/bfloat16; "
             "convert the model with .half() or .to(torch.bfloat16)"
         )
-    return None
+    return _quarantine_problem(ops, device, conv_in_channels)
+
+
+def _quarantine_problem(ops, device: torch.device, conv_in_channels: int | None) -> tuple[str, str] | None:
+    """(key, reason) when the kernel failed its self-test on this GPU (prunedm.nn._selftest, run on first use
+    in a child process); warned once here, so that "auto" (which then runs torch or dense) names it too."""
+    from prunedm.nn import _selftest
+
+    try:
+        implementation, _ = ops.sparse_kernel_backend(device)
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    if implementation is None:
+        return None
+    kernel = "sparse_conv2d_2to4" if conv_in_channels is not None else "sparse_linear_2to4"
+    problem = _selftest.quarantine_problem(kernel, implementation, device)
+    if problem is not None:
+        warn_once(*problem)
+    return problem
 
 
 def torch_backend_problem(device: torch.device, dtype: torch.dtype) -> tuple[str, str] | None:

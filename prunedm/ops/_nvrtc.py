@@ -20,11 +20,13 @@ import re
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from prunedm._atomic import write_bytes_atomic
 from prunedm.ops import _checks
 
 ENV_CACHE_DIR = "PRUNEDM_CACHE_DIR"
@@ -202,15 +204,30 @@ def _target(binding, arch: int) -> tuple[str, str]:
     return f"compute_{max(a for a in supported if a <= arch)}", "ptx"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+_FALLBACK_ROOT: Path | None = None  # a private temp dir when the cache dir cannot be written
+
+
+def _store(directory: Path, files: dict[str, bytes]) -> Path:
+    """Write files (name -> bytes) whole into `directory` and return where they went: `directory`, or, when it
+    cannot be written (read-only home, wrong owner), the same key under a temp dir of this process, with one
+    warning. A cache that cannot be kept never stops the kernels from running."""
+    global _FALLBACK_ROOT
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for name, data in files.items():
+            write_bytes_atomic(directory / name, data)
+        return directory
+    except OSError as exc:
+        if _FALLBACK_ROOT is None:
+            _FALLBACK_ROOT = Path(tempfile.mkdtemp(prefix="prunedm-nvrtc-"))
+            warnings.warn(
+                f"prunedm NVRTC cache {directory.parent} cannot be written ({exc}); the compiled kernels are kept "
+                f"in {_FALLBACK_ROOT} for this process only (set {ENV_CACHE_DIR} to a writable dir to keep them)",
+                stacklevel=4,
+            )
+        fallback = _FALLBACK_ROOT / directory.name
+        for name, data in files.items():
+            write_bytes_atomic(fallback / name, data)
+        return fallback
 
 
 def _nvrtc_compile(binding, source: str, options: tuple[str, ...], image: str) -> tuple[bytes, dict[str, str]]:
@@ -276,22 +293,35 @@ def load_kernels(device_index: int, arch: int) -> dict:
         directory = cache_root() / key
         manifest_path, image_path = directory / "manifest.json", directory / f"kernels.{image}"
         lowered = _read_manifest(manifest_path, image_path, key_fields)
+        if lowered is None and _FALLBACK_ROOT is not None:  # compiled earlier in this process, cache unwritable
+            image_path = _FALLBACK_ROOT / key / image_path.name
+            lowered = _read_manifest(image_path.with_name(manifest_path.name), image_path, key_fields)
+            if lowered is None:
+                image_path = directory / image_path.name
         if lowered is None:
             needed = ("createProgram", "addNameExpression", "compileProgram", "getLoweredName", "destroyProgram")
             if not all(hasattr(binding, f) for f in needed):
                 # This cupy's NVRTC binding is not the one we know: let cupy compile (and cache) it.
                 names = list(KERNELS.values())  # cupy adds the arch option itself
-                module = cupy.RawModule(code=source, options=COMMON_OPTIONS + include_options, name_expressions=names)
-                loaded = {name: module.get_function(name) for name in KERNELS.values()}
+                with cupy.cuda.Device(device_index):
+                    module = cupy.RawModule(
+                        code=source, options=COMMON_OPTIONS + include_options, name_expressions=names
+                    )
+                    loaded = {name: module.get_function(name) for name in KERNELS.values()}
                 _LOADED[(device_index, key)] = loaded
                 return loaded
             data, lowered = _nvrtc_compile(binding, source, options, image)
-            directory.mkdir(parents=True, exist_ok=True)
-            _write_atomic(image_path, data)
             manifest = {**key_fields, "image": image_path.name, "lowered_names": lowered}
-            _write_atomic(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
-        module = cupy.RawModule(path=str(image_path))
-        loaded = {name: module.get_function(lowered[name]) for name in KERNELS.values()}
+            # The image first: a manifest is only ever beside a complete image.
+            files = {
+                image_path.name: data,
+                manifest_path.name: (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(),
+            }
+            image_path = _store(directory, files) / image_path.name
+        # A module loads into the current CUDA context: make it the GPU the kernels will run on.
+        with cupy.cuda.Device(device_index):
+            module = cupy.RawModule(path=str(image_path))
+            loaded = {name: module.get_function(lowered[name]) for name in KERNELS.values()}
         _LOADED[(device_index, key)] = loaded
         return loaded
 
@@ -300,12 +330,16 @@ def _read_manifest(manifest_path: Path, image_path: Path, key_fields: dict) -> d
     """The cached lowered names when the manifest matches key_fields and the image is there, else None."""
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # missing, unreadable or garbage: compiled again and rewritten
+        return None
+    if not isinstance(manifest, dict):
         return None
     if any(manifest.get(k) != v for k, v in key_fields.items()) or not image_path.is_file():
         return None
     lowered = manifest.get("lowered_names")
     if not isinstance(lowered, dict) or set(lowered) != set(KERNELS.values()):
+        return None
+    if not all(isinstance(name, str) and name for name in lowered.values()):
         return None
     return lowered
 
@@ -368,12 +402,23 @@ def launch_geometry(m: int, p: int) -> tuple[tuple[int, int, int], tuple[int, in
     return ((p + BLOCK_N - 1) // BLOCK_N, (m + BLOCK_M - 1) // BLOCK_M, 1), (THREADS, 1, 1), DYNAMIC_SMEM_BYTES
 
 
+def device_index(device: torch.device) -> int | None:
+    """The CUDA device index of a tensor's device ("cuda" alone means torch's current device)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.cuda.current_device()
+    return device.index
+
+
 def _launch(op: str, input: torch.Tensor, conv: bool, params: np.ndarray, m: int, p: int, arch: int) -> None:
     cupy = _cupy()
-    kernel = load_kernels(input.device.index, arch)[KERNELS[(input.dtype, conv)]]
+    index = device_index(input.device)
     grid, block, smem = launch_geometry(m, p)
-    with cupy.cuda.Device(input.device.index), cupy.cuda.ExternalStream(current_stream_ptr(input.device)):
-        kernel(grid, block, (params,), shared_mem=smem)
+    # Loaded and launched on the tensor's GPU, whichever is current (a kernel loaded on another GPU's
+    # context cannot run here).
+    with cupy.cuda.Device(index):
+        kernel = load_kernels(index, arch)[KERNELS[(input.dtype, conv)]]
+        with cupy.cuda.ExternalStream(current_stream_ptr(input.device)):
+            kernel(grid, block, (params,), shared_mem=smem)
 
 
 def sparse_linear_2to4(input, values, meta, bias=None, activation="none", residual=None) -> torch.Tensor:

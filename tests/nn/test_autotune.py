@@ -231,3 +231,116 @@ def test_report_says_what_auto_picked(cache_dir, fake_torch_kernel, monkeypatch)
     decisions = report.auto_decisions()
     assert set(decisions) == {"0", "2"} and all(d["m2"]["backend"] == "torch" for d in decisions.values())
     assert "auto picked torch for m2" in str(report)
+
+
+# -- batched timings and the noise margin --------------------------------------------------------------------
+
+
+def test_pick_fastest_needs_an_advantage_beyond_the_noise():
+    assert _autotune.pick_fastest({"dense": 1.0, "torch": 0.96}) == "dense"  # 4% < the 5% floor
+    assert _autotune.pick_fastest({"dense": 1.0, "torch": 0.90}) == "torch"
+    assert _autotune.pick_fastest({"dense": 1.0, "torch": 0.90}, noise=0.05) == "dense"  # 10% < 3 x 5%
+    assert _autotune.pick_fastest({"dense": 1.0, "torch": 0.80}, noise=0.05) == "torch"
+    times = _autotune.Timings(dense=1.0, torch=0.85)
+    times.noise = 0.1
+    assert _autotune.pick_fastest(times) == "dense"
+
+
+def test_time_candidates_measures_noise_from_the_dense_spread(monkeypatch):
+    samples = {"dense": [1.0, 1.2, 0.9, 1.0, 1.1], "torch": [0.85, 0.86, 0.84, 0.85, 0.85]}
+    monkeypatch.setattr(_autotune, "TIMER", lambda fn, device, path: samples[path])
+    times, errors = _autotune.time_candidates({"dense": lambda: None, "torch": lambda: None}, torch.device("cpu"))
+    assert errors == {} and dict(times) == {"dense": 1.0, "torch": 0.85}
+    assert times.noise == pytest.approx(0.3)  # (1.2 - 0.9) / 1.0
+    assert _autotune.pick_fastest(times) == "dense"  # 15% faster, but the dense timings spread 30%
+    samples["dense"] = [1.0, 1.01, 0.99, 1.0, 1.0]
+    times, _ = _autotune.time_candidates({"dense": lambda: None, "torch": lambda: None}, torch.device("cpu"))
+    assert times.noise == pytest.approx(0.02) and _autotune.pick_fastest(times) == "torch"
+
+
+def test_auto_on_a_noisy_machine_keeps_dense(cache_dir, fake_torch_kernel, monkeypatch):
+    samples = {"dense": [1.0, 1.3, 0.8, 1.0, 1.1], "torch": [0.8] * 5}
+    monkeypatch.setattr(_autotune, "TIMER", lambda fn, device, path: (fn(), samples[path])[1])
+    layer = _layer()
+    layer(_x(3))
+    assert layer.last_run[0] == "dense" and layer.auto_decisions()["m4"]["times_ms"] == {"dense": 1.0, "torch": 0.8}
+
+
+class FakeClock:
+    """perf_counter for measure_samples_ms: each call of the timed fn advances it by `per_call_ms`."""
+
+    def __init__(self, per_call_ms):
+        self.now, self.per_call_ms, self.calls = 0.0, per_call_ms, 0
+
+    def __call__(self):
+        return self.now
+
+    def fn(self):
+        self.calls += 1
+        self.now += self.per_call_ms / 1e3
+
+
+def test_measurements_batch_many_launches(monkeypatch):
+    clock = FakeClock(per_call_ms=0.01)  # a 10 us layer: one launch is far below the timer's useful resolution
+    monkeypatch.setattr(_autotune.time, "perf_counter", clock)
+    samples = _autotune.measure_samples_ms(clock.fn, torch.device("cpu"), "dense")
+    assert len(samples) == _autotune.SAMPLES["cpu"] and samples == pytest.approx([0.01] * len(samples))
+    # Calibrated towards BATCH_TARGET_MS (5 ms on CPU): 1, 16, 256, then 512 launches (5.12 ms) per sample.
+    assert clock.calls == _autotune.WARMUP_CALLS + (1 + 16 + 256 + 512) + len(samples) * 512
+    slow = FakeClock(per_call_ms=20.0)  # a slow layer: one launch per sample
+    monkeypatch.setattr(_autotune.time, "perf_counter", slow)
+    assert _autotune.measure_samples_ms(slow.fn, torch.device("cpu")) == pytest.approx([20.0] * len(samples))
+    assert slow.calls == _autotune.WARMUP_CALLS + 1 + len(samples)
+    assert _autotune.measure_ms(slow.fn, torch.device("cpu")) == pytest.approx(20.0)
+
+
+# -- a cache is a cache: wrong types never reach the forward ----------------------------------------------
+
+
+BAD_ENTRIES = [
+    ["not", "an", "object"],
+    {"input": "m4", "backend": "torch", "times_ms": {"dense": 1.0, "torch": 0.5}},
+    {"input": [4], "backend": "cutlass", "times_ms": {"dense": 1.0, "torch": 0.5}},
+    {"input": [4], "backend": "torch", "times_ms": {"dense": "fast", "torch": 0.5}},
+    {"input": [4], "backend": "torch", "times_ms": [1.0, 0.5]},
+    {"input": [4], "cslt": "alg 3"},
+    {"input": [4], "cslt": [1, 2]},
+    42,
+]
+
+
+@pytest.mark.parametrize("bad", BAD_ENTRIES, ids=range(len(BAD_ENTRIES)))
+@pytest.mark.parametrize("context", ["this", "other"])
+def test_malformed_cache_entries_are_ignored_with_one_warning(bad, context, cache_dir, fake_torch_kernel, monkeypatch):
+    timer = FakeTimer({"dense": 1.0, "torch": 0.4})
+    monkeypatch.setattr(_autotune, "TIMER", timer)
+    layer = _layer()
+    here = _autotune.context_key(torch.device("cpu")) if context == "this" else "torch=0.1;device=another GPU"
+    signature = "linear 96x64 bias=True float32"
+    entries = {here: {signature: {"m4": bad}}, "ctx": {"layer": {"m1": {"backend": "dense"}}}}
+    path = cache_dir / "autotune-v1.json"
+    path.write_text(json.dumps({"format": "prunedm.autotune", "version": 1, "entries": entries}))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = layer(_x(3))
+    messages = [str(w.message) for w in caught if "autotune cache" in str(w.message)]
+    assert len(messages) == 1 and "ignored 1 malformed entry" in messages[0], messages
+    assert layer.last_run[0] == "torch" and timer.calls == ["dense", "torch"]  # timed again
+    torch.testing.assert_close(out, layer.to_dense()(_x(3)))
+    rewritten = json.loads(path.read_text())["entries"]
+    assert rewritten["ctx"] == {"layer": {"m1": {"backend": "dense"}}}  # good entries kept
+    here_now = _autotune.context_key(torch.device("cpu"))
+    assert rewritten[here_now][signature]["m4"]["backend"] == "torch"
+    if context == "other":
+        assert here not in rewritten  # the bad entry is gone
+
+
+def test_cache_whose_entries_are_a_list_is_rebuilt(cache_dir, fake_torch_kernel, monkeypatch):
+    monkeypatch.setattr(_autotune, "TIMER", FakeTimer({"dense": 1.0, "torch": 0.4}))
+    path = cache_dir / "autotune-v1.json"
+    path.write_text(json.dumps({"format": "prunedm.autotune", "version": 1, "entries": [1, 2, 3]}))
+    with pytest.warns(UserWarning, match="malformed"):
+        _layer()(_x(3))
+    assert list(json.loads(path.read_text())["entries"].values())[0]["linear 96x64 bias=True float32"]["m4"]

@@ -390,3 +390,104 @@ def test_explicit_nvrtc_backend_refuses_cpu_tensors(fake_cupy):
         prunedm.ops.sparse_linear_2to4(torch.randn(4, 32).half(), values, meta, backend="nvrtc")
     with pytest.raises(ValueError, match=r"backend must be one of \(.*'nvrtc'\)"):
         prunedm.ops.sparse_linear_2to4(torch.randn(4, 32).half(), values, meta, backend="cupy")
+
+
+# -- the tensor's device, and a cache that is only a cache ------------------------------------------------------
+
+
+class _DeviceCtx:
+    current = [0]
+
+    def __init__(self, index):
+        self.index = index
+
+    def __enter__(self):
+        self.saved = _DeviceCtx.current[0]
+        if self.index is not None:
+            _DeviceCtx.current[0] = self.index
+
+    def __exit__(self, *exc):
+        _DeviceCtx.current[0] = self.saved
+
+
+def test_kernels_load_and_launch_on_the_tensors_device(fake_gpu):
+    seen = []
+    cupy = fake_gpu.module
+
+    class Module(cupy.RawModule):
+        def __init__(self, **kwargs):
+            seen.append(("load", _DeviceCtx.current[0]))
+            super().__init__(**kwargs)
+
+        def get_function(self, name):
+            seen.append(("get", _DeviceCtx.current[0]))
+            kernel = super().get_function(name)
+            return lambda *a, **k: (seen.append(("launch", _DeviceCtx.current[0])), kernel(*a, **k))
+
+    cupy.RawModule = Module
+    cupy.cuda.Device = _DeviceCtx
+    _DeviceCtx.current[0] = 0  # the current device is cuda:0, the tensor lives on cuda:1
+    on_gpu1 = types.SimpleNamespace(device=torch.device("cuda", 1), dtype=torch.float16)
+    params = _nvrtc.make_params(*[None] * 6, 32, 8, 32, 0, (1, 1, 0, 0, 0, 0))
+    _nvrtc._launch("sparse_linear_2to4", on_gpu1, False, params, 32, 8, 80)
+    assert seen[0] == ("load", 1) and {s for s in seen if s[0] == "get"} == {("get", 1)}
+    assert seen[-1] == ("launch", 1) and _DeviceCtx.current[0] == 0
+    # Loaded per device: cuda:0 gets its own module, loaded on cuda:0.
+    seen.clear()
+    _nvrtc._launch("sparse_linear_2to4", types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float16),
+                   False, params, 32, 8, 80)  # fmt: skip
+    assert seen[0] == ("load", 0) and seen[-1] == ("launch", 0)
+    assert len(_events(fake_gpu.log, "compile")) == 1  # one compile, two loads
+
+
+def _unwritable_by_permission(monkeypatch, root: Path):
+    real = _nvrtc.write_bytes_atomic
+
+    def write(path, data):
+        if Path(path).is_relative_to(root):
+            raise PermissionError(13, "Permission denied", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(_nvrtc, "write_bytes_atomic", write)
+
+
+@pytest.mark.parametrize("how", ["permission", "file-in-the-way"])
+def test_unwritable_cache_dir_falls_back_with_one_warning(how, fake_cupy, monkeypatch, tmp_path):
+    monkeypatch.setattr(_nvrtc, "_FALLBACK_ROOT", None)
+    if how == "permission":
+        _unwritable_by_permission(monkeypatch, fake_cupy.cache)
+    else:
+        (tmp_path / "blocked").write_text("a file where the cache dir should be")
+        monkeypatch.setenv("PRUNEDM_CACHE_DIR", str(tmp_path / "blocked"))
+    with pytest.warns(UserWarning, match="cannot be written") as caught:
+        kernels = _nvrtc.load_kernels(0, 80)
+    assert len([w for w in caught if "cannot be written" in str(w.message)]) == 1
+    assert len(kernels) == len(_nvrtc.KERNELS)
+    (module_event,) = _events(fake_cupy.log, "module")
+    fallback = _nvrtc._FALLBACK_ROOT
+    assert fallback is not None and module_event["path"].startswith(str(fallback))
+    assert module_event["image"].startswith("CUBIN")
+    _nvrtc.clear_loaded()
+    import warnings
+
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        _nvrtc.load_kernels(0, 80)  # the process's fallback copy: no second compile, no second warning
+    assert not [w for w in again if "cannot be written" in str(w.message)]
+    assert len(_events(fake_cupy.log, "compile")) == 1 and len(_events(fake_cupy.log, "module")) == 2
+    import shutil
+
+    shutil.rmtree(fallback, ignore_errors=True)
+
+
+@pytest.mark.parametrize("manifest", ["[1, 2, 3]", '"a string"', "null", '{"lowered_names": [1]}', "\x00\xff garbage"])
+def test_manifest_of_the_wrong_shape_is_ignored_and_rebuilt(manifest, fake_cupy):
+    _nvrtc.load_kernels(0, 80)
+    (entry,) = list(fake_cupy.cache.iterdir())
+    (entry / "manifest.json").write_text(manifest)
+    _nvrtc.clear_loaded()
+    kernels = _nvrtc.load_kernels(0, 80)
+    assert len(kernels) == len(_nvrtc.KERNELS) and len(_events(fake_cupy.log, "compile")) == 2
+    rebuilt = json.loads((entry / "manifest.json").read_text())
+    assert rebuilt["arch"] == 80 and set(rebuilt["lowered_names"]) == set(_nvrtc.KERNELS.values())
+    assert not [p for p in entry.iterdir() if ".prunedm-tmp-" in p.name]
