@@ -273,10 +273,12 @@ __global__ void __launch_bounds__(kThreads)
     unpack_16_cols(in.val, packed, out.val, scalar_t(0));
     store_vec<kVectorized>(dense + t * kColsPerMeta, out);
   }
-  add_block_count(local, invalid);
+  // Uniform over the grid, so every thread of a block takes the same branch (add_block_count syncs).
+  if (invalid != nullptr) add_block_count(local, invalid);
 }
 
-at::Tensor decompress_2to4_cuda(const at::Tensor& values_in, const at::Tensor& meta_in) {
+// Launches the decompression; counts invalid metadata entries into `invalid` when it is defined.
+at::Tensor decompress_2to4_launch(const at::Tensor& values_in, const at::Tensor& meta_in, at::Tensor* invalid) {
   check_decompress_args(values_in, meta_in);
   const c10::cuda::CUDAGuard guard(values_in.device());
   const at::Tensor values = values_in.contiguous();
@@ -285,7 +287,11 @@ at::Tensor decompress_2to4_cuda(const at::Tensor& values_in, const at::Tensor& m
   at::Tensor dense = at::empty({rows, cols}, values.options());
   const int64_t chunks = rows * meta_cols;
   if (chunks == 0) return dense;
-  at::Tensor invalid = at::zeros({}, values.options().dtype(at::kLong));
+  unsigned long long* invalid_ptr = nullptr;
+  if (invalid != nullptr) {
+    *invalid = at::zeros({}, values.options().dtype(at::kLong));
+    invalid_ptr = counter_ptr(*invalid);
+  }
   const int blocks = blocks_for(chunks);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_REDUCED_FLOATING_TYPES(values.scalar_type(), "decompress_2to4_cuda", [&] {
@@ -296,13 +302,21 @@ at::Tensor decompress_2to4_cuda(const at::Tensor& values_in, const at::Tensor& m
         is_aligned_for_vec<scalar_t, kColsPerMeta / 2>(vals) && is_aligned_for_vec<scalar_t, kColsPerMeta>(dst);
     if (vectorized) {
       decompress_2to4_kernel<scalar_t, true>
-          <<<blocks, kThreads, 0, stream>>>(vals, meta_ptr, dst, rows, meta_cols, counter_ptr(invalid));
+          <<<blocks, kThreads, 0, stream>>>(vals, meta_ptr, dst, rows, meta_cols, invalid_ptr);
     } else {
       decompress_2to4_kernel<scalar_t, false>
-          <<<blocks, kThreads, 0, stream>>>(vals, meta_ptr, dst, rows, meta_cols, counter_ptr(invalid));
+          <<<blocks, kThreads, 0, stream>>>(vals, meta_ptr, dst, rows, meta_cols, invalid_ptr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  return dense;
+}
+
+// The public op: refuses invalid metadata as the CPU kernel does, which reads the count back (a host sync).
+at::Tensor decompress_2to4_cuda(const at::Tensor& values, const at::Tensor& meta) {
+  at::Tensor invalid;
+  at::Tensor dense = decompress_2to4_launch(values, meta, &invalid);
+  if (!invalid.defined()) return dense;  // nothing to decompress
   const int64_t count = invalid.item<int64_t>();
   TORCH_CHECK_VALUE(count == 0, "decompress_2to4: meta holds ", count,
                     " invalid 2:4 index pair(s) (each 4-bit entry must name two increasing indices); "
@@ -310,9 +324,20 @@ at::Tensor decompress_2to4_cuda(const at::Tensor& values_in, const at::Tensor& m
   return dense;
 }
 
+// The per-forward op of the sparse layers: no count, no host sync, so it runs inside CUDA graph capture.
+// Their metadata was checked once when it was packed or loaded (prunedm.nn._packing.check_meta).
+at::Tensor decompress_2to4_unchecked_cuda(const at::Tensor& values, const at::Tensor& meta) {
+  return decompress_2to4_launch(values, meta, nullptr);
+}
+
 }  // namespace
 
+// CUDA-only op beside the schemas of csrc/ops.cpp: the CPU kernel's check costs no host sync, so CPU callers
+// keep decompress_2to4. Its fake implementation is registered by prunedm.ops.sparse24.
+TORCH_LIBRARY_FRAGMENT(prunedm, m) { m.def("decompress_2to4_unchecked(Tensor values, Tensor meta) -> Tensor"); }
+
 TORCH_LIBRARY_IMPL(prunedm, CUDA, m) {
+  m.impl("decompress_2to4_unchecked", &decompress_2to4_unchecked_cuda);
   m.impl("nm_mask", &nm_mask_cuda);
   m.impl("nm_violations", &nm_violations_cuda);
   m.impl("compress_2to4", &compress_2to4_cuda);

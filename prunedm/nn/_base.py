@@ -437,6 +437,12 @@ class _SparseWeight(nn.Module):
                 f"{prefix}values: packed shape {list(loaded.shape)} in the checkpoint, but this {self.extra_repr()} "
                 f"stores its [{self._rows}, {self._cols}] matrix as {list(expected)}"
             )
+        loaded_meta = state_dict.get(prefix + "meta")
+        # Checked here, once: the forward never reads metadata back to the host (no per-call sync).
+        if isinstance(loaded_meta, torch.Tensor) and loaded_meta.dtype == torch.int16:
+            problem = _packing.meta_problem(loaded_meta)
+            if problem:
+                errors.append(f"{prefix}meta: {problem}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
         self._reset_runtime()
         self._prepare_if_cuda()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from prunedm import _ext, ops
-from prunedm.ops import reference
+from prunedm.ops import reference, sparse24
 
 TILE = 32  # compress_2to4 needs rows and columns in multiples of 32
 GROUP = 4  # 2:4 groups run along the last (input) dim
@@ -22,6 +22,11 @@ EMPTY_META = -4370
 # that dynamo warns about).
 _CPU_EXTENSION = _ext.extension_loaded()
 _CUDA_EXTENSION = _ext.cuda_kernels_built()
+# Per forward the metadata is never checked (a host sync per layer, and an error under CUDA graph
+# capture): meta_problem() checks it once when a layer's buffers are packed or loaded.
+_CUDA_DECOMPRESS = (
+    (sparse24._unchecked_extension_op() or torch.ops.prunedm.decompress_2to4) if _CUDA_EXTENSION else None
+)
 
 
 def round_up(n: int, multiple: int = TILE) -> int:
@@ -42,11 +47,25 @@ def packed_nbytes(rows: int, cols: int, dtype: torch.dtype) -> int:
 
 def _decompress16(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     device = values.device.type
-    if device in ("cpu", "meta") and _CPU_EXTENSION or device == "cuda" and _CUDA_EXTENSION:
-        return torch.ops.prunedm.decompress_2to4(values, meta)
+    if device in ("cpu", "meta") and _CPU_EXTENSION:
+        return torch.ops.prunedm.decompress_2to4(values, meta)  # its check is C++ on the host: no sync
+    if device == "cuda" and _CUDA_DECOMPRESS is not None:
+        return _CUDA_DECOMPRESS(values, meta)
     if device == "cuda":
-        return ops.decompress_2to4(values, meta)  # Triton, or the reference
+        return sparse24.decompress_2to4_unchecked(values, meta)  # Triton, or the reference
     return reference.decompress_2to4_ref(values, meta)
+
+
+def meta_problem(meta: torch.Tensor) -> str | None:
+    """Why packed 2:4 metadata cannot be used (invalid index pairs), or None. Reads one number back from
+    the device: called when a layer's buffers are packed or loaded, never per forward."""
+    count = sparse24.invalid_meta_count(meta)
+    if count:
+        return (
+            f"meta holds {count} invalid 2:4 index pair(s) (each 4-bit entry must name two increasing indices); "
+            "was it made by compress_2to4 for values of this shape?"
+        )
+    return None
 
 
 def _decompress_wide(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:

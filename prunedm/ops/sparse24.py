@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from prunedm import _ext
 from prunedm.ops import _checks, reference
 from prunedm.ops._dispatch import check_same_device, pick_backend
 from prunedm.ops.nm import nm_violations
@@ -39,10 +40,60 @@ def decompress_2to4(values: torch.Tensor, meta: torch.Tensor, *, backend: str = 
         from prunedm import kernels
 
         return kernels.decompress_2to4(values, meta)
-    nibbles = (meta.reshape(-1, 1).long() >> torch.tensor([0, 4, 8, 12], device=meta.device)) & 0xF
-    invalid = int(((nibbles & 3) >= (nibbles >> 2)).sum())
+    invalid = invalid_meta_count(meta)
     if invalid:
         raise _checks.invalid_meta_error(invalid)
+    return reference.decompress_2to4_ref(values, meta)
+
+
+def invalid_meta_count(meta: torch.Tensor) -> int:
+    """How many 4-bit entries of int16 2:4 metadata do not name two increasing indices (0 for a valid one).
+
+    Reads one number back to the host: call it once when metadata is packed or loaded, never per forward."""
+    if not isinstance(meta, torch.Tensor) or meta.dtype != torch.int16:
+        raise TypeError(f"invalid_meta_count: meta must be an int16 tensor, got {getattr(meta, 'dtype', type(meta))}")
+    if meta.device.type == "meta" or meta.numel() == 0:
+        return 0
+    shifts = torch.arange(0, 16, 4, device=meta.device)
+    nibbles = (meta.reshape(-1, 1).long() >> shifts) & 0xF
+    return int(((nibbles & 3) >= (nibbles >> 2)).sum())
+
+
+_UNCHECKED_OP = None  # torch.ops.prunedm.decompress_2to4_unchecked once its fake is registered, or False
+
+
+def _unchecked_extension_op():
+    """The extension's CUDA decompress without the metadata count (csrc/cuda/sparse24.cu), or None when
+    this build lacks it. Its fake is registered here, once, outside any torch.compile trace."""
+    global _UNCHECKED_OP
+    if _UNCHECKED_OP is None:
+        _UNCHECKED_OP = False
+        if _ext.cuda_kernels_built() and hasattr(torch.ops.prunedm, "decompress_2to4_unchecked"):
+
+            @torch.library.register_fake("prunedm::decompress_2to4_unchecked")
+            def _fake(values, meta):
+                return values.new_empty((values.shape[0], 2 * values.shape[1]))
+
+            _UNCHECKED_OP = torch.ops.prunedm.decompress_2to4_unchecked
+    return _UNCHECKED_OP or None
+
+
+def decompress_2to4_unchecked(values: torch.Tensor, meta: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """decompress_2to4 without the metadata check, so nothing is read back to the host: safe per forward
+    and inside CUDA graph capture. Only for metadata checked once before (invalid_meta_count == 0, as
+    compress_2to4 makes it and the sparse layers check at load time); an invalid entry decodes as the
+    reference does (its second index wins) instead of raising. On CPU the extension's check is C++ and
+    costs no host sync, so it stays."""
+    _checks.check_decompress(values, meta)
+    check_same_device("decompress_2to4", values=values, meta=meta)
+    chosen = pick_backend("decompress_2to4", backend, values)
+    if chosen == "extension":
+        op = _unchecked_extension_op() if values.device.type == "cuda" else None
+        return (op or torch.ops.prunedm.decompress_2to4)(values, meta)
+    if chosen == "triton":
+        from prunedm import kernels
+
+        return kernels.decompress_2to4(values, meta, check=False)
     return reference.decompress_2to4_ref(values, meta)
 
 
