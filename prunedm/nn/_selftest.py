@@ -1,8 +1,5 @@
-"""Kernel self-test and quarantine: on first use on a GPU, prunedm's own sparse kernels run small cases against
-the reference in a child process; a kernel that fails, crashes or hangs there is never chosen by the layers.
-
-Results are kept per (GPU name, compute capability, driver, kernel build hash) in memory and in
-$PRUNEDM_CACHE_DIR/selftest-v1.json; `prunedm selftest` (main()) prints the table and tests again with --force."""
+"""Kernel self-test and quarantine: on first use per GPU and build, prunedm's own sparse kernels run small cases in a
+child process against the reference; one that fails, crashes or hangs is never chosen (`prunedm selftest`: main())."""
 
 from __future__ import annotations
 
