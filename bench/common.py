@@ -9,10 +9,11 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from prunedm._atomic import atomic_file, write_text_atomic
 
 # Weight matrices (out, in) of real models that the op benchmarks run on: DiT-XL/2 (hidden 1152)
 # and the SD 1.5 UNet (320..1280 channels; a 3x3 conv as its [Cout, 9*Cin] GEMM matrix).
@@ -29,14 +30,91 @@ WEIGHT_SHAPES = {
 KNOWN_BANDWIDTH_GBPS = {"H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H200": 4800.0, "A100-SXM4-80GB": 2039.0}
 
 
-def git_commit() -> str:
-    """The short HEAD commit of the working directory's repository (+dirty), or "unknown"."""
+def _own_tree() -> Path | None:
+    """The root of the source checkout this file belongs to (an editable install), or None.
+
+    Only a directory whose bench/common.py is this very file counts: a wheel installed inside some
+    other checkout (a venv in a project) must not report that project's commit, nor the cwd's."""
+    here = Path(__file__).resolve()
+    for root in here.parents:
+        candidate = root / "bench" / "common.py"
+        if candidate.exists() and candidate.resolve() == here and (root / ".git").exists():
+            return root
+    return None
+
+
+def _git_dirs(root: Path) -> tuple[Path, Path] | None:
+    """(git dir, common dir) of the checkout at `root`; a worktree's .git is a file naming its git dir."""
+    dot_git = root / ".git"
+    if dot_git.is_file():
+        text = dot_git.read_text(errors="replace").strip()
+        if not text.startswith("gitdir:"):
+            return None
+        git_dir = Path(text.removeprefix("gitdir:").strip())
+        git_dir = git_dir if git_dir.is_absolute() else (root / git_dir)
+    else:
+        git_dir = dot_git
+    common = git_dir
+    if (git_dir / "commondir").is_file():
+        common = git_dir / (git_dir / "commondir").read_text(errors="replace").strip()
+    return git_dir, common
+
+
+def _is_sha(text: str) -> bool:
+    return len(text) in (40, 64) and all(c in "0123456789abcdef" for c in text)
+
+
+def _resolve_ref(git_dir: Path, common: Path, ref: str) -> str | None:
+    if not ref.startswith("refs/") or ".." in ref:
+        return None
+    for base in (git_dir, common):
+        file = base / ref
+        if file.is_file():
+            value = file.read_text(errors="replace").strip()
+            return value if _is_sha(value) else None
+    packed = common / "packed-refs"
+    if packed.is_file():
+        for line in packed.read_text(errors="replace").splitlines():
+            sha, _, name = line.partition(" ")
+            if name.strip() == ref and _is_sha(sha):
+                return sha
+    return None
+
+
+def head_commit(root: Path) -> str | None:
+    """The full HEAD commit of the checkout at `root`, read from .git/HEAD, refs and packed-refs: no git
+    process, so no repository config (core.fsmonitor, hooks, filters) can run anything."""
+    dirs = _git_dirs(root)
+    if dirs is None or not (dirs[0] / "HEAD").is_file():
+        return None
+    head = (dirs[0] / "HEAD").read_text(errors="replace").strip()
+    if head.startswith("ref:"):
+        return _resolve_ref(*dirs, head.removeprefix("ref:").strip())
+    return head if _is_sha(head) else None
+
+
+def _is_dirty(root: Path) -> bool:
+    # Only prunedm's own checkout, with the config keys that run commands switched off, read-only (no index lock).
+    command = ["git", "-c", "core.fsmonitor=", "-c", "core.hooksPath=/dev/null", "--no-optional-locks"]
+    command += ["-C", str(root), "status", "--porcelain", "--untracked-files=no"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
+        out = subprocess.run(command, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
+def git_commit() -> str:
+    """The short HEAD commit of prunedm's own source checkout (+dirty), never the cwd's; "unknown"
+    for an installed wheel or anything unreadable."""
+    root = _own_tree()
+    try:
+        sha = None if root is None else head_commit(root)
+    except OSError:
+        sha = None
+    if sha is None:
         return "unknown"
+    return sha[:7] + ("+dirty" if _is_dirty(root) else "")
 
 
 def environment(device: torch.device) -> dict:
@@ -93,26 +171,18 @@ def time_ms(fn, device: torch.device, min_run_time: float = 0.2) -> dict:
     return {"median_ms": m.median * 1e3, "q20_ms": pick(0.2), "q80_ms": pick(0.8)}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_results(out_dir: str | os.PathLike, name: str, env: dict, rows: list[dict]) -> tuple[Path, Path]:
     """Write DIR/name.json ({environment, rows}) and DIR/name.csv (rows with the environment columns)."""
     out = Path(out_dir)
     json_path, csv_path = out / f"{name}.json", out / f"{name}.csv"
-    _write_atomic(json_path, json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+    write_text_atomic(json_path, json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
     flat = [{**row, **{f"env_{k}": v for k, v in env.items()}} for row in rows]
     columns = list(dict.fromkeys(key for row in flat for key in row))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(flat)
-    _write_atomic(csv_path, buf.getvalue())
+    write_text_atomic(csv_path, buf.getvalue())
     return json_path, csv_path
 
 
@@ -141,10 +211,11 @@ def plot_speedups(rows: list[dict], path: str | os.PathLike, value: str, label: 
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -163,12 +234,12 @@ def _save(fig, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -24,12 +23,24 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from prunedm._atomic import atomic_dir, atomic_file, is_temp, write_text_atomic
+
 STRUCTURE_FILE = "structure.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "prunedm-structure"
 FORMAT_VERSION = 1
 # Non-persistent buffers (not in state_dict) are saved too, under this prefix.
 BUFFER_PREFIX = "__buffer__."
+# Bounds on what a file may claim, checked before anything is allocated or built (a few edited bytes
+# must not take minutes or gigabytes): layer/block counts, other config integers, list lengths.
+MAX_DEPTH = 128
+MAX_LAYERS = 512
+MAX_CONFIG_INT = 1 << 20
+MAX_LIST_ITEMS = 64
+MAX_MODULES = 200_000
+MAX_STRUCTURE_BYTES = 64 << 20
+MAX_HEADER_BYTES = 100 << 20
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 Describe = Callable[[nn.Module], dict]
 Rebuild = Callable[[dict, nn.Module], nn.Module]
@@ -75,27 +86,29 @@ def _config_value(key: str, value):
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, structure_hooks: Mapping | None = None) -> Path:
-    """Write path/structure.json and path/model.safetensors; each file appears whole or not at all.
+    """Write path/structure.json and path/model.safetensors, the directory whole or not at all.
 
-    A new directory is written under a temporary name and renamed into place. Over an existing one,
-    the weights are replaced first and the structure last; the structure records the weights' sha256,
-    so a reader never silently pairs a structure with other weights."""
+    The new save is written beside `path` and swapped into place when complete (prunedm._atomic.atomic_dir):
+    over an existing save, the old one stays loadable until then; other files in it are carried over."""
     path = Path(path)
     structure = describe_structure(model, structure_hooks)
     tensors = _tensors_to_save(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        try:
-            os.chmod(tmp_dir, 0o777 & ~_umask())
-            _write_files(tmp_dir, structure, tensors)
-            os.replace(tmp_dir, path)
-        except BaseException:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise
-    else:
-        _write_files(path, structure, tensors)
+    with atomic_dir(path) as tmp_dir:
+        _write_files(tmp_dir, structure, tensors)
+        if path.is_dir():
+            _carry_over(path, tmp_dir)
     return path
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    # Files a user keeps beside a save (a README, samples) survive an overwrite of the save.
+    for entry in old.iterdir():
+        if entry.name in (STRUCTURE_FILE, WEIGHTS_FILE) or is_temp(entry) or (new / entry.name).exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
 
 
 def load_pretrained(
@@ -114,6 +127,8 @@ def load_pretrained(
         if not file.is_file():
             raise FileNotFoundError(f"{file} does not exist: not a directory written by prunedm.save_pretrained")
     structure = _read_structure(structure_path)
+    # Every size the structure claims must be a tensor the weights file holds, before anything is built.
+    _check_claimed_shapes(structure, read_safetensors_header(weights_path), structure_path, weights_path)
     digest = _sha256(weights_path)
     if digest != structure["weights_sha256"]:
         raise ValueError(
@@ -126,9 +141,12 @@ def load_pretrained(
         raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from error
 
     cls = _resolve_class(structure["class"], model_classes, structure_path)
+    # A dict only (from_config would fetch a string from the hub), its sizes bounded before building.
+    check_config(structure["config"], structure_path, "config")
+    config = {k: v for k, v in structure["config"].items() if not k.startswith("_")}
     try:
         with torch.device("meta"):
-            model = cls.from_config(structure["config"])
+            model = cls.from_config(config)
     except Exception as error:
         raise ValueError(
             f"{structure_path}: {structure['class']}.from_config failed on the saved config: {error}"
@@ -174,35 +192,11 @@ def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _write_files(directory: Path, structure: dict, tensors: dict[str, torch.Tensor]) -> None:
-    weights = directory / WEIGHTS_FILE
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_FILE}.")
-    os.close(fd)
-    try:
+    with atomic_file(directory / WEIGHTS_FILE) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", "saved_by": FORMAT})
-        os.chmod(tmp, 0o666 & ~_umask())
-        digest = _sha256(Path(tmp))
-        os.replace(tmp, weights)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        digest = _sha256(tmp)
     text = json.dumps({**structure, "weights_file": WEIGHTS_FILE, "weights_sha256": digest}, indent=1)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{STRUCTURE_FILE}.")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / STRUCTURE_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    write_text_atomic(directory / STRUCTURE_FILE, text + "\n")
 
 
 def _simple_attributes(module: nn.Module) -> dict:
@@ -242,18 +236,146 @@ def _sha256(file: Path) -> str:
 
 
 def _read_structure(file: Path) -> dict:
+    if file.stat().st_size > MAX_STRUCTURE_BYTES:
+        raise ValueError(f"{file} is {file.stat().st_size} bytes; a structure file is at most {MAX_STRUCTURE_BYTES}")
     try:
         structure = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise ValueError(f"{file} is not valid JSON (corrupt or truncated): {error}") from error
     if not isinstance(structure, dict) or structure.get("format") != FORMAT:
         raise ValueError(f'{file} is not a prunedm structure file (no "format": "{FORMAT}")')
-    if structure.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{file} has format version {structure['version']}; this prunedm reads up to {FORMAT_VERSION}")
+    version = structure.get("version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{file} has format version {version!r}; this prunedm reads up to {FORMAT_VERSION}")
     missing = [k for k in ("class", "config", "modules", "weights_sha256") if k not in structure]
     if missing:
         raise ValueError(f"{file} lacks the fields {missing}")
+    for key, kind in (("class", str), ("config", dict), ("modules", dict), ("weights_sha256", str)):
+        if not isinstance(structure[key], kind):
+            raise ValueError(f"{file}: field {key!r} must be {_JSON_NAMES[kind]}, got {_json_type(structure[key])}")
+    if len(structure["modules"]) > MAX_MODULES:
+        raise ValueError(f"{file}: field 'modules' lists {len(structure['modules'])} modules, at most {MAX_MODULES}")
+    for name, entry in structure["modules"].items():
+        _check_module_entry(name, entry, file)
     return structure
+
+
+def _check_module_entry(name: str, entry, file: Path) -> None:
+    where = f"{file}: modules[{name!r}]"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be a JSON object, got {_json_type(entry)}")
+    for key, kind in (("class", str), ("attributes", dict), ("parameters", dict), ("buffers", dict)):
+        if not isinstance(entry.get(key), kind):
+            raise ValueError(f"{where}: field {key!r} must be {_JSON_NAMES[kind]}, got {_json_type(entry.get(key))}")
+    if "extra" in entry and not isinstance(entry["extra"], dict):
+        raise ValueError(f"{where}: field 'extra' must be a JSON object, got {_json_type(entry['extra'])}")
+    for key in entry["attributes"]:
+        if key.startswith("_") or key == "training":
+            raise ValueError(f"{where}: attribute {key!r} is not one save_pretrained writes")
+    for group in ("parameters", "buffers"):
+        for key, shape in entry[group].items():
+            if shape is None:
+                continue
+            ok = isinstance(shape, list) and len(shape) <= 8
+            if not (ok and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
+                raise ValueError(f"{where}: {group}[{key!r}] must be a shape (a list of sizes >= 0), got {shape!r}")
+
+
+def _check_claimed_shapes(structure: dict, header: dict, file: Path, weights: Path) -> None:
+    for name, entry in structure["modules"].items():
+        for group in ("parameters", "buffers"):
+            for key, shape in entry[group].items():
+                full = f"{name}.{key}" if name else key
+                found = header.get(full) or header.get(BUFFER_PREFIX + full)
+                if shape is not None and (found is None or found[1] != shape):
+                    got = "no such tensor" if found is None else f"shape {found[1]}"
+                    raise ValueError(
+                        f"{file}: modules[{name!r}].{group}[{key!r}] claims shape {shape}, but {weights} holds {got}"
+                    )
+
+
+def read_safetensors_header(file: str | os.PathLike) -> dict[str, tuple[str, list[int]]]:
+    """{tensor name: (dtype, shape)} from a safetensors file's header, read and checked without loading any
+    tensor: each tensor's bytes must lie in the file. ValueError naming the file when it is not one."""
+    file = Path(file)
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if not 2 <= length <= min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"{file} is not a safetensors file (truncated, or its header length is invalid)")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+            raise ValueError(f"{file} is not a safetensors file: its header is not JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise ValueError(f"{file} is not a safetensors file: its header is not a JSON object")
+    data_bytes, out = size - 8 - length, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            numel = 1
+            for dim in shape:
+                numel *= dim if isinstance(dim, int) and dim >= 0 else -(2**70)
+            valid = isinstance(dtype, str) and 0 <= begin <= end <= data_bytes and numel >= 0
+            valid = valid and (dtype not in _DTYPE_BYTES or numel * _DTYPE_BYTES[dtype] == end - begin)
+        except (TypeError, KeyError, ValueError):
+            valid = False
+        if not valid:
+            raise ValueError(f"{file} is not a valid safetensors file: the header entry of {name!r} is inconsistent")
+        out[name] = (dtype, shape)
+    return out
+
+
+def check_config(config, file: str | os.PathLike, field: str = "config") -> None:
+    """ValueError naming `file` and the field unless `config` is a JSON object of model settings whose
+    sizes are sane: numbers of layers/blocks at most MAX_DEPTH, other integers at most MAX_CONFIG_INT,
+    lists at most MAX_LIST_ITEMS long. Run before any from_config: a few edited bytes must not build for minutes."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: {field} must be a JSON object of model settings, got {_json_type(config)}")
+    layers, blocks = 0, 1
+    for key, value in config.items():
+        depth = not key.startswith("_") and any(word in key for word in ("layers", "blocks", "depth"))
+        _check_config_value(value, f"{field}.{key}", file, MAX_DEPTH if depth else MAX_CONFIG_INT)
+        numbers = value if isinstance(value, list) else [value]
+        if depth:
+            layers += sum(v for v in numbers if isinstance(v, int) and not isinstance(v, bool) and v > 0)
+        elif key.endswith("_types") and isinstance(value, list):
+            blocks = max(blocks, len(value))
+    # Building takes time per layer: bound layers times blocks (an SDXL UNet has ~45, Flux 57).
+    if layers * blocks > MAX_LAYERS:
+        raise ValueError(
+            f"{file}: {field} describes {layers} layers in each of {blocks} blocks, more than {MAX_LAYERS} in all"
+        )
+
+
+def _check_config_value(value, where: str, file, limit: int, nesting: int = 0) -> None:
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int) and abs(value) > limit:
+        raise ValueError(f"{file}: {where} = {value} is out of range (at most {limit})")
+    if isinstance(value, float) and value != value:
+        return
+    if isinstance(value, str) and len(value) > 10_000:
+        raise ValueError(f"{file}: {where} is a string of {len(value)} characters (at most 10000)")
+    if isinstance(value, (list, dict)):
+        if len(value) > MAX_LIST_ITEMS or nesting > 4:
+            raise ValueError(f"{file}: {where} has {len(value)} items nested {nesting} deep (at most {MAX_LIST_ITEMS})")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            _check_config_value(item, f"{where}[{key!r}]", file, limit, nesting + 1)
+
+
+_JSON_NAMES = {str: "a string", dict: "a JSON object", list: "a JSON list"}
+
+
+def _json_type(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    names = {dict: "a JSON object", list: "a JSON list", tuple: "a JSON list", str: "a string"}
+    names.update({int: "a number", float: "a number"})
+    return names.get(type(value), "null" if value is None else type(value).__name__)
 
 
 def _resolve_class(name: str, model_classes: Mapping | None, file: Path) -> type:
@@ -274,7 +396,11 @@ def _apply_structure(model: nn.Module, structure: dict, hooks: Mapping, file: Pa
     for name in sorted((n for n, e in saved.items() if e["class"] in hooks), key=lambda n: n.count(".")):
         if name not in dict(model.named_modules()):
             continue
-        replacement = hooks[saved[name]["class"]][1](saved[name].get("extra", {}), model.get_submodule(name))
+        try:
+            replacement = hooks[saved[name]["class"]][1](saved[name].get("extra", {}), model.get_submodule(name))
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+            kind = saved[name]["class"]
+            raise ValueError(f"{file}: modules[{name!r}] ({kind}) cannot be rebuilt: {error}") from error
         if name:
             owner, _, attr = name.rpartition(".")
             setattr(model.get_submodule(owner), attr, replacement)
@@ -293,6 +419,13 @@ def _apply_structure(model: nn.Module, structure: dict, hooks: Mapping, file: Pa
             )
         for key, value in entry["attributes"].items():
             current = getattr(module, key, None)
+            if key in module._modules or key in module._parameters or key in module._buffers:
+                raise ValueError(f"{file}: modules[{name!r}].attributes[{key!r}] would hide the module's {key!r}")
+            if not _same_kind(current, value):
+                raise ValueError(
+                    f"{file}: modules[{name!r}].attributes[{key!r}] is {_json_type(value)}, "
+                    f"but a {entry['class']} holds {_json_type(current)} there"
+                )
             if isinstance(current, tuple) and isinstance(value, list):
                 value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
             if current != value:
@@ -305,3 +438,15 @@ def _apply_structure(model: nn.Module, structure: dict, hooks: Mapping, file: Pa
                 elif current is None or list(current.shape) != shape:
                     tensor = torch.empty(shape, device="meta")
                     slots[key] = nn.Parameter(tensor) if slots is module._parameters else tensor
+
+
+def _same_kind(current, value) -> bool:
+    """Whether a saved attribute value may replace the built one: None either side, or the same JSON kind."""
+    if current is None or value is None:
+        return True
+    if isinstance(current, bool) or isinstance(value, bool):
+        return isinstance(current, bool) and isinstance(value, bool)
+    kinds = ((int, float), (str,), (list, tuple), (Mapping, dict))
+    return any(isinstance(current, kind) and isinstance(value, kind) for kind in kinds) or not isinstance(
+        current, (int, float, str, list, tuple, Mapping)
+    )

@@ -19,7 +19,12 @@ _ISOLATION_VARS = ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")
 
 def _target_torch_site() -> str | None:
     env = {k: v for k, v in os.environ.items() if k not in _ISOLATION_VARS}
-    probe = "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))"
+    # `python -c` puts the cwd (the source tree being built) first on sys.path: drop it, so that the
+    # probe imports the target's torch and never a torch.py (or other module) lying in that tree.
+    probe = (
+        "import os, sys; sys.path[:] = [p for p in sys.path if p not in ('', '.', os.getcwd())]; "
+        "import torch; print(os.path.dirname(os.path.dirname(torch.__file__)))"
+    )
     try:
         out = subprocess.run(
             [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300, check=True

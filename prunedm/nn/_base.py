@@ -13,6 +13,7 @@ from prunedm.ops import reference
 
 _FALLBACK_ERRORS = (RuntimeError, NotImplementedError, ValueError, TypeError)
 _PATH_TEXT = {"torch": "torch.sparse 2:4 kernel", "prunedm": "prunedm 2:4 kernel", "dense": "dense"}
+_SHAPE_KEY = "prunedm_weight_shape"  # in a state dict's per-module metadata
 _KERNEL_NAME = {"torch": "torch.sparse's 2:4 kernel", "prunedm": "prunedm's 2:4 kernel"}
 
 
@@ -437,6 +438,10 @@ class _SparseWeight(nn.Module):
                 f"{prefix}values: packed shape {list(loaded.shape)} in the checkpoint, but this {self.extra_repr()} "
                 f"stores its [{self._rows}, {self._cols}] matrix as {list(expected)}"
             )
+        elif isinstance(loaded, torch.Tensor):
+            problem = self._logical_shape_problem(loaded, local_metadata.get(_SHAPE_KEY))
+            if problem:
+                errors.append(f"{type(self).__name__} {prefix[:-1] or '(root)'}: {problem}")
         loaded_meta = state_dict.get(prefix + "meta")
         # Checked here, once: the forward never reads metadata back to the host (no per-call sync).
         if isinstance(loaded_meta, torch.Tensor) and loaded_meta.dtype == torch.int16:
@@ -446,6 +451,26 @@ class _SparseWeight(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
         self._reset_runtime()
         self._prepare_if_cuda()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # Layers of other shapes can pad to one packed size: the weight shape goes in the metadata for load.
+        if hasattr(destination, "_metadata"):
+            destination._metadata.setdefault(prefix[:-1], {})[_SHAPE_KEY] = self._weight_shape()
+
+    def _weight_shape(self) -> list[int]:
+        return list(getattr(self, "weight_shape", (self._rows, self._cols)))
+
+    def _logical_shape_problem(self, values: torch.Tensor, saved) -> str | None:
+        shape, padded = self._weight_shape(), list(self.padded_shape)
+        if saved is not None and list(saved) != shape:
+            return f"the state dict holds a weight of shape {list(saved)}, this layer is {shape} (both pad to {padded})"
+        # No recorded shape (read from a file): the padding of a packed matrix is zero, whole 4-groups past
+        # the last (maybe partial) one; weights there were saved from a layer of another shape.
+        first_pad = -(-self._cols // _packing.GROUP) * 2
+        if not values.is_meta and (values[self._rows :].any() or values[:, first_pad:].any()):
+            return f"the state dict holds weights outside this layer's {shape} weight (padded to {padded})"
+        return None
 
     def _pack_dense_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         matrix = self._matrix_from_weight(weight.detach())

@@ -101,10 +101,18 @@ class ChannelSelectedNorm(nn.Module):
         return out.index_select(self.channel_dim, self.kept.to(out.device))
 
 
+def _rebuild_channel_selected_norm(description: dict, current: nn.Module) -> ChannelSelectedNorm:
+    # `kept` comes from a file: a count no larger than the norm's channels, and the buffer stays on the
+    # meta device (load_pretrained fills it from the weights), so no claimed size is ever allocated.
+    kept, channels = description.get("kept"), norm_channels(current)
+    if not isinstance(kept, int) or isinstance(kept, bool) or channels is None or not 0 <= kept <= channels:
+        kind = type(current).__name__
+        raise ValueError(f'"kept" must be a channel count in [0, {channels}] for this {kind}, got {kept!r}')
+    return ChannelSelectedNorm(current, torch.empty(kept, dtype=torch.long, device="meta"))
+
+
 serialization.register_structure_hook(
-    "ChannelSelectedNorm",
-    lambda module: {"kept": int(module.kept.numel())},
-    lambda description, current: ChannelSelectedNorm(current, torch.zeros(description["kept"], dtype=torch.long)),
+    "ChannelSelectedNorm", lambda module: {"kept": int(module.kept.numel())}, _rebuild_channel_selected_norm
 )
 
 
