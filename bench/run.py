@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
+from prunedm._atomic import write_text_atomic
+
 from . import layers as layers_bench
 from . import models as models_bench
 from . import ops as ops_bench
-from .common import _write_atomic, environment, plot_bars, plot_lines, plot_speedups, write_results
+from .common import environment, plot_bars, plot_lines, plot_speedups, write_results
 
 SUITES = ("ops", "layers", "models")
 
@@ -121,7 +123,7 @@ def _main(argv: list[str] | None) -> int:
         seconds[suite] = round(time.perf_counter() - t0, 2)
     summary = {"environment": env, "quick": args.quick, "suites": suites, "seconds": seconds,
                "files": sorted(str(p.relative_to(out)) for p in files if p.exists())}  # fmt: skip
-    _write_atomic(out / "bench.json", json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out / "bench.json", json.dumps(summary, indent=1) + "\n")
     print(f"bench: {', '.join(suites)} on {env['device']} in {time.perf_counter() - start:.0f} s -> {out}")
     return 0
 

@@ -267,6 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, but key=value overrides may also come after flags (`--config f.yaml lr=1e-4`):
+    argparse takes one run of positionals only, and hands later ones back as unrecognised."""
+    args, extra = parser.parse_known_args(argv)
+    late = [item for item in extra if "=" in item and not item.startswith("-")]
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *late]
+        extra = [item for item in extra if item not in late]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 600 else text[:597] + "..."
@@ -275,7 +288,7 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `prunedm` console script; returns the exit code."""
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(build_parser(), argv)
     except UsageError as exc:
         print(f"prunedm: error: {_one_line(exc)}", file=sys.stderr)
         return 2

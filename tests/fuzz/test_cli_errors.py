@@ -95,6 +95,10 @@ FLAGS = [
     (["sample", "model=arch:tiny-unet", "--frobnicate"], ["unrecognized arguments: --frobnicate"]),
     (["prune", "model=arch:tiny-unet", "--dtype", "float16"], ["unrecognized arguments: --dtype"]),
     (["demo", "--quick", "finetune.lr=-1"], ["finetune.lr must be a number > 0, got -1"]),
+    (["sample", "--seed", "1", "model=arch:tiny-unet", "stray"], ["override 'stray' must look like key=value"]),
+    (["sample", "model=arch:tiny-unet", "--seed", "1", "stray"], ["unrecognized arguments: stray"]),
+    (["sample", "model=arch:tiny-unet", "--seed", "1", "--x=1"], ["unrecognized arguments: --x=1"]),
+    (["sample", "--seed", "1", "model=arch:tiny-unet", "steps=0"], ["steps must be an integer in [1, 1000], got 0"]),
 ]  # fmt: skip
 
 
