@@ -45,20 +45,14 @@ mkdir -p .gpu
 find .gpu -name '.*.prunedm-tmp-*' -delete
 tmp=".gpu/.$(basename "$so").prunedm-tmp-$$"
 cp "$so" "$tmp" && strip --strip-debug "$tmp" && mv -f "$tmp" ".gpu/$(basename "$so")"
-# The commit and a hash of csrc/: gpu-check.sh reads them (the carried tree has no .git) and rebuilds when stale.
-"$venv/bin/python" - "$root" "$build_s" <<'EOF'
-import hashlib, json, os, subprocess, sys, torch
-root, build_s = sys.argv[1], int(sys.argv[2])
+# The commit and a hash of the csrc/ built (the copy's): gpu-check.sh reads them (the carried tree has no .git) and rebuilds when stale.
+"$venv/bin/python" - "$root" "$build_s" "$(python3 scripts/gpu_check/source_hash.py "$src")" <<'EOF'
+import json, os, subprocess, sys, torch
+root, build_s, csrc_sha256 = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 def git(*args):
     return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True).stdout.strip()
-digest = hashlib.sha256()
-for dirpath, dirs, files in sorted(os.walk(os.path.join(root, "csrc"))):
-    dirs.sort()
-    for name in sorted(files):
-        path = os.path.join(dirpath, name)
-        digest.update(os.path.relpath(path, root).encode() + b"\0" + open(path, "rb").read())
 info = {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "csrc_sha256": digest.hexdigest(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+        "csrc_sha256": csrc_sha256, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
         "python": "%d.%d" % sys.version_info[:2], "arch_list": os.environ["TORCH_CUDA_ARCH_LIST"],
         "build_seconds": build_s, "so": sorted(f for f in os.listdir(os.path.join(root, ".gpu")) if f.endswith(".so"))}
 tmp = os.path.join(root, ".gpu", ".BUILD.json.prunedm-tmp-%d" % os.getpid())
