@@ -11,7 +11,7 @@ PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
 # step:budget_s:min_s. Budgets sum to 450 s; a step starts only with at least min_s left.
-PLAN=(env:10:3 setup:60:5 correctness:80:15 pytest:95:20 sanitizer:60:15 timing:80:15 e2e:60:20)
+PLAN=(env:15:3 setup:55:5 correctness:80:15 pytest:95:20 sanitizer:60:15 timing:80:15 e2e:60:20)
 RESERVE_S=5  # the last summary and tarball, after the last step
 # A CPU machine shared with other work may run a dry run several times slower: GPU_CHECK_TIME_SCALE=N multiplies
 # the budget and every step's share (the plan printed stays the real one).

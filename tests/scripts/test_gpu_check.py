@@ -1,0 +1,219 @@
+"""scripts/gpu-check.sh without a GPU: the --dry-run runs every step's logic on the CPU, the budget plan and skips,
+the result files (at most 8 under --out) and one-line errors for bad arguments; its helpers as units."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "gpu-check.sh"
+sys.path.insert(0, str(ROOT / "scripts" / "gpu_check"))
+
+import _common  # noqa: E402
+import source_hash  # noqa: E402
+import summary  # noqa: E402
+
+STEPS = ["env", "setup", "correctness", "pytest", "sanitizer", "timing", "e2e"]
+RESULT_FILES = {"gpu-check.log", "summary.json", "details.tar.gz", "env.json", "correctness.json",
+                "pytest-cuda.xml", "timing.json", "e2e.json"}  # fmt: skip
+
+
+def run_check(*args, env_extra: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, **(env_extra or {})}
+    env.pop("PRUNEDM_GPU_CHECK_INNER", None)
+    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)  # fmt: skip
+
+
+def plan_budgets(stdout: str) -> dict[str, int]:
+    lines = stdout.split("plan (step, budget s):\n", 1)[1].splitlines()
+    found = {}
+    for line in lines:
+        match = re.fullmatch(r"\s+(\w+)\s+(\d+)(.*)", line)
+        if not match:
+            break
+        found[match.group(1)] = int(match.group(2))
+    return found
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """One full dry run (shared by the tests below: it is the slow part). GPU_CHECK_TIME_SCALE gives a CPU
+    shared with other jobs room; on an idle machine the run takes about a minute."""
+    out = tmp_path_factory.mktemp("gpu") / "out"
+    start = time.monotonic()
+    result = run_check("--dry-run", "--out", out, env_extra={"GPU_CHECK_TIME_SCALE": "3"})
+    return result, out, time.monotonic() - start
+
+
+def test_dry_run_plan_sums_to_at_most_450_s(dry_run):
+    result, _, _ = dry_run
+    budgets = plan_budgets(result.stdout)
+    assert list(budgets) == [*STEPS, "total"], result.stdout
+    assert sum(budgets[s] for s in STEPS) == budgets["total"]
+    assert budgets["total"] + 5 <= 450  # the steps plus the summary's reserve
+
+
+def test_dry_run_every_step_runs_and_passes(dry_run):
+    result, out, seconds = dry_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    data = json.loads((out / "summary.json").read_text())
+    assert data["dry_run"] is True
+    assert [s["step"] for s in data["steps"]] == STEPS
+    assert {s["step"]: s["status"] for s in data["steps"]} == dict.fromkeys(STEPS, "ok")
+    for step in STEPS:
+        assert f"== {step} (" in result.stdout and f"== {step}: ok in " in result.stdout
+
+
+def test_dry_run_writes_at_most_eight_result_files(dry_run):
+    _, out, _ = dry_run
+    assert {p.name for p in out.iterdir()} == RESULT_FILES
+    with tarfile.open(out / "details.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"./steps.tsv", "./setup/setup.json", "./sanitizer/calls.txt", "./timing/layers.json"} <= names
+    assert not any("prunedm-tmp" in name for name in names)
+
+
+def test_dry_run_results_hold_real_values(dry_run):
+    _, out, _ = dry_run
+    env = json.loads((out / "env.json").read_text())
+    assert env["versions"]["torch"] == torch.__version__ and env["device"]["name"] == "cpu (dry run)"
+    assert re.fullmatch(r"[0-9a-f]{40}|unknown", env["commit"]["commit"])
+
+    correctness = json.loads((out / "correctness.json").read_text())
+    assert not correctness["counts"].get("FAIL") and not correctness["counts"].get("ERROR"), correctness["counts"]
+    ops_passed = {c["op"] for c in correctness["cases"] if c["status"] == "pass"}
+    assert {"nm_mask", "nm_violations", "compress_2to4", "decompress_2to4", "gumbel_nm_sample",
+            "gumbel_pattern_sample", "sparse_linear_2to4", "sparse_conv2d_2to4"} <= ops_passed  # fmt: skip
+    linear = [c for c in correctness["cases"] if c["op"] == "sparse_linear_2to4" and c["status"] == "pass"]
+    # Every epilogue on the odd shapes, each within float32's tolerance of the float64 reference.
+    assert {(c["activation"], c["bias"], c["residual"]) for c in linear} >= {
+        ("gelu_tanh", True, True),
+        ("none", False, False),
+    }
+    assert max(c["max_rel_err"] for c in linear) <= 1e-5
+    conv = {c["format"] for c in correctness["cases"] if c["op"] == "sparse_conv2d_2to4" and c["status"] == "pass"}
+    assert conv == {"nchw", "nhwc"}
+
+    timing = json.loads((out / "timing.json").read_text())
+    dense = [r for r in timing["kernels"] if r["backend"] == "dense"]
+    assert dense and all(r["median_ms"] > 0 and r["ok"] for r in dense)
+    assert any(r["backend"] == "torch cuSPARSELt" and "CUDA only" in r["error"] for r in timing["kernels"])
+    assert timing["layers"] and timing["ops"]
+
+    e2e = json.loads((out / "e2e.json").read_text())
+    sparse = [r for r in e2e["rows"] if r["backend"] in ("torch", "prunedm", "auto")]
+    assert {r["model"] for r in sparse} == {"dit-s-2", "tiny-unet"} and len(sparse) == 6
+    for r in sparse:
+        assert r["ok"] and r["max_rel_err"] <= 1e-4 and r["converted"] > 0, r
+        assert sum(r["paths"].values()) == r["converted"]  # which path each converted layer ran
+
+
+def test_small_budget_skips_steps_with_a_log_line(tmp_path):
+    out = tmp_path / "out"
+    start = time.monotonic()
+    result = run_check("--dry-run", "--budget", "20", "--out", out, timeout=120)
+    assert time.monotonic() - start < 20 + 15  # the hard self-timeout
+    data = json.loads((out / "summary.json").read_text())
+    status = {s["step"]: s["status"] for s in data["steps"]}
+    for step in ("correctness", "pytest", "sanitizer", "timing", "e2e"):
+        assert status[step] == "skipped", status
+        assert re.search(rf"== {step}: skipped, needs \d+ s and -?\d+ s are left", result.stdout), result.stdout
+    assert len(list(out.iterdir())) <= 8
+
+
+def test_only_runs_the_named_steps(tmp_path):
+    out = tmp_path / "out"
+    result = run_check("--dry-run", "--only", "env", "--out", out, timeout=120)
+    data = json.loads((out / "summary.json").read_text())
+    status = {s["step"]: (s["status"], s["note"]) for s in data["steps"]}
+    assert status["env"][0] in ("ok", "timeout"), result.stdout
+    assert all(status[s] == ("skipped", "not in --only") for s in STEPS[1:])
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--budget", "abc"], ["--budget", "whole number"]),
+        (["--budget", "5"], ["--budget", "[10, 3600]"]),
+        (["--budget"], ["--budget", "seconds"]),
+        (["--only", "env,warp"], ["--only", "warp"]),
+        (["--frobnicate"], ["unknown argument", "--frobnicate"]),
+        (["--out", ""], ["--out", "directory"]),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(tmp_path, args, words):
+    out = tmp_path / "out"
+    result = run_check(*args, *(["--out", out] if "--out" not in args else []), timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_out_that_is_a_file_is_refused_and_left_alone(tmp_path):
+    out = tmp_path / "results"
+    out.write_text("keep")
+    result = run_check("--dry-run", "--out", out, timeout=60)
+    assert result.returncode == 2 and "not a directory" in result.stderr and out.read_text() == "keep"
+
+
+def test_bad_time_scale_is_refused(tmp_path):
+    result = run_check("--dry-run", "--out", tmp_path / "o", env_extra={"GPU_CHECK_TIME_SCALE": "0.5"}, timeout=60)
+    assert result.returncode == 2 and "GPU_CHECK_TIME_SCALE" in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_plan_in_the_script_fits_450_s():
+    text = SCRIPT.read_text()
+    plan = re.search(r"^PLAN=\((.*)\)$", text, re.M).group(1).split()
+    caps = {step.split(":")[0]: int(step.split(":")[1]) for step in plan}
+    reserve = int(re.search(r"^RESERVE_S=(\d+)", text, re.M).group(1))
+    assert list(caps) == STEPS and sum(caps.values()) + reserve <= 450
+
+
+def test_source_hash_follows_csrc(tmp_path):
+    (tmp_path / "csrc" / "cuda").mkdir(parents=True)
+    (tmp_path / "csrc" / "cuda" / "a.cu").write_text("x")
+    first = source_hash.csrc_sha256(str(tmp_path))
+    assert first == source_hash.csrc_sha256(str(tmp_path)) and re.fullmatch(r"[0-9a-f]{64}", first)
+    (tmp_path / "csrc" / "cuda" / "a.cu").write_text("y")
+    assert source_hash.csrc_sha256(str(tmp_path)) != first
+    (tmp_path / "csrc" / "cuda" / "a.cu").rename(tmp_path / "csrc" / "b.cu")  # same bytes, another path
+    (tmp_path / "csrc" / "b.cu").write_text("x")
+    assert source_hash.csrc_sha256(str(tmp_path)) != first
+
+
+def test_max_errors_flags_unwritten_outputs():
+    expected = torch.tensor([1.0, -2.0, 4.0])
+    got = torch.tensor([1.0, float("nan"), 4.5])
+    errors = _common.max_errors(got, expected)
+    assert errors == {"max_abs_err": 0.5, "max_rel_err": 0.125, "nan_extra": 1}
+    assert _common.max_errors(torch.zeros(2), torch.zeros(3))["shape_mismatch"]
+
+
+def test_summary_reads_junit_sanitizer_and_steps(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "sanitizer").mkdir(parents=True)
+    out.mkdir()
+    (work / "steps.tsv").write_text("step\tstatus\tseconds\tbudget_s\tgiven_s\tnote\nenv\tok\t2\t15\t15\t\n"
+                                    "e2e\tskipped\t0\t60\t0\tneeds 20 s, 3 s left\n")  # fmt: skip
+    (work / "sanitizer" / "result.tsv").write_text("memcheck\t0\t========= ERROR SUMMARY: 0 errors\n")
+    (out / "pytest-cuda.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.ops.t" name="a"><failure/></testcase><testcase classname="tests.ops.t" name="b"/>'
+        "</testsuite></testsuites>"
+    )
+    data = summary.build(work, out, dry_run=False)
+    assert data["plan_total_s"] == 75 and data["steps"][1]["note"] == "needs 20 s, 3 s left"
+    assert data["pytest_cuda"] == {"tests": 3, "failures": 1, "errors": 0, "skipped": 1, "failed": ["tests.ops.t::a"]}
+    assert data["sanitizer"]["memcheck"] == {"exit": "0", "summary": "========= ERROR SUMMARY: 0 errors"}
