@@ -85,7 +85,7 @@ def main() -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     # One file per sanitizer tool run would clash; the last run's list is what the summary needs.
     write_text_atomic(Path(args.out) / "calls.txt", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(line[:160] for line in lines))
     return 1 if failed else 0
 
 
