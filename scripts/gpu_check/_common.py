@@ -4,6 +4,7 @@ Each step runs in its own process; --dry-run makes it take the CPU and tiny shap
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -23,7 +24,17 @@ if "--dry-run" in sys.argv:
 
 import torch  # noqa: E402
 
-from prunedm._atomic import write_text_atomic  # noqa: E402
+
+def _load_atomic():
+    """prunedm/_atomic.py by path: `import prunedm` needs diffusers and torch-pruning, which the GPU image gets
+    only in the setup step, after the env step has run."""
+    spec = importlib.util.spec_from_file_location("_prunedm_atomic", ROOT / "prunedm" / "_atomic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+write_text_atomic = _load_atomic().write_text_atomic
 
 
 def parse_args(description: str, extra=None) -> argparse.Namespace:

@@ -58,7 +58,8 @@ def _output(result) -> torch.Tensor:
     return result.sample if hasattr(result, "sample") else result[0]
 
 
-def run_model(name, batch, make_inputs, device, dtype, deadline: Deadline, min_run_time: float) -> list[dict]:
+def run_model(name, batch, make_inputs, device, dtype, deadline: Deadline, min_run_time: float, save) -> list[dict]:
+    """Rows of the masked dense model and each backend; save(rows) after each, so a timeout keeps what ran."""
     t0 = time.monotonic()
     torch.manual_seed(0)
     model = build(name, seed=0, device=device).to(dtype).eval()
@@ -101,6 +102,7 @@ def run_model(name, batch, make_inputs, device, dtype, deadline: Deadline, min_r
             row.update(ok=False, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
         row["seconds"] = round(time.monotonic() - t1, 1)
         rows.append(row)
+        save(rows)
         print(f"{name} {backend}: " + ", ".join(f"{k}={row[k]}" for k in ("ok", "speedup_vs_dense", "paths", "error")
                                                  if k in row))  # fmt: skip
     model = sparse = None  # noqa: F841  (frees the GPU memory before the next model)
@@ -120,16 +122,22 @@ def main() -> int:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     deadline = Deadline(args.deadline, margin_s=3.0)
     rows: list[dict] = []
+
+    def save(more: list[dict]) -> None:
+        done = rows + more
+        write_json(args.out / "e2e.json", {"dry_run": args.dry_run, "headline": headline(done), "rows": done})
+
     for name, (batch, make_inputs) in (DRY_MODELS if args.dry_run else MODELS).items():
         if deadline.passed():
             rows.append({"model": name, "backend": "*", "status": "not run (deadline)"})
             continue
         try:
-            rows += run_model(name, batch, make_inputs, device, dtype, deadline, 0.02 if args.dry_run else 0.3)
+            min_run_time = 0.02 if args.dry_run else 0.3
+            rows += run_model(name, batch, make_inputs, device, dtype, deadline, min_run_time, save)
         except Exception as exc:  # e.g. the model does not build (no diffusers): the next model still runs
             rows.append({"model": name, "backend": "*", "ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]})
-        write_json(args.out / "e2e.json", {"dry_run": args.dry_run, "headline": headline(rows), "rows": rows})
-    write_json(args.out / "e2e.json", {"dry_run": args.dry_run, "headline": headline(rows), "rows": rows})
+        save([])
+    save([])
     return 0 if all(r.get("ok", True) for r in rows) else 1
 
 

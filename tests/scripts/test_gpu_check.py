@@ -216,3 +216,42 @@ def test_summary_reads_junit_sanitizer_and_steps(tmp_path):
     assert data["plan_total_s"] == 75 and data["steps"][1]["note"] == "needs 20 s, 3 s left"
     assert data["pytest_cuda"] == {"tests": 3, "failures": 1, "errors": 0, "skipped": 1, "failed": ["tests.ops.t::a"]}
     assert data["sanitizer"]["memcheck"] == {"exit": "0", "summary": "========= ERROR SUMMARY: 0 errors"}
+
+
+def test_correctness_runner_statuses():
+    import correctness
+
+    run = correctness.Runner(torch.device("cpu"), _common.Deadline(time.monotonic() + 60, margin_s=0))
+    check = correctness._close(torch.ones(4), 1e-3)
+    run.case({"op": "unwritten"}, lambda: torch.tensor([1.0, float("nan"), 1.0, 1.0]), check)
+    run.case({"op": "right"}, lambda: torch.ones(4), check)
+    run.case({"op": "off"}, lambda: torch.full((4,), 1.01), check)
+
+    def unavailable():
+        raise RuntimeError("sparse_linear_2to4: the nvrtc backend cannot run here: no CUDA device is visible")
+
+    def broken():
+        raise ValueError("wrong shape")
+
+    run.case({"op": "unavailable"}, unavailable, check)
+    run.case({"op": "broken"}, broken, check)
+    statuses = {c["op"]: c["status"] for c in run.cases}
+    assert statuses == {
+        "unwritten": "FAIL",
+        "right": "pass",
+        "off": "FAIL",
+        "unavailable": "skipped",
+        "broken": "ERROR",
+    }
+    assert run.cases[0]["nan_extra"] == 1 and run.cases[2]["max_rel_err"] == pytest.approx(0.01)
+    assert run.cases[4]["error"] == "ValueError: wrong shape"
+
+    def sticky():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal"):  # nothing after a sticky error can be trusted
+        run.case({"op": "sticky"}, sticky, check)
+    assert run.cases[-1]["status"] == "ERROR"
+    late = correctness.Runner(torch.device("cpu"), _common.Deadline(time.monotonic() - 1))
+    late.case({"op": "late"}, lambda: torch.ones(4), check)
+    assert late.cases == [{"op": "late", "status": "not run (deadline)"}]
