@@ -127,22 +127,23 @@ def load_pretrained(
         if not file.is_file():
             raise FileNotFoundError(f"{file} does not exist: not a directory written by prunedm.save_pretrained")
     structure = _read_structure(structure_path)
-    # Every size the structure claims must be a tensor the weights file holds, before anything is built.
-    _check_claimed_shapes(structure, read_safetensors_header(weights_path), structure_path, weights_path)
+    cls = _resolve_class(structure["class"], model_classes, structure_path)
+    # A dict only (from_config would fetch a string from the hub), its sizes bounded before building.
+    check_config(structure["config"], structure_path, "config")
     digest = _sha256(weights_path)
     if digest != structure["weights_sha256"]:
         raise ValueError(
             f"{weights_path} does not match {structure_path}: sha256 {digest[:12]}... but the structure was "
             f"saved with {structure['weights_sha256'][:12]}... (a partial copy, or files from two saves)"
         )
+    # Every size the structure claims must be a tensor the weights file holds, before anything is built
+    # (both files may be forged together: the checksum then matches).
+    _check_claimed_shapes(structure, read_safetensors_header(weights_path), structure_path, weights_path)
     try:
         tensors = load_file(weights_path, device=str(device))
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from error
 
-    cls = _resolve_class(structure["class"], model_classes, structure_path)
-    # A dict only (from_config would fetch a string from the hub), its sizes bounded before building.
-    check_config(structure["config"], structure_path, "config")
     config = {k: v for k, v in structure["config"].items() if not k.startswith("_")}
     try:
         with torch.device("meta"):
@@ -290,7 +291,8 @@ def _check_claimed_shapes(structure: dict, header: dict, file: Path, weights: Pa
                 if shape is not None and (found is None or found[1] != shape):
                     got = "no such tensor" if found is None else f"shape {found[1]}"
                     raise ValueError(
-                        f"{file}: modules[{name!r}].{group}[{key!r}] claims shape {shape}, but {weights} holds {got}"
+                        f"{weights} does not fit the structure in {file}: modules[{name!r}].{group}[{key!r}] "
+                        f"({full}) claims shape {shape}, the weights hold {got}"
                     )
 
 
