@@ -43,9 +43,9 @@ def _junit(path: Path) -> dict | None:
 
 def build(work: Path, out: Path, dry_run: bool) -> dict:
     with open(work / "steps.tsv", newline="") as f:
-        steps = list(csv.DictReader(f, delimiter="\t"))
-    summary: dict = {"dry_run": dry_run, "steps": steps,
-                     "plan_total_s": sum(int(s["budget_s"]) for s in steps if s["budget_s"].isdigit())}  # fmt: skip
+        steps = [{k: int(v) if k.endswith("_s") or k == "seconds" else v for k, v in row.items()}
+                 for row in csv.DictReader(f, delimiter="\t")]  # fmt: skip
+    summary: dict = {"dry_run": dry_run, "steps": steps, "plan_total_s": sum(s["budget_s"] for s in steps)}
     env = _json(out / "env.json")
     if env:
         summary["device"], summary["commit"] = env.get("device"), env.get("commit")

@@ -53,7 +53,7 @@ def dry_run(tmp_path_factory):
     shared with other jobs room; on an idle machine the run takes about a minute."""
     out = tmp_path_factory.mktemp("gpu") / "out"
     start = time.monotonic()
-    result = run_check("--dry-run", "--out", out, env_extra={"GPU_CHECK_TIME_SCALE": "3"})
+    result = run_check("--dry-run", "--out", out, env_extra={"GPU_CHECK_TIME_SCALE": "3"}, timeout=450 * 3 + 60)
     return result, out, time.monotonic() - start
 
 
@@ -214,6 +214,7 @@ def test_summary_reads_junit_sanitizer_and_steps(tmp_path):
     )
     data = summary.build(work, out, dry_run=False)
     assert data["plan_total_s"] == 75 and data["steps"][1]["note"] == "needs 20 s, 3 s left"
+    assert data["steps"][0] == {"step": "env", "status": "ok", "seconds": 2, "budget_s": 15, "given_s": 15, "note": ""}
     assert data["pytest_cuda"] == {"tests": 3, "failures": 1, "errors": 0, "skipped": 1, "failed": ["tests.ops.t::a"]}
     assert data["sanitizer"]["memcheck"] == {"exit": "0", "summary": "========= ERROR SUMMARY: 0 errors"}
 
