@@ -48,6 +48,9 @@ mkdir -p "$out" || die "cannot create --out $out"
 out=$(cd "$out" && pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/prunedm-gpu-check.XXXXXX")
 export out work dry PYTHON
+# prunedm's caches (NVRTC images, auto's timings) start empty and stay out of the user's ~/.cache: the sanitizer
+# step reuses the kernels the correctness step compiled, and a dry run leaves nothing behind.
+export PRUNEDM_CACHE_DIR="$work/cache"
 trap 'rm -rf "$work"' EXIT
 start=$(date +%s)
 deadline=$((start + budget * scale - RESERVE_S))
@@ -70,7 +73,7 @@ say "  $(printf '%-12s %4d' total "$total") (+${RESERVE_S} s summary)"
 pack() {  # summary.json and details.tar.gz, refreshed after every step so a cut-short run returns what it found
   "$PYTHON" scripts/gpu_check/summary.py "$work" "$out" $dry >> "$log" 2>&1
   local tmp="$out/.details.tar.gz.prunedm-tmp-$$"
-  tar -czf "$tmp" -C "$work" --exclude=./site . 2>> "$log" && mv -f "$tmp" "$out/details.tar.gz"
+  tar -czf "$tmp" -C "$work" --exclude=./site --exclude=./cache . 2>> "$log" && mv -f "$tmp" "$out/details.tar.gz"
 }
 
 run_step() {  # run_step NAME CAP MIN COMMAND...: the command gets its share as $SHARE (seconds, minus a margin)
