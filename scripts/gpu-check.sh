@@ -102,13 +102,21 @@ run_step() {  # run_step NAME CAP MIN COMMAND...: the command gets its share as 
 }
 
 step_pytest() {
-  local args=(-m cuda -q -p no:cacheprovider -o junit_family=xunit2 --junitxml="$out/pytest-cuda.xml")
+  mkdir -p "$work/pytest"
+  local args=(-m cuda -q -p no:cacheprovider --tb=short -o junit_family=xunit2 --junitxml="$out/pytest-cuda.xml")
   "$PYTHON" -c "import xdist" 2> /dev/null && args+=(-n "$([ -n "$dry" ] && echo 2 || echo 8)")
-  "$PYTHON" -c "import pytest_timeout" 2> /dev/null && args+=(--timeout 60)
+  local plugin; plugin=$("$PYTHON" -c "import pytest_timeout; print(pytest_timeout.__file__)" 2> /dev/null)
+  if [ -n "$plugin" ]; then
+    args+=(--timeout 60)
+    # Ending the session itself before the step's timeout lets pytest still write the junit XML.
+    grep -q session_timeout "$plugin" && args+=(--session-timeout $((SHARE > 20 ? SHARE - 10 : SHARE)))
+  fi
   # A dry run collects one GPU test module (its tests skip on CPU): the whole suite's collection would not fit.
   [ -n "$dry" ] && args+=(tests/ops/test_cuda_ops.py)
-  "$PYTHON" -m pytest "${args[@]}"
+  # The full output (tracebacks) goes to the tarball; the log gets its summary.
+  "$PYTHON" -m pytest "${args[@]}" > "$work/pytest/pytest.log" 2>&1
   local rc=$?
+  grep -E "^(FAILED|ERROR) |passed|failed|skipped|error" "$work/pytest/pytest.log" | tail -60
   [ $rc -eq 5 ] && return 0  # no test selected is not a failure of the run
   return $rc
 }
