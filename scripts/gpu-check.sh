@@ -73,7 +73,7 @@ say "  $(printf '%-12s %4d' total "$total") (+${RESERVE_S} s summary)"
 pack() {  # summary.json and details.tar.gz, refreshed after every step so a cut-short run returns what it found
   "$PYTHON" scripts/gpu_check/summary.py "$work" "$out" $dry >> "$log" 2>&1
   local tmp="$out/.details.tar.gz.prunedm-tmp-$$"
-  tar -czf "$tmp" -C "$work" --exclude=./site --exclude=./cache . 2>> "$log" && mv -f "$tmp" "$out/details.tar.gz"
+  tar -czf "$tmp" -C "$work" --exclude=./setup/site --exclude=./cache . 2>> "$log" && mv -f "$tmp" "$out/details.tar.gz"
 }
 
 run_step() {  # run_step NAME CAP MIN COMMAND...: the command gets its share as $SHARE (seconds, minus a margin)
