@@ -3,11 +3,13 @@
 The noise is the reference's: tl.randint4x is Philox4x32-10 with counter (lo32, hi32 of i // 4, 0, 0)
 and key (lo32, hi32 of seed), word i % 4 for element i, and the Gumbel transform runs in float64.
 The per-group math follows csrc/include/prunedm/gumbel.h on a [groups, m] tile: fused noise and
-top-n or relaxation forward; fused noise, recomputed relaxation and reverse sweep backward."""
+top-n or relaxation forward; fused noise, recomputed relaxation and reverse sweep backward. Infinite
+logits follow the reference's rule; the pattern kernels refuse m past MAX_PATTERN_TABLE_ENTRIES."""
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -66,6 +68,27 @@ def _suppress(alpha, z, a, z_max, total, is_top):
 
 
 @triton.jit
+def _infinity_level(x):
+    """1 where x is +inf, -1 where -inf, 0 where finite."""
+    return tl.where(x == float("inf"), 1, tl.where(x == float("-inf"), -1, 0))
+
+
+@triton.jit
+def _level_plan(keys, noise, in_group, n, tau):
+    """gumbel.h's LevelPlan on a tile: per lane its level by keys / tau (-2 on padding lanes); per row
+    the level holding the n-th place and its number of relaxation steps; the active keys (-inf off that level,
+    noise on an infinite one) and the lanes pinned at 1."""
+    level = tl.where(in_group, _infinity_level(keys / tau), -2)
+    above = tl.sum((level == 1).to(tl.int32), axis=1)
+    finite = tl.sum((level == 0).to(tl.int32), axis=1)
+    active = tl.where(above >= n, 1, tl.where(above + finite >= n, 0, -1))
+    steps = tl.where(active == 1, n, tl.where(active == 0, n - above, n - above - finite))
+    on_active = level == active[:, None]
+    active_keys = tl.where(on_active, tl.where(level == 0, keys, noise), float("-inf"))
+    return level, active, steps, active_keys, level > active[:, None]
+
+
+@triton.jit
 def _top_lane(z, lanes):
     """Bool tile marking each row's first argmax of z."""
     top = tl.argmax(z, axis=1, tie_break_left=True)
@@ -91,23 +114,32 @@ def _gumbel_nm_kernel(
     offsets = g[:, None] * m + lanes[None, :]
     valid = (g[:, None] < groups) & (lanes[None, :] < m)
     logits = tl.load(logits_ptr + offsets, mask=valid, other=0.0).to(COMPUTE)
-    # Padding lanes get -inf keys: never kept, and exp(-inf) = 0 in every softmax. Rows past the
-    # end keep finite keys, so that no NaN is ever computed.
-    keys = tl.where(lanes[None, :] < m, logits + _gumbel_noise(seed, offsets, COMPUTE), float("-inf"))
+    noise = _gumbel_noise(seed, offsets, COMPUTE)
+    # Padding lanes get -inf keys and level -2: never kept, and exp(-inf) = 0 in every softmax.
+    # Rows past the end keep finite keys.
+    in_group = lanes[None, :] < m
+    keys = tl.where(in_group, logits + noise, float("-inf"))
     if HARD:
-        # An element's rank is the number of elements that beat it (larger, or equal at a lower index).
-        key_i = keys[:, :, None]
-        key_j = keys[:, None, :]
+        # An element's rank is the number of elements that beat it: a higher level, or the same level
+        # and a larger rank key (the key, or the noise of an infinite one), or equal at a lower index.
+        level = tl.where(in_group, _infinity_level(keys), -2)
+        rank_key = tl.where(level == 0, keys, noise)
+        key_i, key_j = rank_key[:, :, None], rank_key[:, None, :]
+        level_i, level_j = level[:, :, None], level[:, None, :]
         j_before_i = lanes[None, None, :] < lanes[None, :, None]
-        beats = (key_j > key_i) | ((key_j == key_i) & j_before_i)
+        same_level_beats = (key_j > key_i) | ((key_j == key_i) & j_before_i)
+        beats = (level_j > level_i) | ((level_j == level_i) & same_level_beats)
         rank = tl.sum(beats.to(tl.int32), axis=2)
         out = (rank < n).to(COMPUTE)
     else:
-        alpha = keys
-        out = tl.zeros((BLOCK_G, M), dtype=COMPUTE)
+        level, active, steps, alpha, pinned = _level_plan(keys, noise, in_group, n, tau)
+        out = pinned.to(COMPUTE)
         for k in range(0, n):
+            # Rows past their steps compute on zeros (and drop it), so no NaN is ever formed there.
+            live = (steps > k)[:, None]
+            alpha = tl.where(live, alpha, 0.0)
             z, a, z_max, total = _softmax_rows(alpha, tau)
-            out += a
+            out += tl.where(live, a, 0.0)
             if k + 1 < n:
                 alpha = _suppress(alpha, z, a, z_max, total, _top_lane(z, lanes))
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=valid)
@@ -133,15 +165,20 @@ def _gumbel_nm_backward_kernel(
     valid = (g[:, None] < groups) & (lanes[None, :] < m)
     logits = tl.load(logits_ptr + offsets, mask=valid, other=0.0).to(COMPUTE)
     grad = tl.load(grad_ptr + offsets, mask=valid, other=0.0).to(COMPUTE)
-    keys = tl.where(lanes[None, :] < m, logits + _gumbel_noise(seed, offsets, COMPUTE), float("-inf"))
+    noise = _gumbel_noise(seed, offsets, COMPUTE)
+    in_group = lanes[None, :] < m
+    keys = tl.where(in_group, logits + noise, float("-inf"))
+    level, active, steps, active_keys, pinned = _level_plan(keys, noise, in_group, n, tau)
     # Reverse sweep; g_alpha is the gradient of alpha_{k+1}, each alpha_k recomputed from the keys.
+    # A row takes its first `steps` softmaxes only; the others compute on zeros and drop it.
     g_alpha = tl.zeros((BLOCK_G, M), dtype=COMPUTE)
     for step_back in range(0, n):
         k = n - 1 - step_back
-        alpha = keys
+        live = (steps > k)[:, None]
+        alpha = tl.where(live, active_keys, 0.0)
         for _ in range(0, k):
             z, a, z_max, total = _softmax_rows(alpha, tau)
-            alpha = _suppress(alpha, z, a, z_max, total, _top_lane(z, lanes))
+            alpha = tl.where(live, _suppress(alpha, z, a, z_max, total, _top_lane(z, lanes)), 0.0)
         z, a, z_max, total = _softmax_rows(alpha, tau)
         a_dot_grad = tl.sum(a * grad, axis=1)
         if k + 1 < n:
@@ -154,8 +191,10 @@ def _gumbel_nm_backward_kernel(
             c = tl.where(is_top, 0.0, -g_alpha * a / tl.where(is_top, 1.0, 1.0 - a))
             c_sum = tl.sum(c, axis=1)
             g_top = tl.sum(tl.where(is_top, g_alpha, 0.0), axis=1)
-            g_alpha += (c - a * c_sum[:, None] + g_top[:, None] * (q - a)) / tau
-        g_alpha += a * (grad - a_dot_grad[:, None]) / tau
+            g_alpha += tl.where(live, (c - a * c_sum[:, None] + g_top[:, None] * (q - a)) / tau, 0.0)
+        g_alpha += tl.where(live, a * (grad - a_dot_grad[:, None]) / tau, 0.0)
+    # Infinite logits carry no gradient, and neither does a row whose n-th place is on an infinite level.
+    g_alpha = tl.where((level == 0) & (active[:, None] == 0), g_alpha, 0.0)
     tl.store(out_ptr + offsets, g_alpha.to(out_ptr.dtype.element_ty), mask=valid)
 
 
@@ -236,11 +275,20 @@ def _load_pattern_tile(
     offsets = g[:, None] * num_patterns + p[None, :]
     valid = (g[:, None] < groups) & (p[None, :] < num_patterns)
     logits = tl.load(logits_ptr + offsets, mask=valid, other=0.0).to(COMPUTE)
-    # Padding patterns get -inf keys (never chosen, zero weight); rows past the end stay finite.
-    keys = tl.where(p[None, :] < num_patterns, logits + _gumbel_noise(seed, offsets, COMPUTE), float("-inf"))
+    noise = _gumbel_noise(seed, offsets, COMPUTE)
+    keys = logits + noise
     table_valid = (p[:, None] < num_patterns) & (lanes[None, :] < m)
     table = tl.load(table_ptr + p[:, None] * m + lanes[None, :], mask=table_valid, other=0.0).to(COMPUTE)
-    return g, p, lanes, offsets, valid, keys, table
+    return g, p, lanes, offsets, valid, keys, noise, table
+
+
+@triton.jit
+def _competing(value, noise, in_range):
+    """Per row: only the patterns of the highest level present compete, an infinite one by its noise;
+    the others (and padding patterns, level -2) get -inf. Also returns that level per row."""
+    level = tl.where(in_range, _infinity_level(value), -2)
+    top = tl.max(level, axis=1)
+    return tl.where(level == top[:, None], tl.where(level == 0, value, noise), float("-inf")), top
 
 
 @triton.jit
@@ -259,14 +307,16 @@ def _gumbel_pattern_kernel(
     M: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    g, p, lanes, offsets, valid, keys, table = _load_pattern_tile(
+    g, p, lanes, offsets, valid, keys, noise, table = _load_pattern_tile(
         logits_ptr, table_ptr, groups, num_patterns, m, seed, tl.program_id(0), COMPUTE, P, M, BLOCK_G
     )
+    in_range = p[None, :] < num_patterns
     if HARD:
-        chosen = tl.argmax(keys, axis=1, tie_break_left=True)
+        ranked, _top = _competing(keys, noise, in_range)
+        chosen = tl.argmax(ranked, axis=1, tie_break_left=True)
         y = (p[None, :] == chosen[:, None]).to(COMPUTE)
     else:
-        z = keys / tau
+        z, _top = _competing(keys / tau, noise / tau, in_range)
         e = tl.exp(z - tl.max(z, axis=1)[:, None])
         y = e / tl.sum(e, axis=1)[:, None]
     mask = tl.sum(y[:, :, None] * table[None, :, :], axis=1)
@@ -290,10 +340,10 @@ def _gumbel_pattern_backward_kernel(
     M: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    g, p, lanes, offsets, valid, keys, table = _load_pattern_tile(
+    g, p, lanes, offsets, valid, keys, noise, table = _load_pattern_tile(
         logits_ptr, table_ptr, groups, num_patterns, m, seed, tl.program_id(0), COMPUTE, P, M, BLOCK_G
     )
-    z = keys / tau
+    z, top = _competing(keys / tau, noise / tau, p[None, :] < num_patterns)
     e = tl.exp(z - tl.max(z, axis=1)[:, None])
     y = e / tl.sum(e, axis=1)[:, None]
     grad_valid = (g[:, None] < groups) & (lanes[None, :] < m)
@@ -301,7 +351,8 @@ def _gumbel_pattern_backward_kernel(
     # Each pattern's gradient is the sum of its kept elements' gradients; then softmax's backward.
     grad_y = tl.sum(grad[:, None, :] * table[None, :, :], axis=2)
     y_dot = tl.sum(y * grad_y, axis=1)
-    grad_logits = y * (grad_y - y_dot[:, None]) / tau
+    # Infinite logits carry no gradient: with an infinite top level, no pattern's logit has one.
+    grad_logits = tl.where(top[:, None] == 0, y * (grad_y - y_dot[:, None]) / tau, 0.0)
     tl.store(out_ptr + offsets, grad_logits.to(out_ptr.dtype.element_ty), mask=valid)
 
 
@@ -320,6 +371,28 @@ def _pattern_table(n: int, m: int, device: torch.device) -> torch.Tensor:
     if key not in _TABLES:
         _TABLES[key] = _pattern_table_cpu(n, m).to(device)
     return _TABLES[key]
+
+
+# Largest padded C(m, n) x padded m table a pattern program holds: past it a single group's tile
+# (keys, table and their [P, M] product) crowds the registers: ptxas -v for sm_80 (fp32) gives 64-96
+# registers up to 4096 entries, 163 at 8192, 255 (the cap) at 16384; m = 16, n = 8 is 262144.
+MAX_PATTERN_TABLE_ENTRIES = 8192
+
+
+def gumbel_pattern_fits(n: int, m: int) -> bool:
+    """Whether the triton pattern kernels take n:m: the padded [C(m, n), m] table fits one program."""
+    return _pow2(math.comb(m, n)) * _pow2(m) <= MAX_PATTERN_TABLE_ENTRIES
+
+
+def _check_pattern_fits(n: int, m: int) -> None:
+    if not gumbel_pattern_fits(n, m):
+        patterns = math.comb(m, n)
+        raise ValueError(
+            f"gumbel_pattern_sample: the triton backend cannot take m = {m} with n = {n}: it holds each group's "
+            f"[C(m, n), m] = [{patterns}, {m}] pattern table in one program (padded {_pow2(patterns)} x {_pow2(m)}), "
+            f"over its limit of {MAX_PATTERN_TABLE_ENTRIES} entries (m <= 8 always fits); "
+            "use backend='extension' or backend='reference' (backend='auto' picks one of them itself)"
+        )
 
 
 def _pattern_block(num_patterns: int, m: int) -> tuple[int, int, int]:
@@ -341,6 +414,7 @@ def gumbel_pattern_sample(
     pattern_logits: torch.Tensor, n: int, m: int, tau: float, hard: bool, seed: int
 ) -> torch.Tensor:
     """MaskLLM-style sample over candidate patterns; see prunedm.ops.gumbel_pattern_sample."""
+    _check_pattern_fits(n, m)
     x = pattern_logits.contiguous()
     out = x.new_empty(_pattern_mask_shape(x, m))
     num_patterns = x.shape[-1]
@@ -369,6 +443,7 @@ def gumbel_pattern_sample_backward(
     grad: torch.Tensor, pattern_logits: torch.Tensor, n: int, m: int, tau: float, seed: int
 ) -> torch.Tensor:
     """Gradient of the soft pattern mask with respect to pattern_logits, given the mask's gradient."""
+    _check_pattern_fits(n, m)
     x = pattern_logits.contiguous()
     out = torch.empty_like(x)
     num_patterns = x.shape[-1]

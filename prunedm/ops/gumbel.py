@@ -47,9 +47,9 @@ def gumbel_nm_sample(
     Infinite logits (every backend alike): +inf = keep, -inf = drop. A group ranks its elements by
     level (+inf, finite, -inf), then by key, an infinite element's key being its noise alone (a
     uniform draw among equal infinite logits). hard: the first n of that order, so a group always
-    keeps exactly n (-inf elements only when fewer than n are above -inf). hard=False: levels that fit
-    whole into n are 1, the level that straddles n takes the relaxed top-r of its keys for the r
-    places left, lower levels 0; it still sums to n. Finite logits so large that key / tau overflows
+    keeps exactly n (-inf elements only when fewer than n are above -inf). hard=False: levels wholly before
+    the n-th place are 1, the level holding it takes the relaxed top-r of its keys for the r places
+    left, later levels 0; it still sums to n. Finite logits so large that key / tau overflows
     count as infinite in the relaxation. Gradients reach finite logits only (0 at +-inf).
     NaN logits raise ValueError (one bool read back per call; skipped under torch.compile tracing
     and CUDA graph capture, where the kernels assume there is none)."""
@@ -83,7 +83,7 @@ def gumbel_pattern_sample(
     hard=True (default) takes the pattern with the largest logit + Gumbel noise (a draw from
     softmax(pattern_logits)) and passes the soft mask's gradient straight through; hard=False
     returns softmax((pattern_logits + noise) / tau) @ patterns. m <= 16 (the triton backend: while
-    the [C(m, n), m] pattern table fits one program, see prunedm.kernels.gumbel_pattern_fits; "auto"
+    the [C(m, n), m] pattern table fits one program, see prunedm.kernels.gumbel.gumbel_pattern_fits; "auto"
     then runs the extension or the reference). seed and backend as in gumbel_nm_sample.
 
     Infinite logits: a +inf pattern beats every finite one, a -inf pattern loses to them, and among

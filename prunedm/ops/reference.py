@@ -242,10 +242,10 @@ def gumbel_nm_sample_ref(
     -inf drop. Each group ranks its elements by level (+inf, then finite, then -inf) and, within a
     level, by key, where an infinite element's key is its noise alone (a uniform draw among equal
     infinite logits). hard: the n first of that order, so a group always keeps exactly n (-inf
-    elements only when fewer than n are above -inf). hard=False: the levels that fit whole into n
-    are 1 (pinned), the level that straddles n takes the relaxed top-r of its keys for the r places
-    left, lower levels are 0; the mask still sums to n. An element whose key / tau overflows counts
-    as infinite in the relaxation. Gradients reach finite logits only (0 at +-inf)."""
+    elements only when fewer than n are above -inf). hard=False: in that order, the levels wholly
+    before the n-th place are 1 (pinned), the level holding the n-th place takes the relaxed top-r of
+    its keys for the r places left, later levels are 0; the mask still sums to n. An element whose
+    key / tau overflows counts as infinite in the relaxation. Gradients reach finite logits only."""
     compute = gumbel_compute_dtype(logits.dtype)
     noise = gumbel_noise_ref(seed, logits.shape, compute, logits.device)
     grouped = (*logits.shape[:-1], logits.shape[-1] // m, m)
@@ -266,7 +266,7 @@ def _relaxed_levels_ref(keys: torch.Tensor, noise: torch.Tensor, n: int, tau: fl
     level = _infinity_level((keys / tau).detach())
     above = (level == 1).sum(-1, keepdim=True)
     finite = (level == 0).sum(-1, keepdim=True)
-    # The level that straddles n: +inf when it alone fills n, else finite when it fills the rest, else -inf.
+    # The level holding the n-th place: +inf when it fills n, else finite when it fills the rest, else -inf.
     active = torch.where(above >= n, 1, torch.where(above + finite >= n, 0, -1))
     steps = torch.where(active == 1, n, torch.where(active == 0, n - above, n - above - finite))
     active_keys = torch.where(level == active, torch.where(level == 0, keys, noise), float("-inf"))

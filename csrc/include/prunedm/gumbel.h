@@ -212,9 +212,9 @@ PRUNEDM_HD uint64_t ranked_top_n_bits(const T* keys, const T* noise, int n, int 
   return kept;
 }
 
-// How gumbel_nm_sample's relaxation treats a group with infinite keys / tau: the levels that fit
-// whole into n are pinned at 1, the level that straddles n (`active`) takes the relaxed top-`steps`
-// of its keys (noise for an infinite level), lower levels are 0. steps never exceeds the active
+// How gumbel_nm_sample's relaxation treats a group with infinite keys / tau: in the order +inf,
+// finite, -inf, the levels wholly before the n-th place are pinned at 1, the level holding it
+// (`active`) takes the relaxed top-`steps` of its keys (noise for an infinite one), later ones 0. steps never exceeds the active
 // level's size, so every softmax of the relaxation has a finite entry.
 template <typename T, int kCap>
 struct LevelPlan {
