@@ -180,3 +180,16 @@ def test_unchecked_decompress_decodes_like_the_reference():
     assert sparse24.invalid_meta_count(bad) == 4
     with pytest.raises(ValueError, match="meta holds 4 invalid"):
         ops.decompress_2to4(values, bad, backend="reference")
+
+
+def test_a_cuda_build_registers_the_unchecked_decompress_with_its_fake():
+    from prunedm import _ext
+
+    if not _ext.cuda_kernels_built():
+        pytest.skip("prunedm._C was built without CUDA")
+    op = sparse24._unchecked_extension_op()
+    assert op is not None and packing._CUDA_DECOMPRESS is op
+    values = torch.empty(64, 32, dtype=torch.float16, device="meta")
+    meta = torch.empty(64, 4, dtype=torch.int16, device="meta")
+    out = op(values, meta)  # the fake registered by prunedm.ops.sparse24, as torch.compile traces it
+    assert out.shape == (64, 64) and out.dtype == torch.float16 and out.device.type == "meta"
