@@ -70,10 +70,13 @@ def _unchecked_extension_op():
         _UNCHECKED_OP = False
         if _ext.cuda_kernels_built() and hasattr(torch.ops.prunedm, "decompress_2to4_unchecked"):
 
-            @torch.library.register_fake("prunedm::decompress_2to4_unchecked")
             def _fake(values, meta):
                 return values.new_empty((values.shape[0], 2 * values.shape[1]))
 
+            try:
+                torch.library.register_fake("prunedm::decompress_2to4_unchecked", _fake)
+            except RuntimeError:  # registered already (e.g. by prunedm.ops._fake)
+                pass
             _UNCHECKED_OP = torch.ops.prunedm.decompress_2to4_unchecked
     return _UNCHECKED_OP or None
 
