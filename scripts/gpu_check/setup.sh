@@ -2,6 +2,7 @@
 # Step 1 of gpu-check.sh: install the carried wheels (.whl/) the image lacks into a --target dir, load the carried
 # prebuilt prunedm._C (.gpu/), build on the device only when it is missing, stale or fails to load.
 #   usage: setup.sh WORK_DIR [--dry-run]   (writes WORK_DIR/env.sh, which later steps source, and setup.json)
+#   GPU_CHECK_WHEELS_DIR / GPU_CHECK_PREBUILT_DIR: other folders than .whl and .gpu (tests use them).
 # A dry run changes nothing in the tree: it reports what it would copy or build and checks what is importable.
 set -uo pipefail
 work=$1
@@ -10,14 +11,16 @@ PYTHON=${PYTHON:-python3}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 mkdir -p "$work"
+wheels=${GPU_CHECK_WHEELS_DIR:-.whl}
+prebuilt=${GPU_CHECK_PREBUILT_DIR:-.gpu}
 say() { echo "setup: $*"; }
 
 # Wheels: only those whose distribution is not importable here, so a dev venv's own versions stay in charge.
 site="$work/site"
 installed=()
-if compgen -G ".whl/*.whl" > /dev/null; then
+if compgen -G "$wheels/*.whl" > /dev/null; then
   missing=()
-  for wheel in .whl/*.whl; do
+  for wheel in "$wheels"/*.whl; do
     dist=$(basename "$wheel" | cut -d- -f1)
     "$PYTHON" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" 2> /dev/null || missing+=("$wheel")
   done
@@ -25,9 +28,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$site" "${missing[@]}" \
       && installed=("${missing[@]}") || say "pip could not install the carried wheels"
   fi
-  say "${#installed[@]} carried wheel(s) installed, $(( $(ls .whl/*.whl | wc -l) - ${#installed[@]} )) already present"
+  say "${#installed[@]} carried wheel(s) installed, $(( $(ls "$wheels"/*.whl | wc -l) - ${#installed[@]} )) already present"
 else
-  say "no .whl/ carried: diffusers and torch-pruning must already be importable"
+  say "no $wheels/ carried: diffusers and torch-pruning must already be importable"
 fi
 pythonpath="$root${installed:+:$site}${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONPATH="$pythonpath"
@@ -43,7 +46,7 @@ if [ ! -e prunedm/kernels ] && ! "$PYTHON" -c "import importlib.metadata as m; m
 fi
 
 ext_suffix=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
-carried=".gpu/_C$ext_suffix"
+carried="$prebuilt/_C$ext_suffix"
 source="none"
 # Loads _C, checks its ops registered, and writes what prunedm can run here (one torch import for both).
 loads() { "$PYTHON" -c "
@@ -55,7 +58,7 @@ with open(sys.argv[1], 'w') as f:
     json.dump(prunedm.extension_info(), f)
 print('prunedm._C loads: WITH_CUDA =', _C.WITH_CUDA)" "$work/extension-info.json" 2>&1; }
 if [ -f "$carried" ]; then
-  built=$("$PYTHON" -c "import json; print(json.load(open('.gpu/BUILD.json'))['csrc_sha256'])" 2> /dev/null)
+  built=$("$PYTHON" -c "import json; print(json.load(open('$prebuilt/BUILD.json'))['csrc_sha256'])" 2> /dev/null)
   now=$("$PYTHON" scripts/gpu_check/source_hash.py "$root")
   if [ "$built" != "$now" ]; then
     say "carried $carried was built from another csrc/ (BUILD.json $built, tree $now): not used"
@@ -64,8 +67,8 @@ if [ -f "$carried" ]; then
   else
     cp -f "$carried" "prunedm/_C$ext_suffix" && source="carried"
   fi
-elif compgen -G ".gpu/_C*.so" > /dev/null; then
-  say "carried $(ls .gpu/_C*.so | head -1) is for another Python (this one wants _C$ext_suffix): not used"
+elif compgen -G "$prebuilt/_C*.so" > /dev/null; then
+  say "carried $(ls "$prebuilt"/_C*.so | head -1) is for another Python (this one wants _C$ext_suffix): not used"
 fi
 if out=$(loads); then
   [ "$source" = carried ] || source="present"

@@ -256,3 +256,56 @@ def test_correctness_runner_statuses():
     late = correctness.Runner(torch.device("cpu"), _common.Deadline(time.monotonic() - 1))
     late.case({"op": "late"}, lambda: torch.ones(4), check)
     assert late.cases == [{"op": "late", "status": "not run (deadline)"}]
+
+
+def _probe_wheel(directory: Path) -> Path:
+    """A minimal pure-Python wheel of a distribution nothing here has installed."""
+    import zipfile
+
+    name, version = "prunedm_gpu_probe", "0.1"
+    path = directory / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}.py": "VALUE = 42\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    with zipfile.ZipFile(path, "w") as whl:
+        for arcname, text in files.items():
+            whl.writestr(arcname, text)
+        whl.writestr(f"{info}/RECORD", "".join(f"{a},,\n" for a in files) + f"{info}/RECORD,,\n")
+    return path
+
+
+def run_setup(work: Path, **env_extra) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, **env_extra}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check" / "setup.sh"), str(work), "--dry-run"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)  # fmt: skip
+
+
+def test_setup_installs_missing_wheels_and_refuses_a_stale_prebuilt_extension(tmp_path):
+    wheels, prebuilt, work = tmp_path / "whl", tmp_path / "gpu", tmp_path / "work"
+    wheels.mkdir()
+    prebuilt.mkdir()
+    _probe_wheel(wheels)
+    suffix = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))"],
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    (prebuilt / f"_C{suffix}").write_bytes(b"not a library")
+    (prebuilt / "BUILD.json").write_text(json.dumps({"csrc_sha256": "0" * 64}))
+    result = run_setup(work, GPU_CHECK_WHEELS_DIR=str(wheels), GPU_CHECK_PREBUILT_DIR=str(prebuilt))
+    assert "1 carried wheel(s) installed, 0 already present" in result.stdout, result.stdout + result.stderr
+    assert "was built from another csrc/" in result.stdout and "not used" in result.stdout
+    setup = json.loads((work / "setup.json").read_text())
+    assert setup["wheels_installed"] == ["prunedm_gpu_probe-0.1-py3-none-any.whl"]
+    # Later steps source env.sh: the wheel's module is importable with its PYTHONPATH, the tree first.
+    probe = subprocess.run(["bash", "-c", f". {work / 'env.sh'}; {sys.executable} -c "
+                            "'import prunedm_gpu_probe, sys; print(prunedm_gpu_probe.VALUE, sys.path[1])'"],
+                           capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert probe.stdout.split() == ["42", str(ROOT)], probe.stderr
+
+    # The same .so with the tree's csrc hash is what the device would copy in (a dry run only says so).
+    (prebuilt / "BUILD.json").write_text(json.dumps({"csrc_sha256": source_hash.csrc_sha256(str(ROOT))}))
+    result = run_setup(tmp_path / "work2", GPU_CHECK_WHEELS_DIR=str(tmp_path / "none"),
+                       GPU_CHECK_PREBUILT_DIR=str(prebuilt))  # fmt: skip
+    assert f"would copy {prebuilt}/_C{suffix} into prunedm/ (dry run: left alone)" in result.stdout, result.stdout
+    assert not (ROOT / "prunedm" / "kernels").is_symlink()
