@@ -10,10 +10,13 @@ GPU_PYTHON=${GPU_PYTHON:-$(ls -d "$(pyenv root 2>/dev/null || echo ~/.pyenv)"/ve
 GPU_PYTHON=${GPU_PYTHON:-$(command -v python3.12 || true)}
 GPU_TORCH=${GPU_TORCH:-torch==2.11.0}
 GPU_ARCHS=${GPU_ARCHS:-8.0+PTX;9.0a}
-# diffusers and torch-pruning with the dependencies the image lacks (checked by the import test below).
-GPU_WHEELS=${GPU_WHEELS:-diffusers==0.42.1 torch-pruning==1.6.1 clean-fid==0.1.35 importlib-metadata zipp \
-huggingface-hub regex requests urllib3 idna certifi charset-normalizer httpx httpcore h11 anyio sniffio \
-hf-xet typer-slim shellingham click packaging}
+# diffusers with its dependencies, torch-pruning and clean-fid without theirs (torch, torchvision: the image's).
+GPU_WHEELS=${GPU_WHEELS:-diffusers==0.42.1}
+GPU_WHEELS_NO_DEPS=${GPU_WHEELS_NO_DEPS:-torch-pruning==1.6.1 clean-fid==0.1.35}
+# What the image has (docs/GPU.md): never carried, so the image's numpy, Pillow and torch's own deps stay in charge.
+IMAGE_HAS=" numpy scipy scikit_learn matplotlib pillow contourpy cycler fonttools kiwisolver pyparsing python_dateutil
+six packaging pytest pluggy iniconfig pyyaml tqdm ninja pybind11 torch triton filelock typing_extensions sympy mpmath
+networkx jinja2 markupsafe fsspec setuptools "
 venv=$root/.gpu-venv
 src=/tmp/prunedm-gpu-src
 [ -n "$GPU_PYTHON" ] || { echo "gpu-prebuild: no python3.12 found; set GPU_PYTHON=/path/to/python3.12" >&2; exit 2; }
@@ -21,8 +24,10 @@ src=/tmp/prunedm-gpu-src
 # A scratch venv that mirrors the image's torch, so the extension's ABI matches the device's.
 if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '${GPU_TORCH#torch==}')" 2>/dev/null; then
   "$GPU_PYTHON" -m venv "$venv"
-  "$venv/bin/pip" install -q "$GPU_TORCH" numpy ninja pybind11 setuptools wheel safetensors pyyaml tqdm
+  "$venv/bin/pip" install -q "$GPU_TORCH" numpy ninja pybind11 setuptools wheel
 fi
+# What the image has besides torch, so the import check below sees what the device will.
+"$venv/bin/python" -c "import PIL, packaging, yaml, tqdm" 2> /dev/null || "$venv/bin/pip" install -q pillow packaging pyyaml tqdm
 
 # Build from a copy of the working tree (tracked + untracked, not ignored files), never in the checkout:
 # other builds and the .so the checkout's venv loads stay untouched.
@@ -45,7 +50,8 @@ mkdir -p .gpu
 find .gpu -name '.*.prunedm-tmp-*' -delete
 tmp=".gpu/.$(basename "$so").prunedm-tmp-$$"
 cp "$so" "$tmp" && strip --strip-debug "$tmp" && mv -f "$tmp" ".gpu/$(basename "$so")"
-# The commit and a hash of the csrc/ built (the copy's): gpu-check.sh reads them (the carried tree has no .git) and rebuilds when stale.
+# The commit and a hash of the csrc/ built (the copy's): gpu-check.sh reads them (the carried tree has no .git)
+# and rebuilds on the device when they are stale.
 "$venv/bin/python" - "$root" "$build_s" "$(python3 scripts/gpu_check/source_hash.py "$src")" <<'EOF'
 import json, os, subprocess, sys, torch
 root, build_s, csrc_sha256 = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -62,17 +68,27 @@ os.replace(tmp, os.path.join(root, ".gpu", "BUILD.json"))
 print(json.dumps(info, indent=1))
 EOF
 
-# The wheels the image lacks, for Python 3.12 (the logic of ../shared/gpu/fetch-wheels.sh).
-mkdir -p .whl
+# The wheels the image lacks, for Python 3.12 (the logic of ../shared/gpu/fetch-wheels.sh), resolved here.
+download=$(mktemp -d)
+trap 'rm -rf "$download"' EXIT
+platform=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+          --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d "$download")
 # shellcheck disable=SC2086
-"$venv/bin/python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  --platform any -d .whl $GPU_WHEELS
+"$venv/bin/python" -m pip download -q "${platform[@]}" $GPU_WHEELS
+# shellcheck disable=SC2086
+"$venv/bin/python" -m pip download -q --no-deps "${platform[@]}" $GPU_WHEELS_NO_DEPS
+mkdir -p .whl
+find .whl -name '*.whl' -delete
+for wheel in "$download"/*.whl; do
+  dist=$(basename "$wheel" | cut -d- -f1 | tr 'A-Z-.' 'a-z__')
+  [[ "$IMAGE_HAS" == *" $dist "* ]] || cp "$wheel" .whl/
+done
+ls .whl
 
 # The check the device will do: the carried .so loads and registers its ops under Python 3.12 + torch 2.11,
 # with the wheels installed the way gpu-check.sh installs them (no index, no deps, a --target dir).
 site=$(mktemp -d)
-trap 'rm -rf "$site"' EXIT
+trap 'rm -rf "$download" "$site"' EXIT
 "$venv/bin/python" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
 cp ".gpu/$(basename "$so")" "$src/prunedm/$(basename "$so")"
 for pkg in kernels bench; do ln -sfn "../$pkg" "$src/prunedm/$pkg"; done

@@ -15,14 +15,18 @@ wheels=${GPU_CHECK_WHEELS_DIR:-.whl}
 prebuilt=${GPU_CHECK_PREBUILT_DIR:-.gpu}
 say() { echo "setup: $*"; }
 
-# Wheels: only those whose distribution is not importable here, so a dev venv's own versions stay in charge.
+# Wheels: on the device all of them (make gpu-prebuild carries only what the image lacks or has too old); on a
+# dry run only those whose distribution is missing, so a dev venv's own versions stay in charge.
 site="$work/site"
 installed=()
 if compgen -G "$wheels/*.whl" > /dev/null; then
   missing=()
   for wheel in "$wheels"/*.whl; do
     dist=$(basename "$wheel" | cut -d- -f1)
-    "$PYTHON" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" 2> /dev/null || missing+=("$wheel")
+    if [ "$dry" = --dry-run ] && "$PYTHON" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" 2> /dev/null; then
+      continue
+    fi
+    missing+=("$wheel")
   done
   if [ ${#missing[@]} -gt 0 ]; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$site" "${missing[@]}" \
