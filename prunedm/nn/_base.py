@@ -439,9 +439,7 @@ class _SparseWeight(nn.Module):
                 f"stores its [{self._rows}, {self._cols}] matrix as {list(expected)}"
             )
         elif isinstance(loaded, torch.Tensor):
-            problem = self._logical_shape_problem(loaded, local_metadata.get(_SHAPE_KEY))
-            if problem:
-                errors.append(f"{type(self).__name__} {prefix[:-1] or '(root)'}: {problem}")
+            self._check_logical_shape(loaded, local_metadata.get(_SHAPE_KEY), prefix, errors)
         loaded_meta = state_dict.get(prefix + "meta")
         # Checked here, once: the forward never reads metadata back to the host (no per-call sync).
         if isinstance(loaded_meta, torch.Tensor) and loaded_meta.dtype == torch.int16:
@@ -454,23 +452,21 @@ class _SparseWeight(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        # Layers of other shapes can pad to one packed size: the weight shape goes in the metadata for load.
-        if hasattr(destination, "_metadata"):
+        if hasattr(destination, "_metadata"):  # for load: layers of other shapes can pad to one packed size
             destination._metadata.setdefault(prefix[:-1], {})[_SHAPE_KEY] = self._weight_shape()
 
     def _weight_shape(self) -> list[int]:
         return list(getattr(self, "weight_shape", (self._rows, self._cols)))
 
-    def _logical_shape_problem(self, values: torch.Tensor, saved) -> str | None:
+    def _check_logical_shape(self, values: torch.Tensor, saved, prefix: str, errors: list) -> None:
         shape, padded = self._weight_shape(), list(self.padded_shape)
+        where = f"{type(self).__name__} {prefix[:-1] or '(root)'}"
         if saved is not None and list(saved) != shape:
-            return f"the state dict holds a weight of shape {list(saved)}, this layer is {shape} (both pad to {padded})"
-        # No recorded shape (read from a file): the padding of a packed matrix is zero, whole 4-groups past
-        # the last (maybe partial) one; weights there were saved from a layer of another shape.
-        first_pad = -(-self._cols // _packing.GROUP) * 2
-        if not values.is_meta and (values[self._rows :].any() or values[:, first_pad:].any()):
-            return f"the state dict holds weights outside this layer's {shape} weight (padded to {padded})"
-        return None
+            errors.append(f"{where}: the state dict holds a weight of shape {list(saved)}, this layer is {shape} "
+                          f"(both pad to {padded})")  # fmt: skip
+        # No shape recorded (read from a file): padding (4-groups past the last one) is zero but from another shape.
+        elif not values.is_meta and (values[self._rows :].any() or values[:, -(-self._cols // 4) * 2 :].any()):
+            errors.append(f"{where}: the state dict holds weights outside this layer's {shape} (padded {padded})")
 
     def _pack_dense_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         matrix = self._matrix_from_weight(weight.detach())

@@ -468,7 +468,7 @@ def test_sparse_layer_loaded_from_a_file_refuses_weights_in_its_padding(tmp_path
     from safetensors.torch import load_file
 
     state = load_file(str(tmp_path / "s.safetensors"))
-    with pytest.raises(RuntimeError, match=r"SparseLinear \(root\): the state dict holds weights outside .*\[8, 36\]"):
+    with pytest.raises(RuntimeError, match=r"SparseLinear \(root\): the state dict holds weights outside .* \[8, 36\]"):
         SparseLinear(36, 8).load_state_dict(state)
     same = SparseLinear(40, 8)
     same.load_state_dict(state)
