@@ -182,12 +182,19 @@ def _log1m_softmax_ref(z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     argmax it is logsumexp(z without it) - logsumexp(z); elsewhere a <= 1/2 and log1p(-a) is accurate."""
     top = torch.nn.functional.one_hot(z.argmax(-1), z.shape[-1]).bool()
     others = z.masked_fill(top, float("-inf"))
-    # A row whose other entries are all -inf has log(1 - a_top) = -inf; logsumexp's gradient there
-    # would be NaN (exp(-inf - -inf)), so such rows take it on zeros and where() drops it.
-    has_rest = (others > float("-inf")).any(-1, keepdim=True)
-    rest = torch.where(has_rest, torch.logsumexp(torch.where(has_rest, others, 0), -1, keepdim=True), float("-inf"))
+    # Both log-sums are taken relative to their maxima (as csrc/include/prunedm/gumbel.h does): for
+    # huge z, logsumexp(others) - logsumexp(z) would cancel to 0. The maxima cancel, so they are
+    # detached. A row whose other entries are all -inf has log(1 - a_top) = -inf; it computes on
+    # zeros (a NaN there would reach the gradient even through where()).
+    z_max = z.detach().amax(-1, keepdim=True)
+    rest_max = others.detach().amax(-1, keepdim=True)
+    has_rest = rest_max > float("-inf")
+    shift = torch.where(has_rest, rest_max, 0)
+    rest_sum = torch.exp(torch.where(has_rest, others, 0) - shift).sum(-1, keepdim=True)
+    rest = torch.where(has_rest, torch.log(rest_sum) + (shift - z_max), float("-inf"))
+    log_total = torch.log(torch.exp(z - z_max).sum(-1, keepdim=True))
     # masked_fill keeps log1p's gradient finite at the argmax, where where() drops it anyway.
-    return torch.where(top, rest - torch.logsumexp(z, -1, keepdim=True), torch.log1p(-a.masked_fill(top, 0)))
+    return torch.where(top, rest - log_total, torch.log1p(-a.masked_fill(top, 0)))
 
 
 def relaxed_top_n_ref(keys: torch.Tensor, n: int, tau: float, steps: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from prunedm import kernels, ops  # noqa: E402
+from prunedm.kernels import gumbel  # noqa: E402
 from prunedm.ops import reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -143,6 +144,84 @@ def test_empty_and_noncontiguous():
         ops.gumbel_nm_sample(logits, seed=4, backend="triton"),
         ops.gumbel_nm_sample(logits.contiguous(), seed=4, backend="triton"),
     )
+
+
+INF = float("inf")
+
+
+def extreme_logits(dtype: torch.dtype, rows: int, m: int = 4, seed: int = 0) -> torch.Tensor:
+    """[rows * m / 16, 16]: +-inf, the dtype's largest finite values, ties and ordinary numbers, led by
+    hand-picked groups (all +inf, all -inf, one finite among -inf, ...)."""
+    big = torch.finfo(dtype).max
+    pool = torch.tensor([INF, -INF, big, -big, big / 4, 30.0, 0.0, 1.0, 1.0, -1.0, 2.5], dtype=torch.float64)
+    picks = pool[torch.randint(len(pool), (rows, m), generator=torch.Generator().manual_seed(seed))]
+    fixed = [
+        [INF, INF, INF, INF], [-INF, -INF, -INF, -INF], [INF, INF, -INF, -INF], [-INF, -INF, -INF, 2.0],
+        [1.0, 1.0, 1.0, 1.0], [big, big, -big, 0.0], [INF, 0.0, -INF, 1.0], [INF, INF, INF, 0.0],
+    ]  # fmt: skip
+    picks[: len(fixed), :4] = torch.tensor(fixed, dtype=torch.float64)
+    return picks.to(dtype).reshape(-1, 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hard", [True, False])
+def test_infinite_and_extreme_logits_match_reference(dtype, hard):
+    # Before the rule the kernels' hard masks kept +inf by index (not by noise) and the reference was NaN.
+    logits = extreme_logits(dtype, rows=32)
+    upstream = torch.randn(logits.shape, dtype=torch.float64).to(dtype)
+    tolerance = {torch.float16: 1e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-5)
+    for n, m, tau in [(2, 4, 0.5), (1, 4, 1.0), (3, 4, 2.0), (3, 8, 0.3)]:
+        x = logits.clone().to(DEVICE).requires_grad_()
+        out = ops.gumbel_nm_sample(x, n, m, tau=tau, hard=hard, seed=11, backend="triton")
+        (out * upstream.to(DEVICE)).sum().backward()
+        x_ref = logits.clone().requires_grad_()
+        expected = reference.gumbel_nm_sample_ref(x_ref, n, m, tau, hard, 11)
+        (expected * upstream).sum().backward()
+        assert not bool(out.isnan().any()) and bool(x.grad.isfinite().all())
+        if hard:
+            assert torch.equal(out.detach().cpu(), expected.detach()), (n, m, tau)
+        torch.testing.assert_close(out.detach().cpu(), expected.detach(), rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(x.grad.cpu(), x_ref.grad, rtol=max(tolerance, 1e-4), atol=max(tolerance, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pattern_infinite_and_extreme_logits_match_reference(dtype):
+    logits = extreme_logits(dtype, rows=24, m=6, seed=2).reshape(-1, 1, 6)
+    upstream = torch.randn(logits.shape[0], 4, dtype=torch.float64).to(dtype)
+    for hard in (True, False):
+        for tau in (0.3, 1.0, 3.0):
+            x = logits.clone().to(DEVICE).requires_grad_()
+            out = ops.gumbel_pattern_sample(x, 2, 4, tau, hard, seed=6, backend="triton")
+            (out * upstream.to(DEVICE)).sum().backward()
+            x_ref = logits.clone().requires_grad_()
+            expected = reference.gumbel_pattern_sample_ref(x_ref, 2, 4, tau, hard, 6)
+            (expected * upstream).sum().backward()
+            assert not bool(out.isnan().any()) and bool(x.grad.isfinite().all())
+            if hard:
+                assert torch.equal(out.detach().cpu(), expected.detach())
+            torch.testing.assert_close(out.detach().cpu(), expected.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(x.grad.cpu(), x_ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_nan_logits_are_refused():
+    logits = torch.randn(2, 8, device=DEVICE)
+    logits[0, 3] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"gumbel_nm_sample: logits holds 1 NaN value\(s\) \(the first at index \[0, 3\]\)"
+    ):
+        ops.gumbel_nm_sample(logits, backend="triton")
+
+
+def test_large_pattern_tables_are_refused_with_the_limit_and_a_way_out():
+    # m = 16, n = 8: a [12870, 16] table per program, which spills (or takes minutes to compile) on a GPU.
+    assert gumbel.gumbel_pattern_fits(2, 4) and gumbel.gumbel_pattern_fits(4, 8) and gumbel.gumbel_pattern_fits(2, 16)
+    assert not gumbel.gumbel_pattern_fits(8, 16) and not gumbel.gumbel_pattern_fits(6, 12)
+    logits = torch.randn(1, 1, math.comb(16, 8), device=DEVICE)
+    message = r"triton backend cannot take m = 16 with n = 8: .* over its limit of 8192 entries .* backend='extension'"
+    with pytest.raises(ValueError, match=message):
+        ops.gumbel_pattern_sample(logits, 8, 16, backend="triton")
+    with pytest.raises(ValueError, match=message):
+        gumbel.gumbel_pattern_sample_backward(torch.zeros(1, 16, device=DEVICE), logits, 8, 16, 1.0, 0)
 
 
 def _opcheck_cases():
