@@ -86,6 +86,8 @@ def check_rng_tensors(what: str, tensors: dict[str, torch.Tensor]) -> None:
         shape_ok = value.shape == expected.shape if key == "rng.cpu" else value.dim() == 1
         if value.dtype != torch.uint8 or not shape_ok or not (key == "rng.cpu" or key[9:].isdigit()):
             raise ValueError(f"{what}: {key} is not an RNG state ({value.dtype}, {list(value.shape)})")
+    if sorted(states) != sorted(["rng.cpu", *(f"rng.cuda.{i}" for i in range(len(states) - 1))]):
+        raise ValueError(f"{what}: CUDA RNG states {sorted(states)[:4]} are not numbered 0, 1, ...")
 
 
 def restore_rng(tensors: dict[str, torch.Tensor]) -> None:

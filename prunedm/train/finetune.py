@@ -227,7 +227,9 @@ def finetune(
 ) -> FinetuneResult:
     """Finetune `model` on `data` (a tensor [N, C, H, W] or a dataset of images, (image, label) pairs or
     dicts with "images" and conditioning such as "class_labels"); writes out_dir/metrics.jsonl and
-    out_dir/checkpoints/. With resume=True it continues from the latest checkpoint there, exactly.
+    out_dir/checkpoints/. With resume=True it continues from the latest checkpoint there, exactly; a newest
+    checkpoint that is damaged or does not fit the model (sha256 or shape mismatch) is skipped with a warning for
+    the next older one (still exact: the skipped steps are redone), and ValueError names it when none is usable.
     Under torch.distributed (e.g. torchrun) the model runs in DistributedDataParallel."""
     config = config or FinetuneConfig()
     distributed = dist.is_available() and dist.is_initialized()

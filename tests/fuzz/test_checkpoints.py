@@ -101,6 +101,7 @@ LEARNER_TAMPERING = {
     "stray-tensor": lambda p: _rewrite(p, lambda t, m: t.update({"payload": torch.zeros(1)})),
     "missing-rng": lambda p: _rewrite(p, lambda t, m: t.pop("rng.cpu")),
     "rng-wrong-size": lambda p: _rewrite(p, lambda t, m: t.update({"rng.cpu": torch.zeros(7, dtype=torch.uint8)})),
+    "rng-cuda-gap": lambda p: _rewrite(p, lambda t, m: t.update({"rng.cuda.1": torch.zeros(16, dtype=torch.uint8)})),
     "optimizer-state-shape": lambda p: _rewrite(p, lambda t, m: t.update({"mask_optimizer.0.exp_avg": torch.zeros(3)})),
     "step-negative": lambda p: _rewrite(p, lambda t, m: m.update(step=-1)),
     "step-a-string": lambda p: _rewrite(p, lambda t, m: m.update(step="2")),
