@@ -152,7 +152,8 @@ def gumbel_cases(run: Runner, dry: bool) -> None:
         fast, ref = getattr(ops, op), getattr(reference, f"{op}_ref")
         g = torch.Generator().manual_seed(len(run.cases))
         x = torch.randn(shape, generator=g).to(device=run.device, dtype=dtype)
-        grad = torch.randn(shape[:-1] + (shape[-1] if op == "gumbel_nm_sample" else shape[-2] * m,), generator=g)
+        # The mask's shape: the logits' for gumbel_nm_sample, [..., G * m] for pattern logits [..., G, C(m, n)].
+        grad = torch.randn(shape if op == "gumbel_nm_sample" else (*shape[:-2], shape[-2] * m), generator=g)
         grad = grad.to(device=run.device, dtype=dtype)
         # The reference in float64 on the 16-bit inputs' exact values (on the device: Philox on big shapes is slow).
         expected_hard = ref(x.double(), n, m, tau, True, seed)
