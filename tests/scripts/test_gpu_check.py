@@ -309,3 +309,73 @@ def test_setup_installs_missing_wheels_and_refuses_a_stale_prebuilt_extension(tm
                        GPU_CHECK_PREBUILT_DIR=str(prebuilt))  # fmt: skip
     assert f"would copy {prebuilt}/_C{suffix} into prunedm/ (dry run: left alone)" in result.stdout, result.stdout
     assert not (ROOT / "prunedm" / "kernels").is_symlink()
+
+
+def _fake_tool(directory: Path, name: str, body: str) -> None:
+    directory.mkdir(exist_ok=True)
+    path = directory / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+def test_sanitizer_step_runs_each_tool_with_its_log(tmp_path):
+    # A stand-in compute-sanitizer: records its arguments and environment, runs the program, writes a summary.
+    bin_dir, record = tmp_path / "bin", tmp_path / "calls.txt"
+    _fake_tool(
+        bin_dir,
+        "compute-sanitizer",
+        f"""
+echo "$* caching=$PYTORCH_NO_CUDA_MEMORY_CACHING" >> {record}
+while [ "$1" != "{sys.executable}" ]; do
+  [ "$1" = --log-file ] && log=$2
+  shift
+done
+"$@" > /dev/null 2>&1; rc=$?
+echo "========= ERROR SUMMARY: 0 errors" > "$log"
+exit $rc
+""",
+    )
+    out = tmp_path / "out"
+    result = run_check("--dry-run", "--only", "sanitizer", "--out", out, timeout=900,
+                       env_extra={"PATH": f"{bin_dir}:{os.environ['PATH']}", "GPU_CHECK_TIME_SCALE": "3"})  # fmt: skip
+    data = json.loads((out / "summary.json").read_text())
+    assert data["sanitizer"] == {tool: {"exit": "0", "summary": "========= ERROR SUMMARY: 0 errors"}
+                                 for tool in ("memcheck", "racecheck", "initcheck")}, result.stdout  # fmt: skip
+    calls = record.read_text().splitlines()
+    assert [c.split()[1] for c in calls] == ["memcheck", "racecheck", "initcheck"]
+    assert all(c.endswith("caching=1") and "--error-exitcode 3" in c for c in calls)
+    assert "--track-unused-memory no" in calls[2] and "--track-unused-memory" not in calls[0]
+
+
+def test_env_reads_the_commit_from_files_and_parses_nvidia_smi(tmp_path, monkeypatch):
+    import env_info
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setattr(env_info, "ROOT", tmp_path)
+    assert env_info.read_commit()["commit"] == "unknown"
+    (tmp_path / ".git" / "refs" / "heads").mkdir(parents=True)
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp_path / ".git" / "packed-refs").write_text(f"# pack-refs\n{commit} refs/heads/main\n")
+    assert env_info.read_commit() == {"commit": commit, "source": ".git/packed-refs"}
+    (tmp_path / ".git" / "refs" / "heads" / "main").write_text(commit[::-1] + "\n")
+    assert env_info.read_commit() == {"commit": commit[::-1], "source": ".git/refs/heads/main"}
+    (tmp_path / ".gpu").mkdir()
+    (tmp_path / ".gpu" / "BUILD.json").write_text(json.dumps({"commit": commit, "dirty": True}))
+    assert env_info.read_commit() == {"commit": commit, "dirty": True, "source": ".gpu/BUILD.json"}
+
+    bin_dir = tmp_path / "bin"
+    _fake_tool(
+        bin_dir,
+        "nvidia-smi",
+        """
+if [ "$1" = -q ]; then echo "full report"; exit 0; fi
+echo "name, driver_version, clocks.sm [MHz]"
+echo "NVIDIA H200, 580.65, 1980 MHz"
+""",
+    )
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    args = type("Args", (), {"work": tmp_path})()
+    smi = env_info.nvidia_smi(args)
+    gpu = {"name": "NVIDIA H200", "driver_version": "580.65", "clocks.sm [MHz]": "1980 MHz"}
+    assert smi == {"available": True, "gpus": [gpu]}
+    assert (tmp_path / "nvidia-smi-q.txt").read_text() == "full report\n"
