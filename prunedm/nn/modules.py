@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair, _reverse_repeat_tuple
 
 from prunedm.nn import _autotune, _cusparselt, _packing
-from prunedm.nn._base import _conv_matrix, _keep_mask, _SparseWeight
+from prunedm.nn._base import _SparseWeight
+from prunedm.nn._storage import _conv_matrix, _keep_mask
 from prunedm.ops import reference
 
 

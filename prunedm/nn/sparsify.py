@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from prunedm.nn import _backends, _packing
 from prunedm.nn._base import _SparseWeight
+from prunedm.nn._storage import _check_mask, _conv_matrix
 from prunedm.nn.modules import SparseConv2d, SparseLinear
 
 DESCRIPTION_FORMAT = "prunedm.sparse_modules"
@@ -183,7 +184,6 @@ def ineligible_reason(module: nn.Module) -> str | None:
 
 
 def _check_masks(candidates: dict[str, nn.Module], masks: dict) -> None:
-    from prunedm.nn._base import _check_mask, _conv_matrix
 
     unknown = sorted(set(masks) - set(candidates))
     if unknown:
