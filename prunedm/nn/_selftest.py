@@ -33,6 +33,7 @@ STATUSES = ("pass", "fail", "crash", "hang")
 _LOCK = threading.Lock()
 _RESULTS: dict[tuple[str, str], dict] = {}  # (identity, kernel) -> {"status", "detail", "tested_at"}
 _BUILD_HASHES: dict[str, str] = {}
+_IDENTITIES: dict[tuple[str, str], str] = {}
 _warned_bad: set[str] = set()
 
 
@@ -96,10 +97,15 @@ def build_hash(implementation: str) -> str:
 
 
 def device_identity(device: torch.device, implementation: str) -> str:
-    """The key a result holds for: GPU name, compute capability, driver, and the kernels' build hash."""
-    major, minor = torch.cuda.get_device_capability(device)
-    name = torch.cuda.get_device_name(device)
-    return f"{name} sm_{major}{minor} driver={driver_version()} {implementation}={build_hash(implementation)}"
+    """The key a result holds for: GPU name, compute capability, driver, and the kernels' build hash
+    (worked out once per device and implementation: every layer's prepare() asks)."""
+    memo = (str(device), implementation)
+    if memo not in _IDENTITIES:
+        major, minor = torch.cuda.get_device_capability(device)
+        name = torch.cuda.get_device_name(device)
+        build = build_hash(implementation)
+        _IDENTITIES[memo] = f"{name} sm_{major}{minor} driver={driver_version()} {implementation}={build}"
+    return _IDENTITIES[memo]
 
 
 def run_child(argv: list[str], timeout: float) -> tuple[int | None, str, str]:

@@ -189,3 +189,29 @@ def test_child_checker_passes_correct_kernels_and_catches_wrong_ones(monkeypatch
     assert _selftest.check_kernel("sparse_linear_2to4", "reference", cpu).startswith("linear 32x32 m=1 none")
     monkeypatch.setattr(ops, "sparse_conv2d_2to4", lambda *a, **k: torch.zeros(1))
     assert "shape [1]" in _selftest.check_kernel("sparse_conv2d_2to4", "reference", cpu)
+
+
+def test_identity_names_gpu_capability_driver_and_build_once_per_device(monkeypatch):
+    monkeypatch.setattr(_selftest, "_IDENTITIES", {})
+    drivers = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(_selftest, "driver_version", lambda: drivers.append(1) or "13.0")
+    monkeypatch.setattr(_selftest, "build_hash", lambda impl: "0123abcd")
+    for _ in range(3):
+        identity = _selftest.device_identity(torch.device("cuda", 1), "extension")
+    assert identity == "NVIDIA H200 sm_90 driver=13.0 extension=0123abcd" and len(drivers) == 1
+    assert _selftest.device_identity(torch.device("cuda", 1), "nvrtc").endswith("nvrtc=0123abcd")
+
+
+def test_build_hash_follows_the_extension_bytes(tmp_path, monkeypatch):
+    from prunedm import _ext
+
+    library = tmp_path / "_C.so"
+    library.write_bytes(b"build one")
+    monkeypatch.setattr(_ext, "_LOADED", (types.SimpleNamespace(__file__=str(library)), ""))
+    monkeypatch.setattr(_selftest, "_BUILD_HASHES", {})
+    first = _selftest.build_hash("extension")
+    library.write_bytes(b"build two")
+    monkeypatch.setattr(_selftest, "_BUILD_HASHES", {})
+    assert len(first) == 16 and _selftest.build_hash("extension") != first
