@@ -28,6 +28,7 @@ from torch import nn
 from prunedm.pruning.fixups import sync_diffusers_attributes
 from prunedm.pruning.importance import (
     GRADIENT_IMPORTANCES,
+    MAX_TIMESTEPS,
     GradientPass,
     accumulate_denoising_gradients,
     first_image_batch,
@@ -82,7 +83,7 @@ class ChannelPruningReport:
             f"MACs   {self.macs_before / 1e9:.3f}G -> {self.macs_after / 1e9:.3f}G ({self.macs_ratio:.3f}x)",
         ]
         if self.gradient_pass is not None:
-            lines.append(f"gradients from {len(self.gradient_pass.timesteps)} timesteps")
+            lines.append(self.gradient_pass.summary())
         lines += [f"  {name}: {b[0]}x{b[1]} -> {a[0]}x{a[1]}" for name, (b, a) in self.changed_layers.items()]
         return "\n".join(lines)
 
@@ -173,6 +174,7 @@ def prune_channels(
     threshold: float = 0.05,
     scheduler=None,
     timesteps: Iterable[int] | None = None,
+    max_timesteps: int | None = MAX_TIMESTEPS,
     rounding: str = "diff-pruning",
     round_to: int | None = None,
     update_config: bool = True,
@@ -187,6 +189,9 @@ def prune_channels(
     data: image batches; the first batch feeds the gradient pass (noise-prediction loss under
         `scheduler`, DDPMScheduler(1000) by default, at `timesteps`, 0..T-1 by default). Diff-pruning
         stops at the first timestep whose loss is below `threshold` times the largest so far.
+    max_timesteps: at most this many evenly spaced timesteps feed the gradients (every 10th of 1000 by
+        default; accumulate_denoising_gradients says how that estimates the paper's sum); None visits
+        every timestep, exactly as the paper's code. report.gradient_pass.summary() says what ran.
     ignored_layers: layers whose outputs are not pruned; conv_out always is (its outputs are the
         model's output channels).
     rounding/round_to: "diff-pruning" (default) or "per-group" width rule; round_to makes every kept
@@ -222,6 +227,7 @@ def prune_channels(
             timesteps=timesteps,
             model_kwargs=extra,
             seed=seed,
+            max_timesteps=max_timesteps,
         )
         for param in model.parameters():  # layers the loss never reached score zero rather than crash
             if param.grad is None:
