@@ -1,14 +1,16 @@
 """Builds prunedm._C: the C++ CPU ops always, the CUDA kernels whenever nvcc is found.
 
-Knobs: PRUNEDM_SKIP_CUDA_BUILD=1 (CPU only), TORCH_CUDA_ARCH_LIST (default: sm_80, sm_86, sm_89,
-sm_90a, as the toolkit allows), MAX_JOBS (parallel compile jobs, read by torch's ninja build)."""
+Knobs: PRUNEDM_SKIP_CUDA_BUILD=1 (CPU only), TORCH_CUDA_ARCH_LIST (default: the visible GPU's arch + PTX,
+else sm_80, sm_90a + compute_80 PTX), MAX_JOBS (parallel compile jobs, read by torch's ninja build)."""
 
 from __future__ import annotations
 
 import glob
+import math
 import os
 import shutil
 import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
@@ -16,7 +18,14 @@ from setuptools import find_packages, setup
 # installed as prunedm.kernels and prunedm.bench, and the torch-free CUDA sources of csrc/ as the data-only
 # prunedm._csrc, which NVRTC compiles at first use when no nvcc built the CUDA kernels (prunedm/ops/_nvrtc.py).
 PACKAGES = [*find_packages(include=["prunedm", "prunedm.*"]), "prunedm.kernels", "prunedm.bench", "prunedm._csrc"]
-DEFAULT_ARCHS = ["8.0", "8.6", "8.9", "9.0a"]
+# With no GPU visible: what CI and the prebuilt GPU package compile (sm_80, sm_90a), plus compute_80 PTX that
+# the driver compiles at load time for any other arch of 8.0 or newer, including future ones.
+CI_ARCHS = ["8.0+PTX", "9.0a"]
+# Core-minutes to compile one CUDA source for one arch, and one C++ source: 4 archs of the kernels took 20
+# minutes on 2 cores (issue 13). The printed estimate is this over the compile jobs, rounded up.
+CORE_MINUTES_PER_CUDA_ARCH = 2.0
+CORE_MINUTES_PER_CXX = 1.0
+BUILD_PLAN: list[str] = []  # the line build_ext prints when it starts compiling
 
 
 def _nvcc_archs(nvcc: str) -> set[str]:
@@ -31,6 +40,61 @@ def _nvcc_archs(nvcc: str) -> set[str]:
         if digits.isdigit():
             archs.add(f"{digits[:-1]}.{digits[-1]}")
     return archs
+
+
+def default_cuda_archs(supported: set[str], cuda=None) -> tuple[list[str], str]:
+    """TORCH_CUDA_ARCH_LIST entries to build when the user set none, and where they come from.
+
+    A visible GPU: its arch only (each distinct one when several), PTX of the newest for forward
+    compatibility. No GPU (or one this nvcc cannot target): CI_ARCHS. `supported` is what nvcc can
+    target ('8.0'-style; empty when unknown, then nothing is filtered); `cuda` stands in for torch.cuda."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda
+    fits = lambda arch: not supported or arch.split("+")[0].removesuffix("a") in supported  # noqa: E731
+    try:
+        visible = cuda.is_available() and cuda.device_count() > 0
+        capabilities = sorted({tuple(cuda.get_device_capability(i)) for i in range(cuda.device_count())})
+    except Exception:  # a broken driver is not a reason to fail the build: build the CI set
+        visible, capabilities = False, []
+    archs = [f"{major}.{minor}" for major, minor in capabilities if visible and fits(f"{major}.{minor}")]
+    if archs:
+        archs[-1] += "+PTX"
+        return archs, "the visible GPU" if len(archs) == 1 else "the visible GPUs"
+    return [a for a in CI_ARCHS if fits(a)] or CI_ARCHS, "no GPU visible: the CI set"
+
+
+def describe_archs(archs: list[str]) -> str:
+    """'8.0+PTX', '9.0a' -> 'sm_80, sm_90a (+compute_80 PTX)'."""
+    names = [f"sm_{a.split('+')[0].replace('.', '')}" for a in archs]
+    ptx = [f"compute_{a.split('+')[0].replace('.', '')}" for a in archs if a.endswith("+PTX")]
+    return ", ".join(names) + (f" (+{', '.join(ptx)} PTX)" if ptx else "")
+
+
+def estimated_build_minutes(cuda_sources: int, cxx_sources: int, archs: list[str], jobs: int) -> int:
+    """Rough wall-clock minutes of the build: core-minutes of every (source, arch) over the compile jobs."""
+    arch_units = sum(1.25 if a.endswith("+PTX") else 1.0 for a in archs)
+    core_minutes = cuda_sources * arch_units * CORE_MINUTES_PER_CUDA_ARCH + cxx_sources * CORE_MINUTES_PER_CXX
+    return max(1, math.ceil(core_minutes / max(1, jobs)))
+
+
+def _compile_jobs() -> int:
+    jobs = os.environ.get("MAX_JOBS", "")
+    cores = os.cpu_count() or 1
+    return min(int(jobs), cores) if jobs.isdigit() and int(jobs) > 0 else cores
+
+
+def _announce(message: str) -> None:
+    """Say what is being built, also on the terminal when pip hides the build's output (without -v)."""
+    print(message, file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        return
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(message + "\n")
+    except OSError:  # no terminal (CI, a container without one): the log line above is all there is
+        pass
 
 
 def _toolkit_root(candidate: str | None) -> str | None:
@@ -94,22 +158,33 @@ def _extensions():
     cpp_sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for
     include_dirs = [os.path.abspath("csrc/include")]
+    jobs = _compile_jobs()
     if cuda_home is None:
+        minutes = estimated_build_minutes(0, len(cpp_sources), [], jobs)
+        why = "PRUNEDM_SKIP_CUDA_BUILD=1" if os.environ.get("PRUNEDM_SKIP_CUDA_BUILD") == "1" else "no nvcc found"
+        BUILD_PLAN.append(f"building prunedm._C: C++ CPU ops only ({why}), about {minutes} minute(s) on {jobs} core(s)")
         return [
             CppExtension("prunedm._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
         ]
 
+    source = "TORCH_CUDA_ARCH_LIST"
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        supported = _nvcc_archs(os.path.join(cuda_home, "bin", "nvcc"))
-        archs = [a for a in DEFAULT_ARCHS if a.removesuffix("a") in supported] or DEFAULT_ARCHS
+        archs, source = default_cuda_archs(_nvcc_archs(os.path.join(cuda_home, "bin", "nvcc")))
         os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+    archs = [a for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";") if a]
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    minutes = estimated_build_minutes(len(cuda_sources), len(cpp_sources), archs, jobs)
+    BUILD_PLAN.append(
+        f"building prunedm._C: CUDA kernels for {describe_archs(archs)} ({source}), about {minutes} minutes on "
+        f"{jobs} core(s); PRUNEDM_SKIP_CUDA_BUILD=1 to skip, TORCH_CUDA_ARCH_LIST to choose"
+    )
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     # Toolkits unpacked from tarballs or pip keep their libraries in lib/, not lib64/.
     library_dirs = [d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")) if os.path.isdir(d)]
     return [
         CUDAExtension(
             "prunedm._C",
-            cpp_sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            cpp_sources + cuda_sources,
             include_dirs=include_dirs + _library_header_dirs(cuda_home),
             library_dirs=library_dirs,
             define_macros=[("PRUNEDM_WITH_CUDA", "1")],
@@ -121,12 +196,24 @@ def _extensions():
 def _build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    base = BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+
+    class AnnouncedBuildExtension(base):
+        """Says what it compiles and for how long when the compiling starts (not on metadata-only runs)."""
+
+        def run(self):
+            for line in BUILD_PLAN:
+                _announce(line)
+            super().run()
+
+    return AnnouncedBuildExtension
 
 
-setup(
-    packages=PACKAGES,
-    package_dir={"prunedm.kernels": "kernels", "prunedm.bench": "bench", "prunedm._csrc": "csrc"},
-    ext_modules=_extensions(),
-    cmdclass={"build_ext": _build_ext()},
-)
+# setuptools runs this file as __main__ (pip, python setup.py); tests import the functions above.
+if __name__ == "__main__":
+    setup(
+        packages=PACKAGES,
+        package_dir={"prunedm.kernels": "kernels", "prunedm.bench": "bench", "prunedm._csrc": "csrc"},
+        ext_modules=_extensions(),
+        cmdclass={"build_ext": _build_ext()},
+    )

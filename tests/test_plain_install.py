@@ -145,3 +145,65 @@ def test_optional_import_shows_a_broken_dependency_as_is(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", broken)
     with pytest.raises(ModuleNotFoundError, match="some_dep_of_diffusers"):
         optional_import("diffusers", "sample")
+
+
+def _setup_module():
+    """setup.py's functions, without running setup() (it runs only as __main__)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prunedm_setup_py", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeCuda:
+    """torch.cuda as setup.py sees it: GPUs of the given compute capabilities."""
+
+    def __init__(self, *capabilities):
+        self.capabilities = capabilities
+
+    def is_available(self):
+        return bool(self.capabilities)
+
+    def device_count(self):
+        return len(self.capabilities)
+
+    def get_device_capability(self, index):
+        return self.capabilities[index]
+
+
+NVCC_13 = {"7.5", "8.0", "8.6", "8.7", "8.9", "9.0", "10.0", "11.0", "12.0"}
+
+
+@pytest.mark.parametrize(
+    "capabilities, supported, archs, source",
+    [
+        ([(8, 6)], NVCC_13, ["8.6+PTX"], "the visible GPU"),
+        ([(9, 0)], NVCC_13, ["9.0+PTX"], "the visible GPU"),
+        ([(9, 0), (8, 0), (9, 0)], NVCC_13, ["8.0", "9.0+PTX"], "the visible GPUs"),
+        ([], NVCC_13, ["8.0+PTX", "9.0a"], "no GPU visible: the CI set"),
+        ([(12, 1)], NVCC_13, ["8.0+PTX", "9.0a"], "no GPU visible: the CI set"),  # newer than this nvcc: PTX JIT
+        ([], {"8.0", "8.6"}, ["8.0+PTX"], "no GPU visible: the CI set"),
+        ([(8, 0)], set(), ["8.0+PTX"], "the visible GPU"),  # nvcc's list unknown: trust the GPU
+    ],
+)
+def test_cuda_archs_default_to_the_visible_gpu_else_the_ci_set(capabilities, supported, archs, source):
+    setup_py = _setup_module()
+    assert setup_py.default_cuda_archs(supported, FakeCuda(*capabilities)) == (archs, source)
+
+
+def test_cuda_archs_survive_a_broken_driver_and_describe_themselves():
+    setup_py = _setup_module()
+
+    class BrokenCuda(FakeCuda):
+        def get_device_capability(self, index):
+            raise RuntimeError("CUDA driver initialization failed")
+
+    assert setup_py.default_cuda_archs(NVCC_13, BrokenCuda((8, 0)))[0] == ["8.0+PTX", "9.0a"]
+    assert setup_py.describe_archs(["8.0+PTX", "9.0a"]) == "sm_80, sm_90a (+compute_80 PTX)"
+    assert setup_py.describe_archs(["8.6+PTX"]) == "sm_86 (+compute_86 PTX)"
+    # Calibration: four archs of the four kernel sources (+4 C++ files) took about 20 minutes on 2 cores.
+    assert setup_py.estimated_build_minutes(4, 4, ["8.0", "8.6", "8.9", "9.0a"], jobs=2) == 18
+    assert setup_py.estimated_build_minutes(4, 4, ["8.6+PTX"], jobs=2) == 7
+    assert setup_py.estimated_build_minutes(0, 4, [], jobs=4) == 1
