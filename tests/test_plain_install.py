@@ -207,3 +207,19 @@ def test_cuda_archs_survive_a_broken_driver_and_describe_themselves():
     assert setup_py.estimated_build_minutes(4, 4, ["8.0", "8.6", "8.9", "9.0a"], jobs=2) == 18
     assert setup_py.estimated_build_minutes(4, 4, ["8.6+PTX"], jobs=2) == 7
     assert setup_py.estimated_build_minutes(0, 4, [], jobs=4) == 1
+
+
+def test_readme_install_section_names_every_extra_and_build_knob():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    readme = (ROOT / "README.md").read_text()
+    install = readme[readme.index("## Install") :]
+    install = install[: install.index("\n## ", 1)]
+    assert {"models", "cupy", "test"} <= set(extras)
+    for extra, packages in extras.items():
+        assert f"'prunedm[{extra}]'" in install, extra
+        for package in packages:  # "torch-pruning>=1.4" -> torch-pruning; "cupy-cuda12x" is named as is
+            assert package.split(">")[0].split("=")[0] in install, (extra, package)
+    for knob in ("TORCH_CUDA_ARCH_LIST", "PRUNEDM_SKIP_CUDA_BUILD", "MAX_JOBS"):
+        assert knob in install
