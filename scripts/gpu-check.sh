@@ -20,11 +20,12 @@ scale=${GPU_CHECK_TIME_SCALE:-1}
 
 die() { echo "gpu-check.sh: $*" >&2; exit 2; }
 budget=450 out="${OUT:-$ROOT/gpu-out}" dry="" only=""
+value() { [ $# -ge 2 ] && [ -n "$2" ] && [[ "$2" != --* ]]; }  # an option's value: present, not the next option
 while [ $# -gt 0 ]; do
   case "$1" in
-    --budget) [ $# -ge 2 ] || die "--budget needs a number of seconds"; budget=$2; shift 2 ;;
-    --out) [ $# -ge 2 ] && [ -n "$2" ] || die "--out needs a directory"; out=$2; shift 2 ;;
-    --only) [ $# -ge 2 ] || die "--only needs a comma-separated list of steps"; only=$2; shift 2 ;;
+    --budget) value "$@" || die "--budget needs a number of seconds"; budget=$2; shift 2 ;;
+    --out) value "$@" || die "--out needs a directory"; out=$2; shift 2 ;;
+    --only) value "$@" || die "--only needs a comma-separated list of steps"; only=$2; shift 2 ;;
     --dry-run) dry=--dry-run; shift ;;
     -h | --help) sed -n '2,6p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (expected --budget S, --out DIR, --only STEP,..., --dry-run)" ;;
