@@ -1,6 +1,14 @@
-"""Learned depth pruning (TinyFusion, Fang et al. 2024): per group of consecutive blocks, learnable logits
-over which k of g blocks to keep, sampled with Gumbel-softmax while a LoRA delta on the kept blocks
-learns to recover; the keep list is the most likely pattern of each group."""
+"""Learned depth pruning (TinyFusion, Fang et al. 2024): per group of blocks, learnable logits over which k of
+g blocks to keep, sampled per image with Gumbel-softmax while LoRA deltas learn to recover; EMA argmax decides.
+
+Faithful by default (preset "official", VainF/TinyFusion prune_by_learning.py); deviations and why:
+- The gates are plain logits trained beside hook-based LoRA deltas, not LoRALinear modules swapped into the model:
+  the model is left exactly as it was (the search must not change weights or module types).
+- The EMA covers the gate logits only (the official EMA averages every parameter, but the decision reads only
+  the EMA gates, and the LoRA is discarded), initialised to the starting logits as the official update_ema(0).
+- No bf16 autocast and no NaN-skip of a step: precision is the caller's choice here.
+- The "short" preset (one pattern per batch, no scaling, rank-4 LoRA inside blocks, Adam 0.05, plain argmax)
+  is prunedm's earlier search, kept for budgets of a few dozen steps where x100 logits at lr 1e-3 barely move."""
 
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ class DepthSearchResult:
     patterns: torch.Tensor
     logits: torch.Tensor
     losses: list[float] = field(default_factory=list)
+    decision_logits: torch.Tensor | None = None  # what the argmax was taken of: the EMA logits, or the logits
 
     @property
     def probabilities(self) -> torch.Tensor:
@@ -67,6 +76,113 @@ def denoising_loss(model: nn.Module, batch, scheduler=None, generator: torch.Gen
     return F.mse_loss(prediction[:, : latents.shape[1]], noise)
 
 
+# Where each constant comes from. "official": VainF/TinyFusion prune_by_learning.py (its defaults and the
+# paper's DiT-XL recipe); "short": prunedm's earlier search, kept for budgets of a few dozen steps.
+TINYFUSION_PRESETS: dict[str, dict] = {
+    "official": {
+        "per_sample": True,  # the gate logits repeated per image: one keep pattern per sample
+        "scaling": 100.0,  # logits x100 before the Gumbel-softmax (--scaling-range 1e2 1e2)
+        "tau": (4.0, 0.1),  # --tau-range, linear over the steps
+        "lora": "all",  # LoRALinear on every nn.Linear: blocks, adaLN, embedders, final layer
+        "lora_rank": 8,
+        "lora_alpha": 16.0,  # alpha = 2 * rank
+        "optimizer": "adamw",  # weight decay 0
+        "logits_lr": 1e-3,  # 10 x the base lr 1e-4
+        "lora_lr": 1e-4,
+        "grad_clip": 1.0,
+        "ema_decay": 0.999,  # --ema-decay; the decision is the argmax of the EMA gates
+    },
+    "short": {
+        "per_sample": False,
+        "scaling": 1.0,
+        "tau": (4.0, 0.1),
+        "lora": "blocks",
+        "lora_rank": 4,
+        "lora_alpha": 4.0,
+        "optimizer": "adam",
+        "logits_lr": 0.05,
+        "lora_lr": 1e-3,
+        "grad_clip": None,
+        "ema_decay": None,
+    },
+}
+
+LORA_SCOPES = ("all", "blocks", None)
+
+
+def sample_keep_gates(
+    logits: torch.Tensor,
+    patterns: torch.Tensor,
+    tau: float,
+    scaling: float = 1.0,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Straight-through Gumbel-softmax keep gates: [groups * group_size], or [batch_size, groups * group_size]
+    with an independent pattern per sample (the logits repeated per image, as the official code does).
+    The logits are multiplied by `scaling` first; forward values are exactly 0/1, gradients the soft ones."""
+    shape = logits.shape if batch_size is None else (batch_size, *logits.shape)
+    uniform = torch.rand(shape, generator=generator).clamp_(1e-10, 1 - 1e-10).to(logits)
+    soft = ((logits * scaling - torch.log(-torch.log(uniform))) / tau).softmax(-1)
+    hard = F.one_hot(soft.argmax(-1), patterns.shape[0]).to(soft)
+    choice = hard - soft.detach() + soft  # straight-through: hard forward, soft gradient
+    gates = choice @ patterns.to(soft)  # [..., groups, group_size]
+    return gates.flatten(-2)
+
+
+class DepthGates:
+    """Forward hooks that blend each block's output with its input: x + gate * (block(x) - x). `gates` is
+    None (every block on), [blocks], or [batch, blocks] (one pattern per sample); `sampler(batch)`, when set,
+    draws the gates lazily at the first block of a forward whose batch size differs from the held one."""
+
+    def __init__(self, blocks: nn.ModuleList) -> None:
+        self.gates: torch.Tensor | None = None
+        self.sampler: Callable[[int], torch.Tensor] | None = None
+        self.handles = [block.register_forward_hook(self._hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
+
+    def _hook(self, index: int):
+        def gate(module, args, kwargs, output):
+            x, y = _block_input(args, kwargs), _block_output(output)
+            if self.sampler is not None and (self.gates is None or self.gates.shape[0] != x.shape[0]):
+                self.gates = self.sampler(x.shape[0])
+            if self.gates is None:
+                return None
+            g = self.gates[..., index]
+            if g.dim() == 1:  # per sample: broadcast over tokens and channels
+                g = g.view(-1, *([1] * (y.dim() - 1)))
+            blended = x + g.to(y.dtype) * (y - x)
+            return (blended, *output[1:]) if isinstance(output, (tuple, list)) else blended
+
+        return gate
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def _add_lora(model: nn.Module, blocks: nn.ModuleList, scope: str, rank: int, alpha: float, generator):
+    """LoRA deltas as forward hooks: out + (alpha / rank) * up(down(x)), down uniform in +-1/sqrt(in) (the
+    kaiming_uniform(a=sqrt(5)) bound of torchtune's LoRALinear), up zero. scope "all": every nn.Linear of the
+    model; "blocks": those inside the transformer blocks. Returns (parameters, hook handles)."""
+    root = model if scope == "all" else blocks
+    params, handles = [], []
+    for layer in root.modules():
+        if not isinstance(layer, nn.Linear):
+            continue
+        bound = 1.0 / layer.in_features**0.5
+        down = (torch.rand(rank, layer.in_features, generator=generator) * 2 - 1) * bound
+        down = nn.Parameter(down.to(layer.weight))
+        up = nn.Parameter(torch.zeros(layer.out_features, rank).to(layer.weight))
+        params += [down, up]
+        handles.append(layer.register_forward_hook(_lora_hook(down, up, alpha / rank)))
+    return params, handles
+
+
+def _lora_hook(down: nn.Parameter, up: nn.Parameter, scale: float):
+    return lambda module, args, output: output + scale * F.linear(F.linear(args[0], down), up)
+
+
 def learn_depth_keep(
     model: nn.Module,
     data: Iterable,
@@ -75,21 +191,46 @@ def learn_depth_keep(
     steps: int = 100,
     loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
     *,
-    tau: tuple[float, float] = (4.0, 0.1),
-    logits_lr: float = 0.05,
-    lora_rank: int = 4,
-    lora_lr: float = 1e-3,
+    preset: str = "official",
+    per_sample: bool | None = None,
+    scaling: float | tuple[float, float] | None = None,
+    tau: tuple[float, float] | None = None,
+    lora: str | None = "preset",
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    optimizer: str | None = None,
+    logits_lr: float | None = None,
+    lora_lr: float | None = None,
+    grad_clip: float | None | str = "preset",
+    ema_decay: float | None | str = "preset",
     blocks_attr: str = "transformer_blocks",
     seed: int = 0,
 ) -> DepthSearchResult:
     """Learn which `keep_per_group` of every `group_size` consecutive blocks to keep (e.g. 1:2, 2:4, 7:14).
 
-    Each step samples one keep pattern per group (straight-through Gumbel-softmax at a temperature
-    annealed linearly from tau[0] to tau[1]); skipped blocks pass their input through. The loss
-    (`loss_fn(model, batch)`, by default `denoising_loss`) trains the pattern logits and, as the
-    recoverability term, rank-`lora_rank` LoRA deltas on every Linear of every block, so a pattern
-    is judged by how well the model recovers with it, not only by its loss before finetuning.
-    `data` is cycled for `steps` batches. The model's weights are unchanged; the LoRA is discarded."""
+    Each step samples keep patterns per group (straight-through Gumbel-softmax of scaling x logits at a
+    temperature annealed linearly from tau[0] to tau[1]); with per_sample each image of the batch gets its
+    own pattern. Skipped blocks pass their input through. The loss (`loss_fn(model, batch)`, by default
+    `denoising_loss`) trains the pattern logits and, as the recoverability term, LoRA deltas (scope
+    `lora`: "all" Linears, "blocks" only, None: no LoRA), so a pattern is judged by how well the model
+    recovers with it. The decision is the argmax of an EMA of the logits (ema_decay None: of the logits).
+    Unset arguments come from TINYFUSION_PRESETS[preset] ("official" or "short"). `data` is cycled for
+    `steps` batches. The model's weights are unchanged; the LoRA is discarded."""
+    if preset not in TINYFUSION_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(TINYFUSION_PRESETS)}, got {preset!r}")
+    chosen = TINYFUSION_PRESETS[preset]
+    given = {"per_sample": per_sample, "scaling": scaling, "tau": tau, "lora_rank": lora_rank,
+             "lora_alpha": lora_alpha, "optimizer": optimizer, "logits_lr": logits_lr, "lora_lr": lora_lr}  # fmt: skip
+    opts = {k: (chosen[k] if v is None else v) for k, v in given.items()}
+    opts["lora"] = chosen["lora"] if lora == "preset" else lora
+    opts["grad_clip"] = chosen["grad_clip"] if grad_clip == "preset" else grad_clip
+    opts["ema_decay"] = chosen["ema_decay"] if ema_decay == "preset" else ema_decay
+    if opts["lora"] not in LORA_SCOPES:
+        raise ValueError(f"lora must be one of {LORA_SCOPES}, got {opts['lora']!r}")
+    if opts["optimizer"] not in ("adam", "adamw"):
+        raise ValueError(f"optimizer must be 'adam' or 'adamw', got {opts['optimizer']!r}")
+    if opts["ema_decay"] is not None and not 0.0 <= opts["ema_decay"] < 1.0:
+        raise ValueError(f"ema_decay must lie in [0, 1), got {opts['ema_decay']}")
     blocks = transformer_blocks(model, blocks_attr)
     if len(blocks) % group_size:
         raise ValueError(f"{len(blocks)} blocks do not split into groups of {group_size}")
@@ -98,7 +239,7 @@ def learn_depth_keep(
     patterns = keep_patterns(group_size, keep_per_group).to(param.device)
     num_groups = len(blocks) // group_size
     logits = nn.Parameter(torch.zeros(num_groups, len(patterns), device=param.device))
-    gates = torch.ones(len(blocks), device=param.device)
+    ema = logits.detach().clone()
     if loss_fn is None:
         DDPMScheduler = optional_import("diffusers", "learn_depth_keep").DDPMScheduler  # noqa: N806
 
@@ -108,28 +249,16 @@ def learn_depth_keep(
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in frozen:
         p.requires_grad_(False)
+    gates = DepthGates(blocks)
     lora_params, handles = [], []
-
-    def gate_hook(index):
-        def gate(module, args, kwargs, output):
-            x, y = _block_input(args, kwargs), _block_output(output)
-            return x + gates[index] * (y - x)
-
-        return gate
-
-    def lora_hook(down, up):
-        return lambda module, args, output: output + F.linear(F.linear(args[0], down), up)
-
-    for i, block in enumerate(blocks):
-        handles.append(block.register_forward_hook(gate_hook(i), with_kwargs=True))
-        for layer in block.modules():
-            if isinstance(layer, nn.Linear):
-                down = torch.randn(lora_rank, layer.in_features, generator=generator) / layer.in_features**0.5
-                down = nn.Parameter(down.to(layer.weight))
-                up = nn.Parameter(torch.zeros(layer.out_features, lora_rank).to(layer.weight))
-                lora_params += [down, up]
-                handles.append(layer.register_forward_hook(lora_hook(down, up)))
-    optimizer = torch.optim.Adam([{"params": [logits], "lr": logits_lr}, {"params": lora_params, "lr": lora_lr}])
+    if opts["lora"] is not None:
+        lora_params, handles = _add_lora(model, blocks, opts["lora"], opts["lora_rank"], opts["lora_alpha"], generator)
+    groups = [{"params": [logits], "lr": opts["logits_lr"]}, {"params": lora_params, "lr": opts["lora_lr"]}]
+    if opts["optimizer"] == "adamw":
+        optim = torch.optim.AdamW(groups, weight_decay=0.0)
+    else:
+        optim = torch.optim.Adam(groups)
+    scale_range = opts["scaling"] if isinstance(opts["scaling"], tuple) else (opts["scaling"],) * 2
 
     losses = []
     was_training = model.training
@@ -137,27 +266,37 @@ def learn_depth_keep(
     try:
         batches = _cycle(data)
         for step in range(steps):
-            temperature = tau[0] + (tau[1] - tau[0]) * step / max(1, steps - 1)
-            uniform = torch.rand(logits.shape, generator=generator).clamp_(1e-10, 1 - 1e-10).to(logits)
-            soft = ((logits - torch.log(-torch.log(uniform))) / temperature).softmax(-1)
-            hard = F.one_hot(soft.argmax(-1), len(patterns)).to(soft)
-            choice = hard - soft.detach() + soft  # straight-through: hard forward, soft gradient
-            gates = (choice @ patterns).flatten()
+            progress = step / max(1, steps - 1)
+            temperature = opts["tau"][0] + (opts["tau"][1] - opts["tau"][0]) * progress
+            scale = scale_range[0] + (scale_range[1] - scale_range[0]) * progress
+            if opts["per_sample"]:
+                gates.gates = None
+                gates.sampler = lambda n, t=temperature, s=scale: sample_keep_gates(
+                    logits, patterns, t, s, n, generator
+                )
+            else:
+                gates.gates = sample_keep_gates(logits, patterns, temperature, scale, None, generator)
             loss = loss_fn(model, next(batches))
-            optimizer.zero_grad(set_to_none=True)
+            optim.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            if opts["grad_clip"] is not None:
+                torch.nn.utils.clip_grad_norm_([logits, *lora_params], opts["grad_clip"])
+            optim.step()
+            if opts["ema_decay"] is not None:
+                ema.mul_(opts["ema_decay"]).add_(logits.detach(), alpha=1 - opts["ema_decay"])
             losses.append(float(loss.detach()))
     finally:
         model.train(was_training)
+        gates.remove()
         for handle in handles:
             handle.remove()
         for p, requires_grad in frozen.items():
             p.requires_grad_(requires_grad)
 
-    best = patterns[logits.detach().argmax(-1)]  # [groups, group_size]
+    decided = ema if opts["ema_decay"] is not None else logits.detach()
+    best = patterns[decided.argmax(-1)]  # [groups, group_size]
     keep = [g * group_size + j for g in range(num_groups) for j in range(group_size) if best[g, j] > 0]
-    return DepthSearchResult(keep, patterns.cpu(), logits.detach().cpu(), losses)
+    return DepthSearchResult(keep, patterns.cpu(), logits.detach().cpu(), losses, decided.cpu())
 
 
 def _cycle(data: Iterable):
