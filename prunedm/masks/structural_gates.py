@@ -22,10 +22,14 @@ def hard_concrete_sample(
     beta: float = HARD_CONCRETE_BETA,
     gamma: float = HARD_CONCRETE_GAMMA,
     zeta: float = HARD_CONCRETE_ZETA,
+    eps: float = 0.0,
 ) -> torch.Tensor:
     """A hard concrete gate for uniform noise u in (0, 1): sigmoid((logit(u) + log_alpha) / beta),
-    stretched to (gamma, zeta) and clamped to [0, 1], so exact 0 and 1 have positive probability."""
-    s = torch.sigmoid((_logistic(u) + log_alpha) / beta)
+    stretched to (gamma, zeta) and clamped to [0, 1], so exact 0 and 1 have positive probability.
+    eps > 0 bounds the noise as EcoDiff's masking_eps does: log(u + eps) - log(1 - u + eps) lies within
+    +-log((1 + eps) / eps) (0.5: +-1.10), so a gate with a large logit stays open."""
+    noise = _logistic(u) if eps == 0 else torch.log(u + eps) - torch.log1p(eps - u)
+    s = torch.sigmoid((noise + log_alpha) / beta)
     return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
 
 
