@@ -16,6 +16,8 @@ from prunedm.pruning import (
     prune_depth,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
 
 def tiny_dit(num_layers: int = 4) -> DiTTransformer2DModel:
     torch.manual_seed(0)
@@ -140,3 +142,19 @@ def test_learned_depth_pruning_with_the_denoising_loss():
 
     with pytest.raises(ValueError, match="groups of 3"):
         learn_depth_keep(model, batches, group_size=3, steps=1)
+
+
+def test_short_preset_keeps_the_earlier_search_and_learns_the_blocks_that_matter():
+    model = dit_with_identity_blocks()
+    batches = [dit_inputs(batch=2, seed=s) for s in range(2)]
+    with torch.no_grad():
+        teacher = [model(**b).sample for b in batches]
+
+    def distillation_loss(m, batch):
+        index = next(i for i, b in enumerate(batches) if b is batch)
+        return torch.nn.functional.mse_loss(m(**batch).sample, teacher[index])
+
+    result = learn_depth_keep(model, batches, steps=20, loss_fn=distillation_loss, preset="short", logits_lr=0.1)
+    assert result.keep_indices == [1, 3]
+    torch.testing.assert_close(result.decision_logits, result.logits)  # no EMA in the short preset
+    assert all(not m._forward_hooks for m in model.modules())
