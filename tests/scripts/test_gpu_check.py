@@ -108,6 +108,8 @@ def test_dry_run_results_hold_real_values(dry_run):
     dense = [r for r in timing["kernels"] if r["backend"] == "dense"]
     assert dense and all(r["median_ms"] > 0 and r["ok"] for r in dense)
     assert any(r["backend"] == "torch cuSPARSELt" and "CUDA only" in r["error"] for r in timing["kernels"])
+    # The CPU twin of the kernels, checked against dense and timed against it in the same run.
+    assert {"linear prunedm[extension]", "conv2d prunedm[extension] nchw"} <= set(timing["headline"])
     assert timing["layers"] and timing["ops"]
 
     e2e = json.loads((out / "e2e.json").read_text())
