@@ -33,6 +33,7 @@ class _SparseWeight(_PackedStorage):
 
     def _reset_runtime(self) -> None:
         self._prepared = False
+        self._fixed_forward = None  # set once every input runs dense: the forward without the path choice
         self._paths: list[str] = []  # sparse paths that can run here: "torch", "prunedm"
         self._sparse_weight = None
         self._sparse_shape = (self._rows, self._cols)
@@ -70,6 +71,7 @@ class _SparseWeight(_PackedStorage):
         # Pickling / deepcopy carry the packed buffers, not the runtime kernel weight or caches.
         state = self.__dict__.copy()
         state.update(_prepared=False, _paths=[], _sparse_weight=None, _sparse_extra_bytes=0, _dense_cache=None)
+        state.update(_fixed_forward=None)  # it holds this layer's tensors, not the copy's
         state.update(_sparse_shape=(self._rows, self._cols), _dense_problem="", _warn_key=None, _prunedm_fn=None)
         state.update(_cslt_packed=None, _cslt_params={}, _auto={}, _auto_entries={}, _keep_dense=False)
         return state
@@ -306,6 +308,9 @@ class _SparseWeight(_PackedStorage):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._run(self._static_path(x), x)
+        fixed = self._fixed_forward
+        if fixed is not None and self.last_run is not None:  # last_run reset (e.g. by verify): record it again
+            return fixed(x)
         if not self._prepared:
             self.prepare()
         path, why = self._choose_path(x)
@@ -325,7 +330,10 @@ class _SparseWeight(_PackedStorage):
             # Warned at the first forward, not when the weights move: model.cuda().half() warns about nothing.
             _backends.warn_once(warn_key, f"prunedm sparse layers run dense (masked) weights: {why}")
         self.last_run = (path, why)
-        return self._forward_dense(x)
+        out = self._forward_dense(x)
+        if not self._paths:  # dense whatever the input, with the same reason: later calls skip the choice
+            self._fixed_forward = self._fixed_dense_forward()
+        return out
 
     def auto_decisions(self) -> dict[str, dict]:
         """backend="auto": {input key ("m64", or "32x32:m512" for convs): {"backend", "times_ms", "source"}}."""

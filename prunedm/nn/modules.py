@@ -82,6 +82,12 @@ class SparseLinear(_SparseWeight):
     def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self._dense_weight(), self.bias)
 
+    def _fixed_dense_forward(self):
+        weight, buffers = self._dense_cache, self._buffers  # the bias read per call: it may be reassigned
+        if weight is None:
+            return self._forward_dense
+        return lambda x: F.linear(x, weight, buffers["bias"])
+
     def _input_key(self, x: torch.Tensor) -> tuple | None:
         rows = x.numel() // self.in_features
         return (_autotune.batch_bucket(rows),) if isinstance(rows, int) else None
@@ -268,6 +274,13 @@ class SparseConv2d(_SparseWeight):
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(x, weight, self.bias, self.stride, _pair(0), self.dilation, self.groups)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _fixed_dense_forward(self):
+        weight, buffers = self._dense_cache, self._buffers
+        if weight is None or self.padding_mode != "zeros":
+            return self._forward_dense
+        stride, padding, dilation = self.stride, self.padding, self.dilation
+        return lambda x: F.conv2d(x, weight, buffers["bias"], stride, padding, dilation, 1)
 
     def _output_hw(self, height: int, width: int) -> tuple[int, int]:
         if isinstance(self.padding, str):
