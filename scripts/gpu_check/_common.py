@@ -54,6 +54,8 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     args.deadline = time.monotonic() + args.seconds
+    if args.dry_run:  # tiny shapes: more threads only add start-up and oversubscription on a shared CPU
+        torch.set_num_threads(1)
     return args
 
 
