@@ -4,6 +4,7 @@ where it writes the resolved config, metrics, checkpoints, reports and images; -
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -61,7 +62,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--suite takes a comma-separated subset of {', '.join(BENCH_SUITES)}, got {args.suite!r}")
     argv = ["--out", args.out, "--device", _bench_device(args.device)] + (["--quick"] if args.quick else [])
     try:
-        from prunedm.bench import run
+        run = importlib.import_module("prunedm.bench.run")
     except ModuleNotFoundError as exc:  # an install without bench/run.py: the op benchmarks alone
         if exc.name not in ("prunedm.bench.run", "prunedm.bench"):
             raise
@@ -221,6 +222,11 @@ def _cmd_job(args: argparse.Namespace) -> int:
 
 def _add_job_arguments(job: argparse.ArgumentParser, command: str, out_required: bool = True) -> None:
     from prunedm.cli.commands import FLAG_KEYS
+    from prunedm.cli.schema import describe_keys
+
+    # --help lists every config key with its default and valid range: the same table the check uses.
+    job.formatter_class = argparse.RawDescriptionHelpFormatter
+    job.epilog = "config keys (key = default: valid values):\n  " + "\n  ".join(describe_keys(command))
 
     job.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. channels.ratio=0.5")
     job.add_argument("--config", help="YAML file with the run's settings (see configs/)")

@@ -443,10 +443,10 @@ def validate_config(job: str, config: dict, rules: bool = True) -> dict:
 
 
 def describe_keys(job: str) -> list[str]:
-    """One line per key of `job`: name, default, what it must be, and what it is for (for --help and docs)."""
+    """One line per key of `job`: name, default, what it must be, and what it is for (for --help)."""
     table = SCHEMA[job]
-    return [
-        f"{name} = {default!r}: {table[name].describe() if name in table else 'any'}"
-        + (f" ({table[name].doc})" if name in table and table[name].doc else "")
-        for name, default in _leaves(job_defaults(job))
-    ]
+    lines = []
+    for name, default in _leaves(job_defaults(job)):
+        key = table.get(name, _inferred(default))
+        lines.append(f"{name} = {default!r}: {key.describe()}" + (f". {key.doc}" if key.doc else ""))
+    return lines

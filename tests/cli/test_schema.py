@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from prunedm.cli.config import ConfigError, load_config, parse_override, prepare_out_dir, read_resolved, safe_load
-from prunedm.cli.schema import SCHEMA, _leaves, job_defaults, validate_config
+from prunedm.cli.schema import SCHEMA, _leaves, describe_keys, job_defaults, validate_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*/*.yaml"))
 
@@ -82,3 +82,14 @@ def test_safe_load_limits():
     assert safe_load("[" * 31 + "]" * 31) is not None
     with pytest.raises(yaml.YAMLError):
         safe_load("!!python/name:os.system")
+
+
+def test_help_lists_every_key_with_its_range(capsys):
+    from prunedm.cli import main
+
+    lines = describe_keys("finetune")
+    assert "finetune.lr = 0.0001: a number > 0. learning rate" in lines
+    assert len(lines) == len(SCHEMA["finetune"])
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    assert "finetune.keep_checkpoints = 2: an integer >= 1." in capsys.readouterr().out
