@@ -54,3 +54,8 @@ def _rebuild_for_load(config: dict, current):
 
 for _name in ("SparseLinear", "SparseConv2d"):
     _serialization.register_structure_hook(_name, describe_sparse_module, _rebuild_for_load)
+
+# diffusers' own save_pretrained would write sparse layers that its from_pretrained leaves random: refuse it.
+from prunedm import interop as _interop  # noqa: E402
+
+_interop.install_save_guard_if_loaded()

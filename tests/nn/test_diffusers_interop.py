@@ -116,6 +116,10 @@ def test_real_channel_pruning_is_refused_or_round_trips(tmp_path):
     expected = run(model, kwargs)
     if diffusers_save_problem(model) is not None:  # the config does not describe the pruned shapes
         _assert_refused(lambda: model.save_pretrained(tmp_path / "m"))
+        prunedm.save_pretrained(model, tmp_path / "saved")
+        loaded = prunedm.load_pretrained(tmp_path / "saved")
+        assert torch.equal(run(loaded, kwargs), expected)
+        _assert_refused(lambda: loaded.save_pretrained(tmp_path / "m"), "does not describe its shapes")
         assert not (tmp_path / "m").exists()
     else:  # it does: diffusers rebuilds it exactly
         model.save_pretrained(tmp_path / "m")
