@@ -4,6 +4,8 @@ with nothing written; models diffusers can rebuild still round-trip through it e
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import diffusers
 import pytest
@@ -148,3 +150,26 @@ def test_plain_models_still_round_trip_through_diffusers(tmp_path, name):
     model.save_pretrained(tmp_path / "m")
     reloaded = getattr(diffusers, name).from_pretrained(tmp_path / "m").eval()
     assert torch.equal(run(reloaded, kwargs), run(model, kwargs))
+
+
+_FRESH_PROCESS = """
+import sys, prunedm
+from prunedm.interop import DiffusersSaveError
+model = prunedm.load_pretrained(sys.argv[1])  # the first diffusers import of this process happens in here
+try:
+    model.save_pretrained(sys.argv[2])
+except DiffusersSaveError as error:
+    print("refused:", error)
+"""
+
+
+def test_fresh_process_loading_a_sparsified_model_is_guarded(tmp_path):
+    model = build("UNet2DModel")
+    prunedm.sparsify(model, backend="dense")
+    prunedm.save_pretrained(model, tmp_path / "saved")
+    argv = [sys.executable, "-c", _FRESH_PROCESS, str(tmp_path / "saved"), str(tmp_path / "out")]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("refused: UNet2DModel.save_pretrained(")
+    assert "prunedm.load_pretrained" in result.stdout
+    assert not (tmp_path / "out").exists()
