@@ -189,7 +189,7 @@ def accumulate_denoising_gradients(
     if max_timesteps is not None:
         if max_timesteps < 1:
             raise ValueError(f"max_timesteps must be at least 1 (or None for no cap), got {max_timesteps}")
-        stride = -(-len(timesteps) // max_timesteps)
+        stride = max(1, -(-len(timesteps) // max_timesteps))
         timesteps = timesteps[::stride]
     if samples_per_pass < 1:
         raise ValueError(f"samples_per_pass must be at least 1, got {samples_per_pass}")
