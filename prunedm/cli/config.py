@@ -165,8 +165,10 @@ def read_config_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"--config {path}: is a directory, expected a YAML file")
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"--config {path}: no such file")
+    if not path.is_file():  # a device or pipe: reading could block or never end
+        raise ConfigError(f"--config {path}: not a regular file, expected a YAML file")
     try:
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:

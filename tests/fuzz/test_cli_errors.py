@@ -72,6 +72,7 @@ def test_config_is_a_directory_or_missing(rejects, tmp_path):
     out = tmp_path / "out"
     rejects(_sample(out, "--config", tmp_path), "--config", "is a directory, expected a YAML file", out=out)
     rejects(_sample(out, "--config", tmp_path / "nope.yaml"), "nope.yaml: no such file", out=out)
+    rejects(_sample(out, "--config", "/dev/null"), "--config /dev/null: not a regular file", out=out)
 
 
 def test_unreadable_config(rejects, tmp_path):
