@@ -2,8 +2,16 @@
 MaskLLMLearner (Gumbel softmax over candidate patterns) and MaskProLearner (per-weight logits, REINFORCE)."""
 
 from prunedm.masks.learner import MaskedWeight, MaskLearner
-from prunedm.masks.maskllm import MaskLLMLearner
-from prunedm.masks.maskpro import MaskProLearner, set_log_prob, top_n_mask
+from prunedm.masks.maskllm import PRESETS as MASKLLM_PRESETS
+from prunedm.masks.maskllm import MaskLLMLearner, prior_graded
+from prunedm.masks.maskpro import PRESETS as MASKPRO_PRESETS
+from prunedm.masks.maskpro import (
+    MaskProLearner,
+    leave_probability,
+    logit_init_for_budget,
+    set_log_prob,
+    top_n_mask,
+)
 from prunedm.masks.schedules import anneal
 from prunedm.masks.structural import StructuralGateLearner
 from prunedm.masks.targets import (
@@ -17,6 +25,8 @@ from prunedm.masks.targets import (
 )
 
 __all__ = [
+    "MASKLLM_PRESETS",
+    "MASKPRO_PRESETS",
     "MaskLLMLearner",
     "MaskLearner",
     "MaskProLearner",
@@ -25,9 +35,12 @@ __all__ = [
     "anneal",
     "apply_masks",
     "find_targets",
+    "leave_probability",
+    "logit_init_for_budget",
     "magnitude_masks",
     "matrix_to_weight",
     "nm_violations",
+    "prior_graded",
     "raw_weight",
     "set_log_prob",
     "top_n_mask",

@@ -1,5 +1,17 @@
 """MaskLLM-style N:M mask learning (Fang et al., NeurIPS 2024): a learnable categorical distribution over
-the C(m, n) candidate patterns of every group, sampled by Gumbel softmax, trained end to end."""
+the C(m, n) candidate patterns of every group, sampled by Gumbel softmax, trained end to end.
+
+Official code (NVlabs/MaskLLM: learnable_sparsity/differentiable_mask.py, pretrain_maskllm.py and
+scripts/learnable_sparsity/*.sh): gates ~ N(0, 0.01); soft Gumbel-softmax masks (hard is an option);
+temperature 4 -> 0.05 and logit scale 1e2 -> 5e2, linear in iteration / train_iters; prior strength 3
+adding (overlap with the prior - 1) * std(gates) * strength to each pattern; the loss minus
+weight_reg * (1 - it/T) * sum ||W (.) M||^2 with weight_reg 1e-5; mask lr 5e-5 x lr-mult 10 = 5e-4
+(LLMs; 1e-3 for ViTs). That is the "official" preset and the default. Deviations, with reasons:
+- AdamW on the logits at a constant lr, no weight decay, no gradient clipping (the official run uses
+  Megatron's optimizer: cosine lr to 1/10, weight decay 0.1, clip 1.0, betas 0.9/0.95): the mask
+  learner has no other parameters to share those with, and the schedules above are what it anneals.
+- The "short" preset (hard masks, lr 5e-3, std 0.02, no regulariser) is prunedm's for tens to hundreds
+  of steps: soft masks at lr 5e-4 barely move the logits in that budget (see PRESETS)."""
 
 from __future__ import annotations
 
@@ -14,29 +26,47 @@ from prunedm.masks import targets as _targets
 from prunedm.masks.learner import LossFn, MaskLearner, is_finite_number
 from prunedm.masks.schedules import anneal
 
+WEIGHT_REGS = ("official", "normalized")
+
+# Named presets. "official": the constants above. "short": the values that learned on the shipped
+# digits DDPM in 40 steps (loss 0.036 vs 0.087 for the magnitude mask; 0.110 at lr 5e-2, whose first Adam
+# updates swamp the prior's margin of prior_strength * init_std = 0.06).
+PRESETS: dict[str, dict] = {
+    "official": {"hard": False, "init_std": 0.01, "tau": (4.0, 0.05), "scale": (1e2, 5e2), "prior_strength": 3.0,
+                 "mask_lr": 5e-4, "weight_reg": 1e-5},
+    "short": {"hard": True, "init_std": 0.02, "tau": (4.0, 0.05), "scale": (1e2, 5e2), "prior_strength": 3.0,
+              "mask_lr": 5e-3, "weight_reg": 0.0},
+}  # fmt: skip
+
+
+def prior_graded(index: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """[..., C(m, n)]: how many kept weights each candidate pattern shares with the prior pattern `index`
+    (n for the prior itself, 0 for its complement when m = 2n)."""
+    patterns = ops.nm_patterns(n, m).to(torch.float32)  # [C, m]
+    return patterns[index] @ patterns.T
+
 
 class MaskLLMLearner(MaskLearner):
     """Learns N:M masks as pattern logits [R, K/m, C(m, n)] per target layer (GEMM layout: Linear
     weights as they are, Conv2d as [Cout, kh*kw*Cin], groups along Cin).
 
-    Each step samples every group's pattern with ops.gumbel_pattern_sample(logits * scale, tau,
-    hard=True): a hard N:M mask forward, the soft mask's gradient backward (straight-through). The
-    temperature anneals tau[0] -> tau[1] and the logit scale scale[0] -> scale[1] over total_steps
-    (`schedule`: linear, exp or cosine), so sampling starts exploratory and ends near-deterministic.
+    Each step samples every group's pattern with ops.gumbel_pattern_sample(logits * scale, tau, hard):
+    soft (the default, as official): the Gumbel-softmax mixture of patterns in the forward; hard: one
+    pattern forward, the soft mask's gradient backward (straight-through). The temperature anneals
+    tau[0] -> tau[1] and the logit scale scale[0] -> scale[1] over total_steps (`schedule`: linear, exp
+    or cosine), so sampling starts exploratory and ends near-deterministic.
 
-    Initialisation: logits ~ N(0, init_std), plus prior_strength * std(logits) on the pattern of the
-    prior mask ("magnitude": the magnitude N:M mask; a dict of weight-shaped masks by module name; None:
-    no prior). weight_reg > 0 adds weight_reg * (1 - |W * M|^2 / |W|^2) per layer (MaskLLM's sparse
-    weight regularization: prefer masks that keep the weights' magnitude). The final mask of a group is
-    its most likely pattern (argmax of the logits).
+    Initialisation: logits ~ N(0, init_std), plus (overlap - 1) * prior_strength * std(logits) per
+    pattern, overlap = how many kept weights it shares with the prior mask ("magnitude": the magnitude
+    N:M mask; a dict of weight-shaped masks by module name; None: no prior): for 2:4 the prior pattern
+    rises, the four sharing one kept weight stay, the complement falls. weight_reg > 0 subtracts
+    weight_reg * (1 - progress) * sum over layers of ||W (.) M||^2 (weights detached; "official"), or
+    with weight_reg_kind "normalized" adds weight_reg * mean over layers of 1 - ||W (.) M||^2 / ||W||^2
+    (scale-free, not decayed). The final mask of a group is its most likely pattern (argmax of the logits).
 
     loss_fn(model, batch) -> scalar tensor is the task loss; step(batch) samples, back-propagates into
     the logits (AdamW, mask_lr) and, with model_lr > 0, the weights, then advances the schedules.
-
-    mask_lr defaults to 5e-3, not the paper's 5e-2: the paper learns for thousands of steps, while in a
-    run of tens to hundreds of steps Adam's first updates at 5e-2 (~0.05 per logit, x scale) swamp the
-    prior's margin (prior_strength * init_std = 0.06). On the shipped digits DDPM, 40 steps gave a final
-    loss of 0.110 at 5e-2, 0.036 at 5e-3, and 0.087 for the magnitude mask."""
+    preset ("official" or "short", see PRESETS) fills every option left at None."""
 
     def __init__(
         self,
@@ -45,15 +75,18 @@ class MaskLLMLearner(MaskLearner):
         n: int = 2,
         m: int = 4,
         *,
+        preset: str = "official",
         prior: str | dict[str, torch.Tensor] | None = "magnitude",
-        prior_strength: float = 3.0,
-        init_std: float = 0.02,
-        tau: tuple[float, float] = (4.0, 0.05),
-        scale: tuple[float, float] = (1e2, 5e2),
+        prior_strength: float | None = None,
+        init_std: float | None = None,
+        tau: tuple[float, float] | None = None,
+        scale: tuple[float, float] | None = None,
+        hard: bool | None = None,
         schedule: str = "linear",
         total_steps: int = 1000,
-        weight_reg: float = 0.0,
-        mask_lr: float = 5e-3,
+        weight_reg: float | None = None,
+        weight_reg_kind: str = "official",
+        mask_lr: float | None = None,
         model_lr: float = 0.0,
         types: Iterable[type] = _targets.DEFAULT_TYPES,
         include: _targets.ModuleFilter = None,
@@ -61,13 +94,22 @@ class MaskLLMLearner(MaskLearner):
         seed: int = 0,
         backend: str = "auto",
     ) -> None:
+        if preset not in PRESETS:
+            raise ValueError(f"MaskLLMLearner: preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        given = {"prior_strength": prior_strength, "init_std": init_std, "tau": tau, "scale": scale, "hard": hard,
+                 "weight_reg": weight_reg, "mask_lr": mask_lr}  # fmt: skip
+        options = {key: PRESETS[preset][key] if value is None else value for key, value in given.items()}
+        prior_strength, init_std, tau, scale = (options[k] for k in ("prior_strength", "init_std", "tau", "scale"))
+        if weight_reg_kind not in WEIGHT_REGS:
+            raise ValueError(f"MaskLLMLearner: weight_reg_kind must be one of {WEIGHT_REGS}, got {weight_reg_kind!r}")
         super().__init__(model, loss_fn, n, m, model_lr=model_lr, types=types, include=include, exclude=exclude,
                          seed=seed, backend=backend)  # fmt: skip
         if total_steps < 1:
             raise ValueError(f"MaskLLMLearner: total_steps must be >= 1, got {total_steps}")
         self.tau_range, self.scale_range = tuple(tau), tuple(scale)
         self.schedule, self.total_steps = schedule, int(total_steps)
-        self.weight_reg = float(weight_reg)
+        self.preset, self.hard = preset, bool(options["hard"])
+        self.weight_reg, self.weight_reg_kind = float(options["weight_reg"]), weight_reg_kind
         anneal(1.0, 1.0, 0.0, schedule)  # validates the schedule kind
         self.num_patterns = math.comb(m, n)
         priors = _targets.magnitude_masks(self.targets, n, m) if prior == "magnitude" else prior
@@ -81,11 +123,10 @@ class MaskLLMLearner(MaskLearner):
                 index = ops.pattern_index(prior_matrix, n, m)
                 if bool((index < 0).any()):
                     raise ValueError(f"MaskLLMLearner: the prior mask of {name} is not exactly {n}:{m}")
-                boost = torch.zeros_like(logits).scatter_(-1, index.unsqueeze(-1), prior_strength * float(logits.std()))
-                logits += boost
+                logits += (prior_graded(index, n, m) - 1) * (prior_strength * float(logits.std()))
             device = _targets.raw_weight(module).device
             self.logits[name] = nn.Parameter(logits.to(device))
-        self.mask_optimizer = torch.optim.AdamW(list(self.logits.values()), lr=mask_lr, weight_decay=0.0)
+        self.mask_optimizer = torch.optim.AdamW(list(self.logits.values()), lr=options["mask_lr"], weight_decay=0.0)
 
     # Schedules -----------------------------------------------------------------------------------
 
@@ -109,18 +150,25 @@ class MaskLLMLearner(MaskLearner):
         matrices = {}
         for index, (name, logits) in enumerate(self.logits.items()):
             matrices[name] = ops.gumbel_pattern_sample(
-                logits * scale, self.n, self.m, tau, True, self._sample_seed(index), backend=self.backend
+                logits * scale, self.n, self.m, tau, self.hard, self._sample_seed(index), backend=self.backend
             )
         self._set_matrix_masks(matrices)
         return matrices
 
     def regularization(self, matrices: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean over layers of 1 - |W * M|^2 / |W|^2 (weights detached): low when masks keep large weights."""
+        """The term added to the loss, times weight_reg (weights detached; low when masks keep large weights).
+        official: -(1 - progress) * sum over layers of ||W (.) M||^2; normalized: mean over layers of
+        1 - ||W (.) M||^2 / ||W||^2."""
         terms = []
         for name, module in self.targets.items():
             weight = _targets.weight_matrix(module).detach().float()
             kept = (weight * matrices[name].float()).pow(2).sum()
-            terms.append(1 - kept / weight.pow(2).sum().clamp_min(1e-30))
+            if self.weight_reg_kind == "official":
+                terms.append(kept)
+            else:
+                terms.append(1 - kept / weight.pow(2).sum().clamp_min(1e-30))
+        if self.weight_reg_kind == "official":
+            return -(1 - self.progress) * torch.stack(terms).sum()
         return torch.stack(terms).mean()
 
     def step(self, batch) -> dict:
@@ -171,7 +219,8 @@ class MaskLLMLearner(MaskLearner):
 
     def _extra_state(self) -> dict:
         return {"tau": list(self.tau_range), "scale": list(self.scale_range), "schedule": self.schedule,
-                "total_steps": self.total_steps}  # fmt: skip
+                "total_steps": self.total_steps, "hard": self.hard, "weight_reg": self.weight_reg,
+                "weight_reg_kind": self.weight_reg_kind}  # fmt: skip
 
     def _check_extra_state(self, state: dict) -> None:
         for key in ("tau", "scale"):
@@ -182,7 +231,15 @@ class MaskLLMLearner(MaskLearner):
         total = state["total_steps"]
         if not isinstance(total, int) or isinstance(total, bool) or total < 1:
             raise ValueError(f"MaskLLMLearner: state total_steps must be an integer >= 1, got {total!r}")
+        if not isinstance(state.get("hard", True), bool) or not is_finite_number(state.get("weight_reg", 0.0)):
+            raise ValueError(f"MaskLLMLearner: state hard must be a bool and weight_reg a number, got {state!r}"[:200])
+        if state.get("weight_reg_kind", "normalized") not in WEIGHT_REGS:
+            raise ValueError(f"MaskLLMLearner: state weight_reg_kind must be one of {WEIGHT_REGS}")
 
     def _load_extra_state(self, state: dict) -> None:
         self.tau_range, self.scale_range = tuple(state["tau"]), tuple(state["scale"])
         self.schedule, self.total_steps = state["schedule"], state["total_steps"]
+        # Files written before soft masks and the official regulariser: hard masks, the normalized form.
+        self.hard = state.get("hard", True)
+        self.weight_reg = state.get("weight_reg", self.weight_reg)
+        self.weight_reg_kind = state.get("weight_reg_kind", "normalized")

@@ -155,7 +155,8 @@ def test_maskllm_weight_regularizer_and_joint_training():
     model = mlp(16, 32, 8)
     batch = regression_task(model, 16, 64, seed=1)
     dense = [p.detach().clone() for p in model.parameters()]
-    learner = pm.MaskLLMLearner(model, mse, total_steps=5, weight_reg=1.0, model_lr=1e-2, prior=None)
+    learner = pm.MaskLLMLearner(model, mse, total_steps=5, weight_reg=1.0, weight_reg_kind="normalized", model_lr=1e-2,
+                                prior=None)  # fmt: skip
     assert all(p.requires_grad for p in model.parameters())
     matrices = learner.sample()
     reg = learner.regularization(matrices)
