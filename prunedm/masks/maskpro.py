@@ -36,7 +36,7 @@ PRESETS: dict[str, dict] = {
     "official": {"samples": 1, "baseline": "ema", "baseline_decay": 0.99, "normalize_advantage": False,
                  "logit_init": 10.0, "mask_lr": 50.0},
     "short": {"samples": 4, "baseline": "loo", "baseline_decay": 0.9, "normalize_advantage": True,
-              "logit_init": "budget", "mask_lr": 0.5},
+              "logit_init": "budget", "mask_lr": 1.0},
 }  # fmt: skip
 
 
