@@ -78,7 +78,7 @@ platform=(--only-binary=:all: --python-version 3.12 --implementation cp --platfo
 # shellcheck disable=SC2086
 "$venv/bin/python" -m pip download -q --no-deps "${platform[@]}" $GPU_WHEELS_NO_DEPS
 mkdir -p .whl
-find .whl -name '*.whl' -delete
+find .whl -maxdepth 1 -type f -name '*.whl' -delete
 for wheel in "$download"/*.whl; do
   dist=$(basename "$wheel" | cut -d- -f1 | tr 'A-Z-.' 'a-z__')
   [[ "$IMAGE_HAS" == *" $dist "* ]] || cp "$wheel" .whl/
