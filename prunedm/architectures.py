@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from prunedm._optional import optional_import
+
 # (hidden size, depth, heads) of the DiT family (Peebles & Xie, Table 1).
 DIT_SIZES = {"s-2": (384, 12, 6), "b-2": (768, 12, 12), "l-2": (1024, 24, 16), "xl-2": (1152, 28, 16)}
 
@@ -47,7 +49,7 @@ def build(name: str, seed: int | None = None, device: str | torch.device | None 
     """A randomly initialised model of architecture `name` (on `device`, "meta" for shapes only)."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
-    import diffusers
+    diffusers = optional_import("diffusers", f"architecture {name!r}")
 
     class_name, kwargs = ARCHITECTURES[name]
     if seed is not None:

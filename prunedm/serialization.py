@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunedm._atomic import atomic_dir, atomic_file, is_temp, write_text_atomic
+from prunedm._optional import optional_import
 
 STRUCTURE_FILE = "structure.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -383,7 +384,7 @@ def _json_type(value) -> str:
 def _resolve_class(name: str, model_classes: Mapping | None, file: Path) -> type:
     if model_classes and name in model_classes:
         return model_classes[name]
-    import diffusers
+    diffusers = optional_import("diffusers", f"loading {file}")
 
     cls = getattr(diffusers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "from_config")):

@@ -97,7 +97,6 @@ def test_cli_info_runs_without_optional_packages():
     assert "prunedm" in proc.stdout and '"cpu"' in proc.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="prunedm/cli/models.py imports diffusers itself: use optional_import there")
 def test_cli_prune_names_the_extra_in_one_line(tmp_path):
     out = tmp_path / "out"
     code = (

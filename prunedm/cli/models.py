@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from prunedm._optional import optional_import
 from prunedm.architectures import ARCHITECTURES, build
 from prunedm.cli.config import ConfigError
 from prunedm.serialization import check_config, read_safetensors_header
@@ -55,7 +56,7 @@ def load_model(spec: str | None, seed: int = 0):
 
 
 def _diffusers_class(name, where: Path):
-    import diffusers
+    diffusers = optional_import("diffusers", f"loading the diffusers model in {where}")
 
     cls = getattr(diffusers, name, None) if isinstance(name, str) else None
     # Model classes only: a pipeline class would read model_index.json and could load code from the dir.

@@ -4,7 +4,6 @@ pass that feeds the gradient-based ones (Taylor, and Diff-Pruning's timestep-thr
 from __future__ import annotations
 
 import contextlib
-import importlib
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -13,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from prunedm._optional import optional_import
 
 if TYPE_CHECKING:
     import torch_pruning as tp
@@ -26,25 +27,6 @@ SAMPLES_PER_PASS = 256
 MAX_TIMESTEPS = 100
 # Below this many parameters the CPU gradient pass runs on one thread (gradient_pass_threads).
 SMALL_MODEL_PARAMS = 20_000_000
-
-
-# The optional packages prunedm uses and the extra that installs each: a plain `pip install prunedm` has none.
-EXTRAS = {"torch_pruning": "models", "diffusers": "models", "cleanfid": "models", "sklearn": "models"}
-PACKAGE_NAMES = {"torch_pruning": "torch-pruning", "cleanfid": "clean-fid", "sklearn": "scikit-learn"}
-
-
-def optional_import(module: str, feature: str):
-    """`module`, imported; when it is not installed, an ImportError naming the extra that brings it
-    ("prune_channels needs torch-pruning: pip install 'prunedm[models]'"), so a plain install imports
-    prunedm and fails only in the feature that needs the package."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        top = module.split(".")[0]
-        if exc.name is None or exc.name.split(".")[0] != top:
-            raise  # the package is there but something it imports is broken: show that, not a hint
-        package = PACKAGE_NAMES.get(top, top)
-        raise ImportError(f"{feature} needs {package}: pip install 'prunedm[{EXTRAS.get(top, 'models')}]'") from exc
 
 
 def make_importance(name: str) -> tp.importance.Importance:

@@ -22,6 +22,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from prunedm._atomic import remove_stale_temps, write_text_atomic
+from prunedm._optional import optional_import
 from prunedm.train import checkpoint as ckpt
 from prunedm.train.distill import DistillConfig, DistillLoss
 
@@ -236,9 +237,7 @@ def finetune(
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     config.validate(world)
     if scheduler is None:
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler(num_train_timesteps=1000)
+        scheduler = optional_import("diffusers", "finetune").DDPMScheduler(num_train_timesteps=1000)
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
