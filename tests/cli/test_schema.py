@@ -93,3 +93,18 @@ def test_help_lists_every_key_with_its_range(capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])
     assert "finetune.keep_checkpoints = 2: an integer >= 1." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_demo_stage_config_passes_its_job_checks(tmp_path, quick):
+    import torch
+
+    from prunedm.cli.config import merge_config
+    from prunedm.cli.demo import QUICK_OVERRIDES, _stage_configs
+    from prunedm.cli.schema import DEFAULTS
+
+    config = load_config(job_defaults("demo"), None, QUICK_OVERRIDES if quick else [])
+    for device in ("cpu", "cuda"):
+        for _, command, _, stage_config in _stage_configs(config, tmp_path, torch.device(device)):
+            checked = validate_config(command, merge_config(DEFAULTS[command], stage_config))
+            assert checked["device"] == "auto"
