@@ -292,7 +292,7 @@ def finetune(
             if distill_loss is None:
                 loss = F.mse_loss(predict(train_model, noisy, timesteps, batch).float(), target.float())
             else:
-                loss = distill_loss(train_model, noisy, timesteps, batch, target)
+                loss = distill_loss(train_model, noisy, timesteps, batch, target, step=step)  # beta resumes exactly
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if config.grad_clip is not None:

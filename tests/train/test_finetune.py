@@ -145,6 +145,25 @@ def test_distillation_from_teacher_with_features(tmp_path):
         )
 
 
+def test_distillation_resume_continues_the_feature_decay_exactly(tmp_path):
+    """beta's decay is keyed by the training step, so a resumed distillation equals the straight run."""
+
+    def run(out, steps):
+        torch.manual_seed(0)
+        distill = DistillConfig(
+            tiny_unet(seed=5), feature_weight=0.5, feature_layers={"mid_block": "mid_block"}, feature_decay_steps=4
+        )
+        student = tiny_unet(seed=6)
+        finetune(student, tiny_images(), out, quiet(steps=steps, checkpoint_every=2), distill=distill)
+        return student
+
+    straight = run(tmp_path / "straight", 4)
+    run(tmp_path / "resumed", 2)
+    resumed = run(tmp_path / "resumed", 4)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, out: str, results: str) -> None:
     import torch.distributed as dist
 
