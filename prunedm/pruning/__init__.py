@@ -2,12 +2,16 @@
 transformer blocks of DiTs (fixed lists, Block Influence, TinyFusion's learned keep patterns)."""
 
 from prunedm.pruning.channels import (
+    TWO_FOUR_WIDTH_MULTIPLE,
+    WIDTH_ORIGIN_ATTR,
     ChannelPruningReport,
     count_macs_and_params,
     default_example_inputs,
+    first_sparse_layer,
     kept_channels,
     layer_widths,
     prune_channels,
+    resolve_round_to,
 )
 from prunedm.pruning.depth import (
     DepthPruningReport,
@@ -19,9 +23,19 @@ from prunedm.pruning.depth import (
 from prunedm.pruning.fixups import sync_diffusers_attributes
 from prunedm.pruning.heads import StructuralPruningReport, apply_structural_masks
 from prunedm.pruning.importance import IMPORTANCES, GradientPass, accumulate_denoising_gradients, make_importance
-from prunedm.pruning.tinyfusion import DepthSearchResult, denoising_loss, keep_patterns, learn_depth_keep
+from prunedm.pruning.tinyfusion import (
+    TINYFUSION_PRESETS,
+    DepthSearchResult,
+    denoising_loss,
+    keep_patterns,
+    learn_depth_keep,
+    sample_keep_gates,
+)
 
 __all__ = [
+    "TINYFUSION_PRESETS",
+    "TWO_FOUR_WIDTH_MULTIPLE",
+    "WIDTH_ORIGIN_ATTR",
     "StructuralPruningReport",
     "apply_structural_masks",
     "IMPORTANCES",
@@ -34,6 +48,7 @@ __all__ = [
     "count_macs_and_params",
     "default_example_inputs",
     "denoising_loss",
+    "first_sparse_layer",
     "keep_every",
     "keep_most_influential",
     "keep_patterns",
@@ -43,5 +58,7 @@ __all__ = [
     "make_importance",
     "prune_channels",
     "prune_depth",
+    "resolve_round_to",
+    "sample_keep_gates",
     "sync_diffusers_attributes",
 ]

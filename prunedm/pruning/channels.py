@@ -10,7 +10,12 @@ C - n channels, where, as torch-pruning <= 1.4.0 did for the paper:
 and L is the lcm of the GroupNorm groups, conv groups and attention heads in the group, so every
 GroupNorm group and every head loses the same number of channels (the lowest-scored in each).
 torch-pruning >= 1.4.1 instead keeps int(C/L * (1 - ratio)) per group, which prunes much more
-(ddpm-cifar10 at 0.3: 128 -> 64 channels instead of 96); `rounding="per-group"` gives that rule."""
+(ddpm-cifar10 at 0.3: 128 -> 64 channels instead of 96); `rounding="per-group"` gives that rule.
+
+Then, by default (round_to="2:4"), every kept width is rounded down to a multiple of TWO_FOUR_WIDTH_MULTIPLE,
+so every layer that could be 2:4 before pruning still can after it (sparsify usually follows). The paper's
+exact widths (its 19.85M-parameter row at 0.3) are round_to=None: its time embedding (358) and attention
+(179) widths cannot be 2:4 along their input."""
 
 from __future__ import annotations
 
@@ -25,6 +30,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from prunedm.architectures import example_inputs_for
+from prunedm.nn._packing import GROUP as TWO_FOUR_GROUP
+from prunedm.nn.modules import SparseConv2d, SparseLinear
+from prunedm.ops.sparse_mm import CONV_CHANNEL_ALIGNMENT
 from prunedm.pruning.fixups import sync_diffusers_attributes
 from prunedm.pruning.importance import (
     GRADIENT_IMPORTANCES,
@@ -40,6 +49,11 @@ if TYPE_CHECKING:
     import torch_pruning as tp
 
 ROUNDINGS = ("diff-pruning", "per-group")
+# A width that keeps its readers 2:4-eligible: linears need in_features % 4 (2:4 groups run along the input)
+# and the CUDA sparse conv needs Cin % CONV_CHANNEL_ALIGNMENT (16-byte channel gathers).
+TWO_FOUR_WIDTH_MULTIPLE = math.lcm(TWO_FOUR_GROUP, CONV_CHANNEL_ALIGNMENT)
+# Set on every layer whose width prune_channels changed: which call chose it (sparsify's report can say so).
+WIDTH_ORIGIN_ATTR = "prunedm_width_origin"
 
 
 @dataclass
@@ -49,6 +63,7 @@ class ChannelPruningReport:
     importance: str
     ratio: float
     rounding: str
+    round_to: int | None
     params_before: int
     params_after: int
     macs_before: int
@@ -78,7 +93,7 @@ class ChannelPruningReport:
 
     def summary(self) -> str:
         lines = [
-            f"importance={self.importance} ratio={self.ratio} rounding={self.rounding}",
+            f"importance={self.importance} ratio={self.ratio} rounding={self.rounding} round_to={self.round_to}",
             f"params {self.params_before / 1e6:.3f}M -> {self.params_after / 1e6:.3f}M ({self.params_ratio:.3f}x)",
             f"MACs   {self.macs_before / 1e9:.3f}G -> {self.macs_after / 1e9:.3f}G ({self.macs_ratio:.3f}x)",
         ]
@@ -122,25 +137,26 @@ def count_macs_and_params(model: nn.Module, example_inputs: Mapping) -> tuple[in
 
 
 def default_example_inputs(model: nn.Module, batch_size: int = 1) -> dict:
-    """A sample and timestep (and encoder_hidden_states for conditional UNets) sized from the config."""
-    config = model.config
-    size = config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    param = next(model.parameters())
-    generator = torch.Generator().manual_seed(0)  # leave the global generator alone
+    """prunedm.architectures.example_inputs_for: forward kwargs sized from the config (ValueError "pass
+    example_inputs: ..." when the config does not say)."""
+    return example_inputs_for(model, batch_size)
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator).to(device=param.device, dtype=param.dtype)
 
-    inputs = {
-        "sample": randn(batch_size, config.in_channels, height, width),
-        "timestep": torch.ones((batch_size,), dtype=torch.long, device=param.device),
-    }
-    cross_dim = getattr(config, "cross_attention_dim", None)
-    if cross_dim is not None:
-        cross_dim = cross_dim[0] if isinstance(cross_dim, (list, tuple)) else cross_dim
-        inputs["encoder_hidden_states"] = randn(batch_size, 4, cross_dim)
-    return inputs
+def resolve_round_to(round_to: int | str | None) -> int | None:
+    """round_to as a width multiple: "2:4" -> TWO_FOUR_WIDTH_MULTIPLE, a positive int -> itself, None -> None."""
+    if round_to == "2:4":
+        return TWO_FOUR_WIDTH_MULTIPLE
+    if round_to is None or (isinstance(round_to, int) and not isinstance(round_to, bool) and round_to >= 1):
+        return round_to
+    raise ValueError(f'round_to must be "2:4", a positive integer or None, got {round_to!r}')
+
+
+def first_sparse_layer(model: nn.Module) -> tuple[str, str] | None:
+    """(name, class) of the first packed 2:4 layer (SparseLinear / SparseConv2d) in `model`, or None."""
+    for name, module in model.named_modules():
+        if isinstance(module, (SparseLinear, SparseConv2d)):
+            return name or "(the model itself)", type(module).__name__
+    return None
 
 
 def kept_channels(
@@ -176,7 +192,7 @@ def prune_channels(
     timesteps: Iterable[int] | None = None,
     max_timesteps: int | None = MAX_TIMESTEPS,
     rounding: str = "diff-pruning",
-    round_to: int | None = None,
+    round_to: int | str | None = "2:4",
     update_config: bool = True,
     seed: int = 0,
 ) -> ChannelPruningReport:
@@ -185,7 +201,8 @@ def prune_channels(
     importance: "random", "magnitude"/"l2", "l1", "taylor", "diff-pruning", or a torch-pruning style
         callable `importance(group) -> per-channel scores`. The gradient-based ones need `data`.
     ratio: fraction of channels removed from every coupled group, before rounding (module docstring).
-    example_inputs: forward kwargs used to trace the graph and count MACs (default: batch 1 from config).
+    example_inputs: forward kwargs used to trace the graph and count MACs (default: batch 1 sized from the
+        config by prunedm.architectures.example_inputs_for; ValueError "pass example_inputs" when it cannot).
     data: image batches; the first batch feeds the gradient pass (noise-prediction loss under
         `scheduler`, DDPMScheduler(1000) by default, at `timesteps`, 0..T-1 by default). Diff-pruning
         stops at the first timestep whose loss is below `threshold` times the largest so far.
@@ -194,14 +211,27 @@ def prune_channels(
         every timestep, exactly as the paper's code. report.gradient_pass.summary() says what ran.
     ignored_layers: layers whose outputs are not pruned; conv_out always is (its outputs are the
         model's output channels).
-    rounding/round_to: "diff-pruning" (default) or "per-group" width rule; round_to makes every kept
-        width a multiple of it as well (e.g. 8 for tensor cores).
+    rounding: "diff-pruning" (default) or "per-group" width rule (module docstring).
+    round_to: "2:4" (default) rounds every kept width down to a multiple of TWO_FOUR_WIDTH_MULTIPLE (8), so
+        every layer that was 2:4-eligible stays so for sparsify; an int, a multiple of it; None, the rule's
+        exact widths (Diff-Pruning's paper row: rounding="diff-pruning", round_to=None).
     update_config: rewrite block_out_channels/time_embedding_dim to the pruned widths when a model
-        built from the new config has the same modules (save/load then needs only the exact shapes)."""
+        built from the new config has the same modules (save/load then needs only the exact shapes).
+    The model must be dense (prune before sparsify); it runs under torch.no_grad() too (tracing needs autograd,
+    which it turns on inside)."""
+    sparse = first_sparse_layer(model)
+    if sparse is not None:  # torch-pruning's grouping does not know packed layers: it ran 12+ minutes, then failed
+        raise ValueError(
+            f"prune_channels: prune before sparsify: {sparse[0]!r} is already a packed 2:4 {sparse[1]}; prune the "
+            "dense (or masked dense) model, then call prunedm.sparsify"
+        )
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    width_multiple = resolve_round_to(round_to)
+    if isinstance(importance, str) and importance in GRADIENT_IMPORTANCES and data is None:
+        raise ValueError(f"importance={importance!r} needs data: an iterable of image batches")
     tp = optional_import("torch_pruning", "prune_channels")
     name = importance if isinstance(importance, str) else type(importance).__name__
     scorer = make_importance(importance) if isinstance(importance, str) else importance
@@ -214,42 +244,48 @@ def prune_channels(
     macs_before, params_before = count_macs_and_params(model, example_inputs)
     widths_before = layer_widths(model)
 
-    gradient_pass = None
-    if isinstance(importance, str) and importance in GRADIENT_IMPORTANCES:
-        if data is None:
-            raise ValueError(f"importance={importance!r} needs data: an iterable of image batches")
-        extra = {k: v for k, v in example_inputs.items() if k not in ("sample", "timestep")}
-        gradient_pass = accumulate_denoising_gradients(
-            model,
-            first_image_batch(data),
-            scheduler=scheduler,
-            threshold=threshold if importance == "diff-pruning" else None,
-            timesteps=timesteps,
-            model_kwargs=extra,
-            seed=seed,
-            max_timesteps=max_timesteps,
-        )
-        for param in model.parameters():  # layers the loss never reached score zero rather than crash
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
+    # torch-pruning traces the graph through autograd (grad_fn), and the gradient pass needs gradients: both
+    # fail under a caller's torch.no_grad() (a typical inference script) unless grad is on here.
+    with torch.enable_grad():
+        gradient_pass = None
+        if isinstance(importance, str) and importance in GRADIENT_IMPORTANCES:
+            extra = {k: v for k, v in example_inputs.items() if k not in ("sample", "timestep")}
+            gradient_pass = accumulate_denoising_gradients(
+                model,
+                first_image_batch(data),
+                scheduler=scheduler,
+                threshold=threshold if importance == "diff-pruning" else None,
+                timesteps=timesteps,
+                model_kwargs=extra,
+                seed=seed,
+                max_timesteps=max_timesteps,
+            )
+            for param in model.parameters():  # layers the loss never reached score zero rather than crash
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
 
-    skipped = []
-    if ratio > 0:
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-        with torch.random.fork_rng(devices=[]):  # "random" draws from the global generator: seed it, then restore
-            torch.manual_seed(seed)
-            ignored_modules = [m for layer in ignored for m in layer.modules()]
-            plans = _plan(graph, model, scorer, ratio, ignored_modules, rounding, round_to, skipped)
-        for root, handler, idxs in plans:
-            pruning_group = graph.get_pruning_group(root, handler, idxs)
-            if graph.check_pruning_group(pruning_group):
-                pruning_group.prune()
-            else:
-                skipped.append(f"{graph._module2name.get(root, root)}: torch-pruning refused the group")
-        sync_diffusers_attributes(model)
+        skipped = []
+        if ratio > 0:
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+            with torch.random.fork_rng(devices=[]):  # "random" draws from the global generator: seed it, then restore
+                torch.manual_seed(seed)
+                ignored_modules = [m for layer in ignored for m in layer.modules()]
+                plans = _plan(graph, model, scorer, ratio, ignored_modules, rounding, width_multiple, skipped)
+            for root, handler, idxs in plans:
+                pruning_group = graph.get_pruning_group(root, handler, idxs)
+                if graph.check_pruning_group(pruning_group):
+                    pruning_group.prune()
+                else:
+                    skipped.append(f"{graph._module2name.get(root, root)}: torch-pruning refused the group")
+            sync_diffusers_attributes(model)
     if gradient_pass is not None:
         model.zero_grad(set_to_none=True)
 
+    widths_after = layer_widths(model)
+    origin = f"prune_channels(ratio={ratio}, rounding={rounding!r}, round_to={round_to!r})"
+    for layer_name, module in model.named_modules():
+        if layer_name in widths_after and widths_before.get(layer_name) != widths_after[layer_name]:
+            setattr(module, WIDTH_ORIGIN_ATTR, origin)
     config_updates = _update_config(model) if update_config and ratio > 0 else {}
     macs_after, params_after = count_macs_and_params(model, example_inputs)
     model.train(was_training)
@@ -257,19 +293,20 @@ def prune_channels(
         importance=name,
         ratio=ratio,
         rounding=rounding,
+        round_to=width_multiple,
         params_before=int(params_before),
         params_after=int(params_after),
         macs_before=int(macs_before),
         macs_after=int(macs_after),
         widths_before=widths_before,
-        widths_after=layer_widths(model),
+        widths_after=widths_after,
         gradient_pass=gradient_pass,
         skipped_groups=skipped,
         config_updates=config_updates,
     )
 
 
-def _plan(graph, model, scorer, ratio, ignored_modules, rounding, round_to, skipped) -> list[tuple]:
+def _plan(graph, model, scorer, ratio, ignored_modules, rounding, width_multiple, skipped) -> list[tuple]:
     """(root layer, pruning fn, channel indices to remove) for every prunable group, scored before any is pruned."""
     heads, gated = _attention_heads(model), _gated_projections(model)
     plans = []
@@ -283,7 +320,7 @@ def _plan(graph, model, scorer, ratio, ignored_modules, rounding, round_to, skip
         if channels % groups:
             skipped.append(f"{root_name}: {channels} channels do not split into {groups} groups")
             continue
-        keep = kept_channels(channels, ratio, groups, rounding, round_to)
+        keep = kept_channels(channels, ratio, groups, rounding, width_multiple)
         if keep >= channels:
             continue
         with torch.no_grad():

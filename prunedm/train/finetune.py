@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from prunedm._atomic import remove_stale_temps, write_text_atomic
 from prunedm._optional import optional_import
+from prunedm.nn.modules import SparseConv2d, SparseLinear
 from prunedm.train import checkpoint as ckpt
 from prunedm.train.distill import DistillConfig, DistillLoss
 
@@ -212,6 +213,19 @@ def _reapply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         modules[name].weight.mul_(mask)
 
 
+def _refuse_packed_layers(model: nn.Module) -> None:
+    """ValueError when `model` holds packed 2:4 layers (SparseLinear / SparseConv2d): their weights are frozen
+    buffers, so finetuning would train only the rest (0.45% of an SD UNet's weights) with normal-looking loss.
+    Refused rather than trained through: the masked dense model with keep_sparsity trains every kept weight."""
+    packed = [name for name, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
+    if packed:
+        raise ValueError(
+            f"finetune: the model is already sparsified ({len(packed)} packed 2:4 layer(s), first {packed[0]!r}): "
+            "their weights are frozen buffers and would not train. Finetune the masked dense model with "
+            "finetune.keep_sparsity=true (FinetuneConfig(keep_sparsity=True)), then sparsify"
+        )
+
+
 def _seed_for(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63)
 
@@ -233,6 +247,7 @@ def finetune(
     the next older one (still exact: the skipped steps are redone), and ValueError names it when none is usable.
     Under torch.distributed (e.g. torchrun) the model runs in DistributedDataParallel."""
     config = config or FinetuneConfig()
+    _refuse_packed_layers(model)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     config.validate(world)
