@@ -117,6 +117,17 @@ def git_commit() -> str:
     return sha[:7] + ("+dirty" if _is_dirty(root) else "")
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device as a torch.device: auto is cuda when one is visible, else cpu; cuda needs one visible."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
 def environment(device: torch.device) -> dict:
     """Versions, git commit, date and the device (GPU name + capability, or cpu with its thread count)."""
     env = {

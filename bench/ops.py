@@ -16,7 +16,15 @@ from torch.sparse._semi_structured_conversions import sparse_semi_structured_fro
 import prunedm
 from prunedm import ops
 
-from .common import WEIGHT_SHAPES, environment, peak_bandwidth_gbps, plot_speedups, time_ms, write_results
+from .common import (
+    WEIGHT_SHAPES,
+    environment,
+    peak_bandwidth_gbps,
+    plot_speedups,
+    resolve_device,
+    time_ms,
+    write_results,
+)
 
 SHAPES = WEIGHT_SHAPES
 QUICK_SHAPES = ["dit-xl2.qkv", "sd15.attn_640"]
@@ -87,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="two shapes, fp16 only")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
-    if device.type == "auto":
-        device = torch.device("cpu")
+    device = resolve_device(args.device)
     names = QUICK_SHAPES if args.quick else list(SHAPES)
     dtypes = [torch.float16] if args.quick else [torch.float16, torch.bfloat16]
     rows = []

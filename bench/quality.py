@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .common import _write_atomic, environment, time_ms, write_results
+from prunedm._atomic import write_text_atomic
+
+from .common import environment, time_ms, write_results
 
 ASSETS = Path(__file__).resolve().parents[1] / "prunedm" / "assets"
 DENSE_DIR = ASSETS / "digits-ddpm"
@@ -289,7 +291,7 @@ def run_variant(
         "channel_ratio": budget.ratio if "channels" in name or "scratch" in name else 0.0,
         "variant_seconds": time.perf_counter() - started, "budget": asdict(budget),
     }  # fmt: skip
-    _write_atomic(out / "variants" / f"{name}.json", json.dumps(row, indent=1) + "\n")
+    write_text_atomic(out / "variants" / f"{name}.json", json.dumps(row, indent=1) + "\n")
     return row
 
 
@@ -469,13 +471,13 @@ def main(argv: list[str] | None = None) -> int:
         elif "latency_ratio" not in row:
             print(f"note: no model for {n} under {work}; its latency is missing (--force recomputes it)")
             row.update({"latency_ms": None, "latency_ratio": None})
-        _write_atomic(
+        write_text_atomic(
             out / "variants" / f"{n}.json", json.dumps({**row, "budget": rows[n].get("budget")}, indent=1) + "\n"
         )
         ordered.append(row)
     env = {**environment(torch.device("cpu")), **package_versions(), "budget": asdict(budget)}
     json_path, csv_path = write_results(out, "quality", env, ordered)
-    _write_atomic(out / "quality.md", markdown_table(ordered, env, budget))
+    write_text_atomic(out / "quality.md", markdown_table(ordered, env, budget))
     plot_quality(ordered, out / "quality.png")
     print(markdown_table(ordered, env, budget))
     print(f"wrote {json_path}, {csv_path}, {out / 'quality.md'}, {out / 'quality.png'} and {out / 'samples'}/")

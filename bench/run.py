@@ -20,7 +20,7 @@ from prunedm._atomic import write_text_atomic
 from . import layers as layers_bench
 from . import models as models_bench
 from . import ops as ops_bench
-from .common import environment, plot_bars, plot_lines, plot_speedups, write_results
+from .common import environment, plot_bars, plot_lines, plot_speedups, resolve_device, write_results
 
 SUITES = ("ops", "layers", "models")
 
@@ -60,17 +60,6 @@ def _models_suite(out: Path, device: torch.device, quick: bool, env: dict, model
                        out / "models_memory.png", "peak memory (MiB)",
                        f"peak memory, {loops[0]['memory_method'] if loops else ''} {title}")  # fmt: skip
     return files + [p for p in (latency, memory) if p]
-
-
-def resolve_device(name: str) -> torch.device:
-    """--device as a torch.device: auto is cuda when one is visible, else cpu; cuda needs one visible."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
 
 
 def main(argv: list[str] | None = None) -> int:

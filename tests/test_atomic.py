@@ -46,3 +46,34 @@ def test_remove_stale_temps(tmp_path):
     assert {p.name for p in removed} == {f".keep.txt{_atomic.TEMP_MARK}abc", stale_dir.name}
     assert (tmp_path / "saved" / "f").read_text() == "complete old save"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "saved", "sub"]
+
+
+def test_bench_ops_resolves_device_auto_on_a_cpu_machine(monkeypatch):
+    import torch
+
+    from bench import ops
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    seen = {}
+    monkeypatch.setattr(ops, "bench_shape", lambda label, shape, dtype, device: seen.setdefault("device", device) and [])
+    with pytest.raises(IndexError):  # no rows: the device was resolved before the first shape ran
+        ops.main(["--device", "auto", "--quick", "--out", "/nonexistent"])
+    assert seen["device"] == torch.device("cpu")
+
+
+def test_sample_grid_is_written_through_a_recognised_temporary(tmp_path, monkeypatch):
+    import torch
+
+    from prunedm.eval import sampling
+
+    seen = []
+    real = _atomic.atomic_file
+
+    def spy(path, suffix=""):
+        seen.append((path, suffix))
+        return real(path, suffix)
+
+    monkeypatch.setattr(sampling, "atomic_file", spy)
+    sampling.save_grid(torch.zeros(4, 1, 8, 8), tmp_path / "grid.png")
+    assert seen == [(tmp_path / "grid.png", ".png")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from prunedm._atomic import atomic_file
+
 
 @torch.no_grad()
 def sample_images(model, scheduler, num_samples: int, steps: int, seed: int = 0, batch_size: int = 64):
@@ -44,6 +46,5 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None
     array = pixels[0].numpy() if c == 1 else pixels.permute(1, 2, 0).numpy()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_file(path, suffix=".png") as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
