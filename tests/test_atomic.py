@@ -55,7 +55,12 @@ def test_bench_ops_resolves_device_auto_on_a_cpu_machine(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     seen = {}
-    monkeypatch.setattr(ops, "bench_shape", lambda label, shape, dtype, device: seen.setdefault("device", device) and [])
+
+    def bench_shape(label, shape, dtype, device):
+        seen["device"] = device
+        return []
+
+    monkeypatch.setattr(ops, "bench_shape", bench_shape)
     with pytest.raises(IndexError):  # no rows: the device was resolved before the first shape ran
         ops.main(["--device", "auto", "--quick", "--out", "/nonexistent"])
     assert seen["device"] == torch.device("cpu")
