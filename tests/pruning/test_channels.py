@@ -66,7 +66,7 @@ def assert_diffusers_consistent(model: nn.Module) -> None:
 
 def test_ddpm_cifar10_at_ratio_0_3_has_the_diff_pruning_papers_structure():
     model = ddpm_cifar10()
-    report = prune_channels(model, "magnitude", ratio=0.3)
+    report = prune_channels(model, "magnitude", ratio=0.3, rounding="diff-pruning", round_to=None)
 
     # Dense: 35.75M params, 6.06G MACs at batch 1, 32x32 (the paper's table).
     assert report.params_before == 35_746_307
@@ -215,3 +215,104 @@ def test_ignored_layers_keep_their_outputs():
     prune_channels(model, "magnitude", 0.5, ignored_layers=[model.time_embedding.linear_1])
     assert model.time_embedding.linear_1.out_features == 64
     assert model.time_embedding.linear_2.out_features == 32
+
+
+def quickstart_unet() -> UNet2DModel:
+    """README.md's quickstart UNet."""
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def eligible_layers(model: nn.Module) -> set[str]:
+    from prunedm.nn.sparsify import ineligible_reason
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    return {name for name, module in layers.items() if ineligible_reason(module) is None}
+
+
+def test_quickstart_pruned_at_0_3_then_sparsified_converts_every_layer_eligible_before_pruning():
+    from prunedm import sparsify
+
+    eligible = eligible_layers(quickstart_unet())
+    assert len(eligible) == 71  # of 73: conv_in (Cin 3) and conv_out (Cin 32, padding to 32 rows saves nothing)
+
+    model = quickstart_unet()
+    report = prune_channels(model, importance="magnitude", ratio=0.3)  # the README's call, defaults
+    assert report.round_to == 8 and report.params_after < 0.75 * report.params_before
+    assert model.time_embedding.linear_1.out_features == 88  # 128 * 0.7 = 89.6 -> 89 -> 88
+    assert {n for n in report.changed_layers} and all(
+        a[0] % 8 == 0 for b, a in report.changed_layers.values() if a[0] != b[0]
+    )
+    converted = {layer.name for layer in sparsify(model).converted}
+    assert converted == eligible
+
+    # Without the 2:4 rounding the time embedding is 89 wide: every time_emb_proj (in_features 89) stays dense.
+    exact = quickstart_unet()
+    prune_channels(exact, importance="magnitude", ratio=0.3, round_to=None)
+    assert exact.time_embedding.linear_1.out_features == 89
+    lost = eligible - {layer.name for layer in sparsify(exact).converted}
+    assert len(lost) == 13 and {name.rsplit(".", 1)[-1] for name in lost} == {"time_emb_proj", "linear_2"}
+
+
+def test_ddpm_cifar10_default_widths_are_the_paper_rule_rounded_down_to_2_4_multiples():
+    model = ddpm_cifar10()
+    report = prune_channels(model, "magnitude", ratio=0.3)
+    assert report.round_to == 8 and report.rounding == "diff-pruning"
+    assert model.conv_in.out_channels == 96  # already a multiple of 8 (and of its 32 GroupNorm groups)
+    assert model.time_embedding.linear_1.out_features == 352  # 358 -> 352
+    assert model.down_blocks[1].attentions[0].to_q.out_features == 176  # 179 -> 176
+    for name, ((_, out_before), (_, out_after)) in report.changed_layers.items():
+        assert out_after % 8 == 0 or out_after == out_before, name
+    assert report.params_after == pytest.approx(19.7e6, rel=0.01)  # a hair under the paper's 19.85M
+
+
+def test_conditional_unet_transformer_widths_stay_2_4_eligible():
+    model = tiny_conditional_unet()
+    prune_channels(model, "l1", 0.3)
+    block = model.down_blocks[0].attentions[0].transformer_blocks[0]
+    # The transformer's residual width: 32 * 0.7 = 22.4 -> 22 by the paper's rule, 16 rounded down to a multiple
+    # of 8; attention (4 heads of 8): 2 per head go, 24 stay; feed-forward 128 * 0.7 = 89.6 -> 89 -> 88.
+    assert block.attn1.to_q.in_features == 16 and block.attn1.to_q.out_features == 24 and block.attn1.heads == 4
+    assert block.ff.net[2].in_features == 88
+    widths = [m.in_features for m in model.modules() if isinstance(m, nn.Linear)]
+    widths += [m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 4]
+    assert all(w % 8 == 0 for w in widths), widths
+    assert model(torch.randn(1, 4, 8, 8), 5, encoder_hidden_states=torch.randn(1, 3, 16)).sample.shape == (1, 4, 8, 8)
+
+    exact = tiny_conditional_unet()
+    prune_channels(exact, "l1", 0.3, round_to=None)
+    block = exact.down_blocks[0].attentions[0].transformer_blocks[0]
+    assert block.attn1.to_q.in_features == 22 and block.ff.net[2].in_features == 89  # neither can be 2:4
+
+
+def test_round_to_values_and_the_width_origin_mark():
+    from prunedm.pruning import WIDTH_ORIGIN_ATTR, resolve_round_to
+
+    assert resolve_round_to("2:4") == 8 and resolve_round_to(16) == 16 and resolve_round_to(None) is None
+    for bad in ("1:4", 0, -8, True, 2.5):
+        with pytest.raises(ValueError, match="round_to"):
+            prune_channels(tiny_unet(), "magnitude", 0.3, round_to=bad)
+    model = tiny_unet()
+    report = prune_channels(model, "magnitude", 0.5, round_to=16)
+    assert report.round_to == 16 and model.conv_in.out_channels == 16  # 16 of 16: 8 would not be a multiple
+    assert model.time_embedding.linear_1.out_features == 32
+    marked = {n for n, m in model.named_modules() if hasattr(m, WIDTH_ORIGIN_ATTR)}
+    assert marked == set(report.changed_layers) and "time_embedding.linear_1" in marked
+    assert getattr(model.time_embedding.linear_1, WIDTH_ORIGIN_ATTR) == (
+        "prune_channels(ratio=0.5, rounding='diff-pruning', round_to=16)"
+    )
+
+
+def test_example_inputs_that_cannot_be_derived_say_pass_example_inputs():
+    model = tiny_unet()
+    model.register_to_config(sample_size=None)
+    with pytest.raises(ValueError, match="pass example_inputs"):
+        prune_channels(model, "magnitude", 0.3)
+    report = prune_channels(model, "magnitude", 0.5, example_inputs={"sample": torch.randn(1, 3, 8, 8), "timestep": 1})
+    assert model.conv_in.out_channels == 8 and report.params_after < report.params_before
