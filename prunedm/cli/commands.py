@@ -17,6 +17,8 @@ from prunedm.cli.schema import DEFAULTS, DEVICES, parse_pattern  # noqa: F401  (
 from prunedm.train import FinetuneConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Training images the MaskPro report scores the final and the magnitude mask on (the same noise for both).
+REPORT_IMAGES = 256
 
 # The job flags --seed/--device/--dtype are shorthands for these config keys (where a job has them).
 FLAG_KEYS = {
@@ -90,13 +92,17 @@ def run_prune(config: dict, out: Path, resume: bool) -> dict:
         if c["importance"] in ("taylor", "diff-pruning"):
             data = [training_images(c["data"], model)[:32].to(device)]
         report = prunedm.prune_channels(
-            model, importance=c["importance"], ratio=c["ratio"], data=data, rounding=c["rounding"], seed=config["seed"]
-        )
+            model, importance=c["importance"], ratio=c["ratio"], data=data, rounding=c["rounding"],
+            round_to=c["round_to"], max_timesteps=c["max_timesteps"], seed=config["seed"],
+        )  # fmt: skip
         summary = {
             "params_before": report.params_before, "params_after": report.params_after,
-            "macs_before": report.macs_before, "macs_after": report.macs_after,
+            "macs_before": report.macs_before, "macs_after": report.macs_after, "round_to": report.round_to,
             "changed_layers": {k: list(map(list, v)) for k, v in report.changed_layers.items()},
         }  # fmt: skip
+        if report.gradient_pass is not None:
+            summary["gradient_pass"] = _gradient_pass_details(report.gradient_pass)
+            print(report.gradient_pass.summary())
     elif config["method"] == "depth":
         blocks = getattr(model, "transformer_blocks", None)
         if blocks is None:
@@ -111,6 +117,15 @@ def run_prune(config: dict, out: Path, resume: bool) -> dict:
     _write_json(out / "report.json", summary)
     print(f"pruned model saved to {out / 'model'}")
     return summary
+
+
+def _gradient_pass_details(gradient_pass) -> dict:
+    """What report.json keeps of a gradient pass: the timesteps it used and what they cost."""
+    return {
+        "timesteps": list(gradient_pass.timesteps), "num_timesteps": len(gradient_pass.timesteps),
+        "stride": gradient_pass.stride, "stopped_early": gradient_pass.stopped_early, "passes": gradient_pass.passes,
+        "seconds": gradient_pass.seconds, "threads": gradient_pass.threads, "summary": gradient_pass.summary(),
+    }  # fmt: skip
 
 
 def run_finetune(config: dict, out: Path, resume: bool) -> dict:
@@ -306,6 +321,7 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
     from prunedm.train.finetune import StepSampler, metrics_up_to
 
     method = config["method"]
+    summary: dict = {"method": method, "pattern": config["pattern"]}
     if method not in ("maskllm", "maskpro", "magnitude"):
         raise ConfigError(f"method must be maskllm, maskpro or magnitude, got {method!r}")
     n, m = parse_pattern(config["pattern"])
@@ -324,15 +340,7 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
     else:
         images = training_images(config["data"], model).to(device)
         loss = _denoising_loss(DDPMScheduler(num_train_timesteps=1000))
-        if method == "maskllm":
-            c = config["maskllm"]
-            learner = pm.MaskLLMLearner(model, loss, n, m, tau=tuple(c["tau"]), scale=tuple(c["scale"]),
-                                        weight_reg=c["weight_reg"], total_steps=config["steps"],
-                                        seed=config["seed"])  # fmt: skip
-        else:
-            c = config["maskpro"]
-            learner = pm.MaskProLearner(model, loss, n, m, logit_init=c["logit_init"], mask_lr=c["mask_lr"],
-                                        model_lr=c["model_lr"], seed=config["seed"])  # fmt: skip
+        learner = _learner(config, model, loss, n, m)
         state = out / "learner.safetensors"
         if resume and state.exists():
             try:
@@ -355,13 +363,42 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
         finally:
             if log is not None:
                 log.close()
+        if method == "maskpro":  # whether the groups moved off the magnitude mask, and its loss before finetune
+            if rank == 0:  # forward passes only, no collectives: the other ranks need not wait on it
+                summary["maskpro"] = learner.report(images[:REPORT_IMAGES])
+                print(_maskpro_line(summary["maskpro"]))
         found = learner.finalize()
+    summary["masks"] = len(found)
     if rank == 0:
         with _atomic.atomic_file(out / "masks.safetensors") as tmp:
             save_file({name: mask.contiguous().cpu() for name, mask in found.items()}, str(tmp))
         save_pretrained(model.cpu(), out / "model")
+        _write_json(out / "report.json", summary)
         print(f"{len(found)} {n}:{m} masks in {out / 'masks.safetensors'}; masked model in {out / 'model'}")
-    return {"masks": len(found)}
+    return summary
+
+
+def _learner(config: dict, model, loss, n: int, m: int):
+    """The MaskLLM or MaskPro learner of config: only the keys set (not null) are passed, so the preset
+    fills the rest."""
+    from prunedm import masks as pm
+
+    method = config["method"]
+    options = {key: value for key, value in config[method].items() if value is not None}
+    if method == "maskllm":
+        for key in ("tau", "scale"):
+            if key in options:
+                options[key] = tuple(options[key])
+        return pm.MaskLLMLearner(model, loss, n, m, **options, total_steps=config["steps"], seed=config["seed"])
+    return pm.MaskProLearner(model, loss, n, m, **options, total_steps=config["steps"], seed=config["seed"])
+
+
+def _maskpro_line(report: dict) -> str:
+    flipped = f"{report['groups_flipped']} of {report['groups']} groups flipped ({report['flipped_fraction']:.2%})"
+    line = f"maskpro: {flipped}"
+    if "mask_loss" in report:
+        line += f"; loss {report['mask_loss']:.4f} (magnitude mask {report['initial_mask_loss']:.4f}) before finetune"
+    return line
 
 
 def _scalar(value) -> bool:

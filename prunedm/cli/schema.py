@@ -4,15 +4,19 @@ range (or choices) with a one-line doc, checked right after loading, before any 
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from prunedm.cli.config import ConfigError
+from prunedm.cli.keys import Key, choice, flag, integer, number, parse_pattern, text  # noqa: F401  (re-exported)
+from prunedm.masks.maskllm import PRESETS as MASKLLM_PRESETS
+from prunedm.masks.maskllm import WEIGHT_REGS
+from prunedm.masks.maskpro import BASELINES
+from prunedm.masks.maskpro import PRESETS as MASKPRO_PRESETS
 from prunedm.nn import BACKENDS
 from prunedm.pruning.channels import ROUNDINGS
-from prunedm.pruning.importance import IMPORTANCES
+from prunedm.pruning.importance import IMPORTANCES, MAX_TIMESTEPS
 from prunedm.train import FinetuneConfig
 from prunedm.train.finetune import MIXED_PRECISION
 
@@ -22,13 +26,24 @@ MASK_METHODS = ("maskllm", "maskpro", "magnitude")
 SCHEDULERS = ("ddim", "ddpm")
 FEATURES = ("digits-classifier", "inception")
 
+# round_to "2:4": kept widths stay multiples of 8, so every 2:4-eligible layer stays so for sparsify.
+# max_timesteps: the gradient pass's bound (every 10th of 1000 timesteps); null visits every one.
+CHANNELS_DEFAULTS = {"importance": "magnitude", "ratio": 0.3, "rounding": "diff-pruning", "round_to": "2:4",
+                     "max_timesteps": MAX_TIMESTEPS, "data": "digits"}  # fmt: skip
+# null: the preset's value (prunedm.masks.maskllm/maskpro PRESETS). "official" follows the papers' code;
+# "short" is prunedm's for tens to hundreds of steps, where the official constants barely move.
+MASKLLM_DEFAULTS = {"preset": "official", "hard": None, "mask_lr": None, "init_std": None, "prior_strength": None,
+                    "tau": None, "scale": None, "weight_reg": None, "weight_reg_kind": "official"}  # fmt: skip
+MASKPRO_DEFAULTS = {"preset": "official", "samples": None, "baseline": None, "baseline_decay": None,
+                    "normalize_advantage": None, "logit_init": None, "mask_lr": None, "model_lr": 0.0}  # fmt: skip
+
 DEFAULTS = {
     "prune": {
         "model": None,
         "seed": 0,
         "device": "auto",
         "method": "channels",  # channels | depth
-        "channels": {"importance": "magnitude", "ratio": 0.3, "rounding": "diff-pruning", "data": "digits"},
+        "channels": CHANNELS_DEFAULTS,
         "depth": {"keep": None, "every": 2},
     },
     "finetune": {
@@ -47,8 +62,8 @@ DEFAULTS = {
         "steps": 100,
         "batch_size": 16,
         "checkpoint_every": 25,
-        "maskllm": {"tau": [4.0, 0.05], "scale": [100.0, 500.0], "weight_reg": 0.0},
-        "maskpro": {"logit_init": 10.0, "mask_lr": 50.0, "model_lr": 0.0},
+        "maskllm": MASKLLM_DEFAULTS,
+        "maskpro": MASKPRO_DEFAULTS,
     },
     "sparsify": {
         "model": None,
@@ -90,7 +105,8 @@ DEMO_DEFAULTS = {
     "pack_check": True,  # pack DiT-XL/2-shaped weights to 2:4 and check the bytes against the reference
     # Diff-Pruning importance: the best of the four at equal budget in bench/results/quality.
     "prune": {"importance": "diff-pruning", "ratio": 0.3},
-    "learn_mask": {"method": "maskllm", "steps": 100, "batch_size": 8},
+    # preset short: the official MaskLLM constants (soft masks, lr 5e-4) barely move the logits in 100 steps.
+    "learn_mask": {"method": "maskllm", "preset": "short", "steps": 100, "batch_size": 8},
     # ema_decay 0.98: an EMA horizon of ~50 steps; the usual 0.999 would keep the EMA near the unrecovered start.
     # 600 steps: FID 28.6 (dense 14.5) in about 4 minutes on 2 CPU cores; 150 steps gave 50.6 in 1 minute.
     "finetune": {"steps": 600, "batch_size": 32, "lr": 5e-4, "ema_decay": 0.98},
@@ -98,166 +114,6 @@ DEMO_DEFAULTS = {
     "eval": {"features": "digits-classifier", "inception_dir": None},
     "bench": {"batch_size": 64, "rounds": 3, "repeats": 3},
 }
-
-
-@dataclass(frozen=True)
-class Key:
-    """One config key: what it holds (kind), its range or choices, and a one-line doc."""
-
-    kind: str  # int | number | bool | choice | text | pattern | pair | indices | any
-    doc: str
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # the range excludes `low`
-    high_open: bool = False  # the range excludes `high`
-    choices: tuple = ()
-    nullable: bool = False  # null (None) is allowed
-
-    def describe(self) -> str:
-        """What a valid value looks like, as the error message says it."""
-        span = self._span()
-        text = {
-            "int": f"an integer {span}",
-            "number": f"a number {span}",
-            "bool": "true or false",
-            "choice": "one of " + ", ".join(map(str, self.choices)),
-            "text": "a non-empty text",
-            "pattern": "an N:M pattern with 0 < N < M, e.g. 2:4",
-            "pair": f"a list of two numbers {span} ([start, end])",
-            "indices": "a non-empty list of distinct integers >= 0",
-            "any": "anything",
-        }[self.kind].strip()
-        return f"{text} or null" if self.nullable else text
-
-    def _span(self) -> str:
-        low, high = _plain(self.low), _plain(self.high)
-        if self.low is not None and self.high is not None:
-            return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
-        if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {low}"
-        if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {high}"
-        return ""
-
-    def check(self, name: str, value: Any) -> Any:
-        """`value` as the job reads it (1e3 -> 1000 where an integer goes, 124 -> "2:4"), or ConfigError."""
-        if value is None and (self.nullable or self.kind == "any"):
-            return None
-        result = _CHECKS[self.kind](self, value)
-        if result is _BAD:
-            raise ConfigError(f"{name} must be {self.describe()}, got {_short(value)}")
-        return result
-
-    def _in_range(self, x: float) -> bool:
-        if self.low is not None and (x <= self.low if self.low_open else x < self.low):
-            return False
-        return self.high is None or (x < self.high if self.high_open else x <= self.high)
-
-
-_BAD = object()
-
-
-def _plain(x: float | None) -> str:
-    return str(int(x)) if x is not None and float(x).is_integer() else str(x)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _real(value: Any) -> float | None:
-    """A finite int or float (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if isinstance(value, int):  # exact, however large (math.isfinite would overflow past 1e308)
-        return value
-    return value if math.isfinite(value) else None
-
-
-def _check_int(key: Key, value: Any):
-    x = _real(value)
-    if x is None or (isinstance(x, float) and not x.is_integer()):  # 1e3 is 1000 where a count goes
-        return _BAD
-    return int(x) if key._in_range(x) else _BAD
-
-
-def _check_number(key: Key, value: Any):
-    x = _real(value)
-    if x is None or not key._in_range(x):
-        return _BAD
-    try:
-        return float(x)
-    except OverflowError:
-        return _BAD
-
-
-def _check_pair(key: Key, value: Any):
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        return _BAD
-    pair = [_check_number(key, v) for v in value]
-    return _BAD if _BAD in pair else pair
-
-
-def _check_indices(key: Key, value: Any):
-    if not isinstance(value, (list, tuple)) or not value:
-        return _BAD
-    ints = [_check_int(key, v) for v in value]
-    return _BAD if _BAD in ints or len(set(ints)) != len(ints) else ints
-
-
-def _check_pattern(key: Key, value: Any):
-    try:
-        n, m = parse_pattern(value)
-    except ConfigError:
-        return _BAD
-    return f"{n}:{m}"
-
-
-_CHECKS = {
-    "int": _check_int,
-    "number": _check_number,
-    "bool": lambda key, v: v if isinstance(v, bool) else _BAD,
-    "choice": lambda key, v: v if isinstance(v, str) and v in key.choices else _BAD,
-    "text": lambda key, v: v if isinstance(v, str) and v.strip() else _BAD,
-    "pattern": _check_pattern,
-    "pair": _check_pair,
-    "indices": _check_indices,
-    "any": lambda key, v: v,
-}
-
-
-def parse_pattern(text) -> tuple[int, int]:
-    """'2:4' -> (2, 4): the N:M rule (keep N of every M consecutive weights, 0 < N < M)."""
-    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:  # unquoted 2:4 in YAML 1.1: 124
-        text = "%d:%d" % divmod(text, 60)
-    try:
-        n, m = (int(part) for part in str(text).split(":"))
-    except ValueError:
-        raise ConfigError(f"pattern must look like N:M (e.g. 2:4), got {_short(text)}") from None
-    if not 0 < n < m:
-        raise ConfigError(f"pattern {text!r} breaks the N:M rule: need 0 < N < M")
-    return n, m
-
-
-def integer(doc: str, low: int | None = 0, high: int | None = None) -> Key:
-    return Key("int", doc, low, high)
-
-
-def number(doc: str, low=None, high=None, low_open=False, high_open=False, nullable=False) -> Key:
-    return Key("number", doc, low, high, low_open, high_open, nullable=nullable)
-
-
-def choice(doc: str, choices) -> Key:
-    return Key("choice", doc, choices=tuple(choices))
-
-
-def flag(doc: str) -> Key:
-    return Key("bool", doc)
-
-
-def text(doc: str, nullable: bool = False) -> Key:
-    return Key("text", doc, nullable=nullable)
 
 
 MAX_BATCH = 65_536  # far above what fits in memory for these models; a typo (1e9) fails here, not in malloc
@@ -302,6 +158,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "channels.importance": choice("channel importance", IMPORTANCES),
         "channels.ratio": RATIO,
         "channels.rounding": choice("how kept widths are rounded", ROUNDINGS),
+        "channels.round_to": Key(
+            "int",
+            'kept widths rounded down to a multiple of this ("2:4": of 8, so 2:4-eligible '
+            "layers stay so; null: the rule's exact widths)",
+            1,
+            nullable=True,
+            texts=("2:4",),
+        ),
+        "channels.max_timesteps": integer(
+            "most timesteps the gradient pass visits, evenly spaced (null: every one)", 1, nullable=True
+        ),
         "channels.data": DATA,
         "depth.keep": Key("indices", "block indices to keep (null: every `every`-th)", 0, nullable=True),
         "depth.every": integer("keep every k-th block when keep is null", 1),
@@ -318,11 +185,47 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "steps": TRAIN_STEPS,
         "batch_size": BATCH,
         "checkpoint_every": integer("steps between learner checkpoints", 1),
-        "maskllm.tau": Key("pair", "Gumbel temperature, annealed start -> end", 0, low_open=True),
-        "maskllm.scale": Key("pair", "logit scale, annealed start -> end", 0, low_open=True),
-        "maskllm.weight_reg": number("weight regularisation strength", 0),
-        "maskpro.logit_init": number("initial logit of the magnitude mask's entries", 0),
-        "maskpro.mask_lr": LR,
+        "maskllm.preset": choice(
+            "official (NVlabs/MaskLLM) or short (hard masks, lr 5e-3); fills every null", MASKLLM_PRESETS
+        ),
+        "maskllm.hard": flag("hard (straight-through) Gumbel masks instead of soft (null: preset)", nullable=True),
+        "maskllm.mask_lr": number(
+            "learning rate of the pattern logits (null: preset)", 0, low_open=True, nullable=True
+        ),
+        "maskllm.init_std": number("std of the initial logits (null: preset)", 0, low_open=True, nullable=True),
+        "maskllm.prior_strength": number(
+            "lift of the magnitude prior's pattern, in logit stds (null: preset)", 0, low_open=True, nullable=True
+        ),
+        "maskllm.tau": Key(
+            "pair", "Gumbel temperature, annealed start -> end (null: preset)", 0, low_open=True, nullable=True
+        ),
+        "maskllm.scale": Key(
+            "pair", "logit scale, annealed start -> end (null: preset)", 0, low_open=True, nullable=True
+        ),
+        "maskllm.weight_reg": number("weight regularisation strength (null: preset; 0: off)", 0, nullable=True),
+        "maskllm.weight_reg_kind": choice(
+            "official: -(1 - t/T) sum ||W.M||^2; normalized: mean 1 - ||W.M||^2/||W||^2", WEIGHT_REGS
+        ),
+        "maskpro.preset": choice(
+            "official (woodenchild95/Maskpro) or short (K samples, leave-one-out); fills every null", MASKPRO_PRESETS
+        ),
+        "maskpro.samples": integer("masks sampled per step (null: preset)", 1, nullable=True),
+        "maskpro.baseline": choice(
+            "REINFORCE baseline (loo needs samples >= 2; null: preset)", BASELINES, nullable=True
+        ),
+        "maskpro.baseline_decay": number(
+            "EMA decay of the baseline and advantage RMS (null: preset)", 0, 1, high_open=True, nullable=True
+        ),
+        "maskpro.normalize_advantage": flag("divide advantages by their running RMS (null: preset)", nullable=True),
+        "maskpro.logit_init": Key(
+            "number",
+            "initial logit of the magnitude mask's entries (budget: from steps; null: preset)",
+            0,
+            low_open=True,
+            nullable=True,
+            texts=("budget",),
+        ),
+        "maskpro.mask_lr": number("SGD learning rate of the logits (null: preset)", 0, low_open=True, nullable=True),
         "maskpro.model_lr": number("learning rate of the weights (0: frozen)", 0),
     },
     "sparsify": {
@@ -364,6 +267,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "prune.importance": choice("channel importance", IMPORTANCES),
         "prune.ratio": RATIO,
         "learn_mask.method": choice("mask learner", MASK_METHODS),
+        "learn_mask.preset": choice("the learner's preset (maskllm, maskpro)", MASKLLM_PRESETS),
         "learn_mask.steps": TRAIN_STEPS,
         "learn_mask.batch_size": BATCH,
         "finetune.steps": TRAIN_STEPS,
@@ -420,8 +324,22 @@ def _eval_sources(config: dict) -> None:
         raise ConfigError(f"reference={reference}: expected 'digits' or a folder of images")
 
 
+def _maskpro_baseline(config: dict) -> None:
+    if config["method"] != "maskpro":
+        return
+    c = config["maskpro"]
+    preset = MASKPRO_PRESETS[c["preset"]]
+    baseline, samples = (preset[key] if c[key] is None else c[key] for key in ("baseline", "samples"))
+    if baseline == "loo" and samples < 2:
+        raise ConfigError(
+            f"maskpro.baseline loo (leave-one-out) needs maskpro.samples >= 2, got {samples} "
+            f"(preset {c['preset']}: baseline {preset['baseline']}, samples {preset['samples']})"
+        )
+
+
 # Rules that tie keys together, checked after every key passed its own check.
 RULES = {job: (_need_model,) for job in ("prune", "finetune", "learn-mask", "sparsify", "sample")}
+RULES["learn-mask"] += (_maskpro_baseline,)
 RULES["eval"] = (_eval_sources,)
 
 
