@@ -1,57 +1,43 @@
-"""Triton kernels of prunedm's ops, installed as prunedm.kernels: the backend="triton" path of prunedm.ops.
-Each op is also registered as torch.ops.prunedm_triton.<name>; prunedm.ops validates the arguments."""
+"""Triton kernels of prunedm's ops, installed as prunedm.kernels (setup.py's package_dir), never as a top-level
+`kernels`: that name is Hugging Face's package, which transformers imports when it finds one."""
 
 from __future__ import annotations
 
-import torch
+if __name__ == "kernels":
+    # This folder was found as a top-level `kernels` because the current directory is the repository root.
+    # Running our code as Hugging Face's `kernels` broke every diffusers import with transformers installed
+    # (issue 19). Hand the import to the real package when one is installed, else look absent: no file, no
+    # version and an empty path, which transformers and diffusers read as "not installed".
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
 
-from prunedm.kernels import gumbel as _gumbel
-from prunedm.kernels import nm as _nm
-from prunedm.kernels import sparse24 as _sparse24
-from prunedm.ops import _checks
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _elsewhere = [entry for entry in _sys.path if _os.path.abspath(entry or _os.curdir) != _root]
+    _spec = _machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is not None and _spec.loader is not None:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds at the end
+        _spec.loader.exec_module(_module)
+    else:
+        __file__ = None
+        __path__ = []
+else:
+    from prunedm.kernels._api import (
+        compress_2to4,
+        decompress_2to4,
+        gumbel_nm_sample,
+        gumbel_pattern_sample,
+        nm_mask,
+        nm_violations,
+    )
 
-__all__ = ["compress_2to4", "decompress_2to4", "gumbel_nm_sample", "gumbel_pattern_sample", "nm_mask", "nm_violations"]
-
-
-def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Bool mask keeping the n largest |w| of each m consecutive elements along the last dim."""
-    return _nm.nm_mask(weight, n, m)
-
-
-def nm_violations(t: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Number of m-wide groups along the last dim holding more than n non-zeros (int64 0-d tensor)."""
-    return _nm.nm_violations(t, n, m)
-
-
-def compress_2to4(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values [R, C/2], meta [R, C/16] int16) of a 2:4-sparse fp16/bf16 matrix; ValueError if it is not."""
-    values, meta, violations = _sparse24.compress_2to4(dense)
-    count = int(violations)
-    if count:
-        raise _checks.violation_error(dense, count)
-    return values, meta
-
-
-def decompress_2to4(values: torch.Tensor, meta: torch.Tensor, check: bool = True) -> torch.Tensor:
-    """The dense matrix compress_2to4 packed; ValueError if meta holds an invalid index pair.
-
-    check=False skips reading the count back (a host sync): for metadata checked once at load time."""
-    dense, invalid = _sparse24.decompress_2to4(values, meta)
-    if not check:
-        return dense
-    count = int(invalid)
-    if count:
-        raise _checks.invalid_meta_error(count)
-    return dense
-
-
-def gumbel_nm_sample(logits: torch.Tensor, n: int, m: int, tau: float, hard: bool, seed: int) -> torch.Tensor:
-    """Gumbel N:M sample of per-weight logits (hard 0/1 or relaxed), differentiable; see prunedm.ops."""
-    return _gumbel.gumbel_nm_sample(logits, n, m, tau, hard, seed)
-
-
-def gumbel_pattern_sample(
-    pattern_logits: torch.Tensor, n: int, m: int, tau: float, hard: bool, seed: int
-) -> torch.Tensor:
-    """MaskLLM-style sample over the C(m, n) candidate patterns, differentiable; see prunedm.ops."""
-    return _gumbel.gumbel_pattern_sample(pattern_logits, n, m, tau, hard, seed)
+    __all__ = [
+        "compress_2to4",
+        "decompress_2to4",
+        "gumbel_nm_sample",
+        "gumbel_pattern_sample",
+        "nm_mask",
+        "nm_violations",
+    ]

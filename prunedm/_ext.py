@@ -5,13 +5,22 @@ extension_info() says what was built, what can run here, and how to get what is 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 
+_BUILD_HINT = (
+    "the ops run their PyTorch reference code meanwhile; build it with `pip install --no-build-isolation -e .` "
+    "(or `make build`) in the repository, or install prunedm with pip"
+)
 _REBUILD_HINT = (
     "reinstall from source with `pip install --no-build-isolation -e .` (or `make build`) against the torch you run"
 )
+
+
+def _package_dir() -> str:
+    return os.path.dirname(os.path.abspath(__file__))
 
 
 # (module, error): filled once by _load(). A plain global rather than functools.lru_cache, so that
@@ -22,6 +31,11 @@ _LOADED: tuple[object | None, str] | None = None
 def _load() -> tuple[object | None, str]:
     global _LOADED
     if _LOADED is None:
+        # Absent is not broken: `from prunedm import _C` on a source tree without the built file would
+        # report a "partially initialized module ... circular import", which hides the plain cause.
+        if importlib.util.find_spec("prunedm._C") is None:
+            _LOADED = (None, f"prunedm._C is not built (no compiled extension beside {_package_dir()}); {_BUILD_HINT}")
+            return _LOADED
         try:
             from prunedm import _C  # noqa: F401  (importing registers torch.ops.prunedm.*)
         except ImportError as exc:
