@@ -24,6 +24,10 @@ DEMO_HELP = (
     "the whole pipeline on the shipped digits DDPM: prune, learn 2:4 masks, finetune, sparsify, sample, "
     "eval, bench; writes report.md"
 )
+SELFTEST_HELP = (
+    "test prunedm's sparse kernels on every visible GPU against the reference (a kernel that fails is never "
+    "used); prints the table, exit 1 when one is quarantined"
+)
 # Errors a user can cause with bad input: reported as one line on stderr, exit code 2.
 # PRUNEDM_DEBUG=1 re-raises them with the traceback.
 USER_ERRORS = (ValueError, TypeError, RuntimeError, OSError, ImportError)
@@ -39,6 +43,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     info = {"prunedm": prunedm.__version__, "torch": torch.__version__, **prunedm.extension_info()}
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from prunedm.nn import _selftest
+
+    return _selftest.main(["--force"] if args.force else [])
 
 
 BENCH_SUITES = ("ops", "layers", "models")
@@ -253,7 +263,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `prunedm` argument parser: info, bench, demo and the jobs."""
+    """The `prunedm` argument parser: info, bench, selftest, demo and the jobs."""
     parser = _Parser(prog="prunedm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, and which backends (cpu, cuda, triton) are usable and why not")
@@ -268,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--suite", help="comma-separated suites, e.g. ops,layers,models (default: all)")
     bench.set_defaults(func=_cmd_bench)
+    selftest = sub.add_parser("selftest", help=SELFTEST_HELP, description=SELFTEST_HELP)
+    selftest.add_argument("--force", action="store_true", help="test again even when a result is cached")
+    selftest.set_defaults(func=_cmd_selftest)
     for name, help_text in JOBS.items():
         _add_job_arguments(sub.add_parser(name, help=help_text, description=help_text), name)
     return parser
