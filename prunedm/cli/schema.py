@@ -117,6 +117,9 @@ DEMO_DEFAULTS = {
 }
 
 
+# Past 64 a width multiple removes most channels of a UNet's narrow layers; the cap also refuses an unquoted
+# N:M other than 2:4, which YAML 1.1 reads as a base-60 integer (2:8 -> 128).
+ROUND_TO_MAX = 64
 MAX_BATCH = 65_536  # far above what fits in memory for these models; a typo (1e9) fails here, not in malloc
 MODEL = text("a diffusers or prunedm model dir, arch:NAME (random init) or asset:NAME (shipped)", nullable=True)
 DATA = text("training images: digits, a folder of images, or a .safetensors with an 'images' tensor")
@@ -164,6 +167,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
             'kept widths rounded down to a multiple of this ("2:4": of 8, so 2:4-eligible '
             "layers stay so; null: the rule's exact widths)",
             1,
+            ROUND_TO_MAX,
             nullable=True,
             texts=("2:4",),
         ),
