@@ -129,3 +129,24 @@ def test_report_figures_are_written_whole(tmp_path):
     with Image.open(tmp_path / "plot.png") as png:
         assert png.format == "PNG"
     assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+def test_selftest_without_a_gpu_says_so_and_exits_0(monkeypatch, capsys):
+    from prunedm.nn import _selftest
+
+    monkeypatch.setattr(_selftest, "device_available", lambda: False)
+    assert main(["selftest"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["device", "kernel", "implementation", "status", "source", "detail"]
+    assert "skipped" in lines[1] and lines[1].endswith("no CUDA device is visible")
+
+
+def test_selftest_passes_force_and_returns_the_exit_code(monkeypatch, capsys):
+    from prunedm.nn import _selftest
+
+    calls = []
+    monkeypatch.setattr(_selftest, "main", lambda argv: calls.append(argv) or len(calls) - 1)
+    assert main(["selftest"]) == 0 and main(["selftest", "--force"]) == 1  # a quarantined kernel: exit 1
+    assert calls == [[], ["--force"]]
+    assert main(["selftest", "--all"]) == 2
+    assert "unrecognized arguments: --all" in capsys.readouterr().err

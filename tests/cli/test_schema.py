@@ -108,3 +108,24 @@ def test_every_demo_stage_config_passes_its_job_checks(tmp_path, quick):
         for _, command, _, stage_config in _stage_configs(config, tmp_path, torch.device(device)):
             checked = validate_config(command, merge_config(DEFAULTS[command], stage_config))
             assert checked["device"] == "auto"
+
+
+def test_learner_keys_describe_their_null_and_words():
+    lines = describe_keys("learn-mask")
+    assert "maskpro.logit_init = None: a number > 0, budget or null." in " ".join(lines)
+    assert any(line.startswith("maskllm.weight_reg = None: a number >= 0 or null.") for line in lines)
+    assert any(line.startswith("maskpro.baseline = None: one of ema, ema-corrected, loo or null.") for line in lines)
+    prune = describe_keys("prune")
+    assert any(line.startswith("channels.round_to = '2:4': an integer in [1, 64], 2:4 or null.") for line in prune)
+    assert any(line.startswith("channels.max_timesteps = 100: an integer >= 1 or null.") for line in prune)
+
+
+def test_null_learner_keys_pass_and_words_stay_words():
+    overrides = ["model=m", "maskpro.logit_init=budget", "maskllm.hard=true"]
+    config = load_config(job_defaults("learn-mask"), None, overrides)
+    checked = validate_config("learn-mask", config)
+    assert checked["maskpro"]["logit_init"] == "budget" and checked["maskllm"]["hard"] is True
+    assert checked["maskllm"]["tau"] is None and checked["maskpro"]["samples"] is None
+    config = load_config(job_defaults("learn-mask"), None, ["model=m", "maskpro.logit_init=4", "maskllm.tau=[2, 1]"])
+    checked = validate_config("learn-mask", config)
+    assert checked["maskpro"]["logit_init"] == 4.0 and checked["maskllm"]["tau"] == [2.0, 1.0]
