@@ -152,8 +152,21 @@ def _kind(module: nn.Module) -> str:
     return "Linear" if isinstance(module, nn.Linear) else "Conv2d"
 
 
+# Set by an earlier step that chose a layer's width (prune_channels): named when that width breaks a shape rule.
+WIDTH_ORIGIN_ATTR = "prunedm_width_origin"
+
+
 def ineligible_reason(module: nn.Module) -> str | None:
-    """Why `module` cannot be converted (shape rule, dtype, groups, ...), or None."""
+    """Why `module` cannot be converted (shape rule, dtype, groups, ...), or None; a shape rule broken by a
+    width an earlier step chose names that step."""
+    reason = _ineligible(module)
+    origin = getattr(module, WIDTH_ORIGIN_ATTR, None)
+    if reason is not None and reason.startswith("shape rule") and origin:
+        reason += f" (width chosen by {origin}; prune with round_to='2:4' to keep it eligible)"
+    return reason
+
+
+def _ineligible(module: nn.Module) -> str | None:
     base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
     if type(module).forward is not base.forward:
         return f"{type(module).__name__} overrides {base.__name__}.forward"

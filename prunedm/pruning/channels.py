@@ -33,6 +33,7 @@ from torch import nn
 from prunedm.architectures import example_inputs_for
 from prunedm.nn._packing import GROUP as TWO_FOUR_GROUP
 from prunedm.nn.modules import SparseConv2d, SparseLinear
+from prunedm.nn.sparsify import WIDTH_ORIGIN_ATTR  # set on every layer whose width prune_channels changed
 from prunedm.ops.sparse_mm import CONV_CHANNEL_ALIGNMENT
 from prunedm.pruning.fixups import sync_diffusers_attributes
 from prunedm.pruning.importance import (
@@ -52,8 +53,6 @@ ROUNDINGS = ("diff-pruning", "per-group")
 # A width that keeps its readers 2:4-eligible: linears need in_features % 4 (2:4 groups run along the input)
 # and the CUDA sparse conv needs Cin % CONV_CHANNEL_ALIGNMENT (16-byte channel gathers).
 TWO_FOUR_WIDTH_MULTIPLE = math.lcm(TWO_FOUR_GROUP, CONV_CHANNEL_ALIGNMENT)
-# Set on every layer whose width prune_channels changed: which call chose it (sparsify's report can say so).
-WIDTH_ORIGIN_ATTR = "prunedm_width_origin"
 
 
 @dataclass

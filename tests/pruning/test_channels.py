@@ -9,6 +9,7 @@ import torch_pruning as tp
 from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
+import prunedm
 from prunedm.architectures import build
 from prunedm.pruning import default_example_inputs, kept_channels, make_importance, prune_channels
 
@@ -289,6 +290,10 @@ def test_conditional_unet_transformer_widths_stay_2_4_eligible():
     prune_channels(exact, "l1", 0.3, round_to=None)
     block = exact.down_blocks[0].attentions[0].transformer_blocks[0]
     assert block.attn1.to_q.in_features == 22 and block.ff.net[2].in_features == 89  # neither can be 2:4
+    skipped = {s.name: s.reason for s in prunedm.sparsify(exact, backend="dense").skipped}
+    reason = skipped["down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"]
+    assert "in_features=89" in reason and "width chosen by prune_channels(ratio=0.3" in reason
+    assert "round_to='2:4'" in reason
 
 
 def test_round_to_values_and_the_width_origin_mark():
