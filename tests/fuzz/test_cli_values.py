@@ -83,9 +83,9 @@ CASES = [
     ("learn-mask", "maskllm.tau=[1, -1]", ["maskllm.tau must be a list of two numbers > 0", "got [1, -1]"]),
     ("learn-mask", "maskllm.tau=[4, .nan]", ["maskllm.tau", "got [4, nan]"]),
     ("learn-mask", "maskllm.scale=5", ["maskllm.scale must be a list of two numbers > 0", "got 5"]),
-    ("learn-mask", "maskllm.weight_reg=-1", ["maskllm.weight_reg must be a number >= 0, got -1"]),
-    ("learn-mask", "maskpro.logit_init=-1", ["maskpro.logit_init must be a number >= 0, got -1"]),
-    ("learn-mask", "maskpro.mask_lr=0", ["maskpro.mask_lr must be a number > 0, got 0"]),
+    ("learn-mask", "maskllm.weight_reg=-1", ["maskllm.weight_reg must be a number >= 0 or null, got -1"]),
+    ("learn-mask", "maskpro.logit_init=-1", ["maskpro.logit_init must be a number > 0, budget or null, got -1"]),
+    ("learn-mask", "maskpro.mask_lr=0", ["maskpro.mask_lr must be a number > 0 or null, got 0"]),
     ("learn-mask", "maskpro.model_lr=-1e-3", ["maskpro.model_lr must be a number >= 0, got -0.001"]),
     # sparsify
     ("sparsify", "dtype=int8", ["dtype must be one of float32, float16, bfloat16, got 'int8'"]),
