@@ -33,7 +33,11 @@ def _load() -> tuple[object | None, str]:
     if _LOADED is None:
         # Absent is not broken: `from prunedm import _C` on a source tree without the built file would
         # report a "partially initialized module ... circular import", which hides the plain cause.
-        if importlib.util.find_spec("prunedm._C") is None:
+        try:
+            absent = importlib.util.find_spec("prunedm._C") is None
+        except ImportError:  # a finder that refuses it: report it as failing to import, below
+            absent = False
+        if absent:
             _LOADED = (None, f"prunedm._C is not built (no compiled extension beside {_package_dir()}); {_BUILD_HINT}")
             return _LOADED
         try:

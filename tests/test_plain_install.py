@@ -59,7 +59,7 @@ CHECKS = textwrap.dedent(
     result["max_error"] = float((actual - expected).abs().max())
 
     try:
-        prunedm.prune_channels(model, importance="magnitude")
+        prunedm.prune_channels(torch.nn.Sequential(torch.nn.Linear(8, 8)), importance="magnitude")
     except ImportError as exc:
         result["prune_error"] = str(exc)
     result["loaded"] = sorted(
