@@ -11,7 +11,6 @@ returns the module to put in its place, given the one the config built there."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunedm._atomic import atomic_dir, atomic_file, is_temp, write_text_atomic
+from prunedm._integrity import file_sha256
 from prunedm._optional import optional_import
 
 STRUCTURE_FILE = "structure.json"
@@ -131,7 +131,7 @@ def load_pretrained(
     cls = _resolve_class(structure["class"], model_classes, structure_path)
     # A dict only (from_config would fetch a string from the hub), its sizes bounded before building.
     check_config(structure["config"], structure_path, "config")
-    digest = _sha256(weights_path)
+    digest = file_sha256(weights_path)
     if digest != structure["weights_sha256"]:
         raise ValueError(
             f"{weights_path} does not match {structure_path}: sha256 {digest[:12]}... but the structure was "
@@ -196,7 +196,7 @@ def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
 def _write_files(directory: Path, structure: dict, tensors: dict[str, torch.Tensor]) -> None:
     with atomic_file(directory / WEIGHTS_FILE) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", "saved_by": FORMAT})
-        digest = _sha256(tmp)
+        digest = file_sha256(tmp)
     text = json.dumps({**structure, "weights_file": WEIGHTS_FILE, "weights_sha256": digest}, indent=1)
     write_text_atomic(directory / STRUCTURE_FILE, text + "\n")
 
@@ -224,14 +224,6 @@ def _to_json(value):
     if isinstance(value, Mapping):
         return {str(k): _to_json(v) for k, v in value.items()}
     raise TypeError(f"not JSON-able: {type(value).__name__}")
-
-
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---- loading ----

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunedm._atomic import atomic_file
+from prunedm._integrity import check_optimizer_state
 from prunedm.masks import targets as _targets
 from prunedm.ops import _checks
 
@@ -170,22 +171,6 @@ class StateFile:
             raise ValueError(f"{path}: malformed {type(self).__name__} state ({type(exc).__name__}: {exc})") from exc
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
-
-
-def check_optimizer_state(what: str, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """ValueError unless a state dict fits `optimizer`: same group sizes, state tensors shaped like the params."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    sizes = [len(group["params"]) for group in state["param_groups"]]
-    if sizes != [len(group["params"]) for group in optimizer.param_groups]:
-        raise ValueError(f"{what}: optimizer state for parameter groups of sizes {sizes}, not this learner's")
-    for index, entries in state["state"].items():
-        if not 0 <= index < len(params):
-            raise ValueError(f"{what}: optimizer state for parameter {index}, which does not exist")
-        for key, value in entries.items():
-            if torch.is_tensor(value) and value.dim() and value.shape != params[index].shape:
-                raise ValueError(f"{what}: optimizer {key} of parameter {index} has shape {list(value.shape)}")
-            if not torch.is_tensor(value) and not isinstance(value, (int, float)):
-                raise ValueError(f"{what}: optimizer {key} of parameter {index} is {value!r}")
 
 
 class MaskLearner(StateFile):

@@ -3,7 +3,6 @@ file's sha256, written whole or not at all (prunedm._atomic.atomic_dir); `latest
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -14,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from prunedm._atomic import atomic_dir, write_text_atomic
+from prunedm._integrity import check_optimizer_state, file_sha256
 
 LATEST = "latest"
 _STEP_DIR = re.compile(r"step-(\d{8})")
@@ -59,30 +59,8 @@ def check_state_tensors(what: str, expected: dict[str, torch.Tensor], got: dict[
             raise ValueError(f"{what}: {key} is {got[key].dtype} {list(got[key].shape)}, expected {list(value.shape)}")
 
 
-def check_optimizer_state(what: str, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """ValueError unless an optimizer state dict fits `optimizer`: group sizes, per-parameter tensor shapes."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    sizes = [len(group["params"]) for group in state["param_groups"]]
-    if sizes != [len(group["params"]) for group in optimizer.param_groups]:
-        raise ValueError(f"{what}: optimizer state for parameter groups of sizes {sizes}, not this model's")
-    for index, entries in state["state"].items():
-        if not 0 <= index < len(params):
-            raise ValueError(f"{what}: optimizer state for parameter {index}, which does not exist")
-        for key, value in entries.items():
-            if torch.is_tensor(value) and value.dim() and value.shape != params[index].shape:
-                raise ValueError(f"{what}: optimizer {key} of parameter {index} has shape {list(value.shape)}")
-
-
 def write_json_atomic(path: Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=1))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def step_of(path: Path) -> int | None:
@@ -103,7 +81,7 @@ def save_checkpoint(
         files = {}
         for name, group in tensors.items():
             save_file(_contiguous(group), str(tmp / f"{name}.safetensors"))
-            files[f"{name}.safetensors"] = _sha256(tmp / f"{name}.safetensors")
+            files[f"{name}.safetensors"] = file_sha256(tmp / f"{name}.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state, "files": files}, indent=1))
     write_json_atomic(root / LATEST, {"checkpoint": final.name, "step": step})
     for old in checkpoints_newest_first(root)[keep:]:
@@ -158,7 +136,7 @@ def load_checkpoint(path: Path, names: list[str]) -> tuple[dict[str, dict[str, t
         tensors = {}
         for name in names:
             file = path / f"{name}.safetensors"
-            if files is not None and files.get(file.name) != _sha256(file):
+            if files is not None and files.get(file.name) != file_sha256(file):
                 raise ValueError(f"{file.name} differs from the sha256 in state.json (damaged or edited)")
             tensors[name] = load_file(str(file))
     except (OSError, ValueError, SafetensorError) as exc:
