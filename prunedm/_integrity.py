@@ -1,5 +1,5 @@
 """Checks that a saved file or state is what it claims before anything uses it: a file's sha256, and
-optimizer state shaped like the parameters it is loaded into."""
+optimizer state and tensors shaped like what they are loaded into."""
 
 from __future__ import annotations
 
@@ -33,3 +33,15 @@ def check_optimizer_state(what: str, optimizer: torch.optim.Optimizer, state: di
                 raise ValueError(f"{what}: optimizer {key} of parameter {index} has shape {list(value.shape)}")
             if not torch.is_tensor(value) and not isinstance(value, (int, float)):
                 raise ValueError(f"{what}: optimizer {key} of parameter {index} is {value!r}")
+
+
+def check_tensors(what: str, expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    """ValueError unless `got` has exactly `expected`'s names, each with the same shape and dtype."""
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{what}: tensors missing {missing[:3]}, unexpected {extra[:3]}")
+    for key, value in expected.items():
+        if got[key].shape != value.shape or got[key].dtype != value.dtype:
+            raise ValueError(
+                f"{what}: {key} is {got[key].dtype} {list(got[key].shape)}, expected {value.dtype} {list(value.shape)}"
+            )

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunedm._atomic import atomic_file
-from prunedm._integrity import check_optimizer_state
+from prunedm._integrity import check_optimizer_state, check_tensors
 from prunedm.masks import targets as _targets
 from prunedm.ops import _checks
 
@@ -133,18 +133,6 @@ def load_state_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if not isinstance(meta, dict) or meta.get("sha256") != tensors_digest(tensors):
         raise ValueError(f"{path}: its tensors do not match the checksum recorded in it (damaged or edited)")
     return tensors, meta
-
-
-def check_tensors(what: str, expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
-    """ValueError unless `got` has exactly `expected`'s names, each with the same shape and dtype."""
-    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{what}: tensors missing {missing[:3]}, unexpected {extra[:3]}")
-    for key, value in expected.items():
-        if got[key].shape != value.shape or got[key].dtype != value.dtype:
-            raise ValueError(
-                f"{what}: {key} is {got[key].dtype} {list(got[key].shape)}, expected {value.dtype} {list(value.shape)}"
-            )
 
 
 def check_step_meta(what: str, meta: dict) -> None:

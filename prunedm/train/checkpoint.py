@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from prunedm._atomic import atomic_dir, write_text_atomic
-from prunedm._integrity import check_optimizer_state, file_sha256
+from prunedm._integrity import check_optimizer_state, check_tensors, file_sha256
 
 LATEST = "latest"
 _STEP_DIR = re.compile(r"step-(\d{8})")
@@ -47,16 +47,6 @@ def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], rest: dict) -
 
 def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: dict) -> None:
     optimizer.load_state_dict(optimizer_state_from_tensors(tensors, rest))
-
-
-def check_state_tensors(what: str, expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
-    """ValueError unless `got` has exactly `expected`'s names, each with the same shape and dtype."""
-    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{what}: tensors missing {missing[:3]}, unexpected {extra[:3]}")
-    for key, value in expected.items():
-        if got[key].shape != value.shape or got[key].dtype != value.dtype:
-            raise ValueError(f"{what}: {key} is {got[key].dtype} {list(got[key].shape)}, expected {list(value.shape)}")
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -146,7 +136,7 @@ def load_checkpoint(path: Path, names: list[str]) -> tuple[dict[str, dict[str, t
 
 __all__ = [
     "check_optimizer_state",
-    "check_state_tensors",
+    "check_tensors",
     "checkpoints_newest_first",
     "latest_checkpoint",
     "load_checkpoint",

@@ -389,8 +389,8 @@ def _check_checkpoint(path: Path, tensors: dict, state: dict, model, ema, optimi
     """ValueError unless the checkpoint's tensors and state fit the model, its EMA and the optimizer."""
     if state["step"] != ckpt.step_of(path) or not _is_int(state["step"]):
         raise ValueError(f"checkpoint {path}: state.json says step {state['step']!r}")
-    ckpt.check_state_tensors(f"checkpoint {path}: model", model.state_dict(), tensors["model"])
-    ckpt.check_state_tensors(f"checkpoint {path}: ema", ema.state_dict(), tensors["ema"])
+    ckpt.check_tensors(f"checkpoint {path}: model", model.state_dict(), tensors["model"])
+    ckpt.check_tensors(f"checkpoint {path}: ema", ema.state_dict(), tensors["ema"])
     optimizer_state = ckpt.optimizer_state_from_tensors(tensors["optimizer"], state["optimizer"])
     ckpt.check_optimizer_state(f"checkpoint {path}", optimizer, optimizer_state)
     if not isinstance(state["lr_schedule"], dict) or state["lr_schedule"].get("last_epoch") != state["step"]:
