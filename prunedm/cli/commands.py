@@ -296,7 +296,7 @@ def run_eval(config: dict, out: Path, resume: bool) -> dict:
 def _denoising_loss(scheduler):
     """loss(model, images): the noise-prediction loss at random timesteps (the global RNG, which the
     mask learners replay when they compare masks on the same draw)."""
-    from prunedm.train.finetune import diffusion_target, predict
+    from prunedm.diffusion import diffusion_target, predict
 
     def loss(model, images):
         noise = torch.randn_like(images)
@@ -409,7 +409,8 @@ def run_demo(config: dict, out: Path, resume: bool) -> dict:
     """demo: the whole pipeline on the shipped digits DDPM (prunedm.cli.demo)."""
     from prunedm.cli.demo import run_pipeline
 
-    return run_pipeline(config, out, resume)
+    # Finished stages are skipped whether or not --resume was given: each stage resumes from its own directory.
+    return run_pipeline(config, out, resolve_device(config["device"]), RUNNERS)
 
 
 RUNNERS = {

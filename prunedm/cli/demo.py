@@ -17,7 +17,6 @@ import torch
 import prunedm
 from prunedm import ops
 from prunedm._atomic import write_text_atomic
-from prunedm.cli.commands import RUNNERS, resolve_device
 from prunedm.cli.config import merge_config, prepare_out_dir
 from prunedm.cli.schema import DEFAULTS, DEMO_DEFAULTS, validate_config  # noqa: F401  (DEMO_DEFAULTS: re-exported)
 
@@ -133,11 +132,11 @@ def _run_stage(out: Path, index: int, total: int, name: str, what: str, work) ->
     return record
 
 
-def _job(command: str, stage_config: dict):
+def _job(runner, command: str, stage_config: dict):
     def work(stage_dir: Path) -> dict:
         config = validate_config(command, merge_config(DEFAULTS[command], stage_config))
         prepare_out_dir(stage_dir, config, resume=True)  # an interrupted stage continues from its checkpoints
-        return RUNNERS[command](config, stage_dir, True)
+        return runner(config, stage_dir, True)
 
     return work
 
@@ -222,11 +221,12 @@ def bench_models(config: dict, out: Path, device: torch.device, converted: list[
     }  # fmt: skip
 
 
-def run_pipeline(config: dict, out: Path, resume: bool) -> dict:
-    """Run every stage of the demo into `out` (finished stages are skipped) and write out/report.md."""
+def run_pipeline(config: dict, out: Path, device: torch.device, runners: dict) -> dict:
+    """Run every stage of the demo into `out` (finished stages are skipped) and write out/report.md.
+
+    `runners` maps a command to its runner (cli.commands.RUNNERS): passed in, as commands imports this module."""
     from prunedm.cli.report import write_report
 
-    device = resolve_device(config["device"])
     torch.manual_seed(config["seed"])
     stages = _stage_configs(config, out, device)
     total = len(stages) + 1 + int(bool(config["pack_check"]))
@@ -240,7 +240,7 @@ def run_pipeline(config: dict, out: Path, resume: bool) -> dict:
                                            lambda _: pack_check(device, config["seed"]))  # fmt: skip
     for name, command, what, stage_config in stages:
         index += 1
-        records[name] = _run_stage(out, index, total, name, what, _job(command, stage_config))
+        records[name] = _run_stage(out, index, total, name, what, _job(runners[command], command, stage_config))
     converted = records["sparsify"]["result"]["converted"]
     index += 1
     records["bench"] = _run_stage(out, index, total, "bench", f"latency, params, MACs, bytes vs dense on {device}",

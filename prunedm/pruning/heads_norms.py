@@ -22,7 +22,13 @@ import torch
 from torch import nn
 
 from prunedm import serialization
-from prunedm.pruning.heads import StructuralLayout, _is_attention, _is_feed_forward, _keep_columns, _set_submodule
+from prunedm.pruning.heads_layout import (
+    StructuralLayout,
+    _is_attention,
+    _is_feed_forward,
+    _keep_columns,
+    _set_submodule,
+)
 
 NORM_CLASSES = ("LayerNorm", "GroupNorm", "RMSNorm")
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prunedm.diffusion import predict
+
 
 @dataclass
 class DistillConfig:
@@ -133,8 +135,6 @@ class DistillLoss:
         return c.feature_weight * max(0.0, 1.0 - step / c.feature_decay_steps)
 
     def __call__(self, model, noisy, timesteps, batch, target, step: int | None = None) -> torch.Tensor:
-        from prunedm.train.finetune import predict
-
         c = self.config
         step = self.step if step is None else step
         self.step = step + 1

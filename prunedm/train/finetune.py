@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from prunedm._atomic import remove_stale_temps, write_text_atomic
 from prunedm._optional import optional_import
+from prunedm.diffusion import diffusion_target, predict
 from prunedm.nn.modules import SparseConv2d, SparseLinear
 from prunedm.train import checkpoint as ckpt
 from prunedm.train.distill import DistillConfig, DistillLoss
@@ -156,27 +157,6 @@ def _collate(data, indices: torch.Tensor) -> dict[str, torch.Tensor]:
             batch["class_labels"] = torch.as_tensor([int(item[1]) for item in items])
         return batch
     return {"images": torch.stack(items)}
-
-
-def predict(model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict) -> torch.Tensor:
-    """The model's noise prediction, for UNets and DiTs alike (a learned-variance half is dropped)."""
-    cond = {k: v for k, v in batch.items() if k != "images"}
-    out = model(noisy, timesteps, **cond)
-    out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
-    if out.shape[1] == 2 * noisy.shape[1]:
-        out = out[:, : noisy.shape[1]]
-    return out
-
-
-def diffusion_target(scheduler, images, noise, timesteps) -> torch.Tensor:
-    kind = getattr(scheduler.config, "prediction_type", "epsilon")
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(images, noise, timesteps)
-    if kind == "sample":
-        return images
-    raise ValueError(f"scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction, sample)")
 
 
 @torch.no_grad()
