@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunedm._atomic import write_text_atomic
+from prunedm.diffusion import diffusion_target, predict
 
 from .common import environment, time_ms, write_results
 
@@ -105,8 +106,6 @@ def load_dense() -> nn.Module:
 def denoising_loss(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Noise-prediction MSE at random timesteps (global RNG, which the mask learners replay)."""
     from diffusers import DDPMScheduler
-
-    from prunedm.train.finetune import diffusion_target, predict
 
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     noise = torch.randn_like(images)

@@ -5,11 +5,11 @@ op has a reference implementation in prunedm.ops.reference and fast C++/CUDA/Tri
 
 from prunedm import nn, ops, pruning
 from prunedm._ext import extension_info
+from prunedm._version import __version__
 from prunedm.nn import SparseConv2d, SparseLinear, SparsifyReport, sparsify
 from prunedm.pruning import learn_depth_keep, prune_channels, prune_depth
 from prunedm.serialization import load_pretrained, register_structure_hook, save_pretrained
 
-__version__ = "0.1.0"
 __all__ = [
     "SparseConv2d",
     "SparseLinear",

@@ -58,7 +58,7 @@ def batch_bucket(rows: int) -> int:
 
 def context_key(device: torch.device) -> str:
     """What a timing is valid for besides the shape: torch and prunedm versions and the device."""
-    from prunedm import __version__
+    from prunedm._version import __version__
 
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)

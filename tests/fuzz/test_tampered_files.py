@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import prunedm
 from prunedm import serialization
+from prunedm._integrity import file_sha256
 from prunedm.architectures import build
 from prunedm.cli import models as cli_models
 from prunedm.nn import SparseConv2d, SparseLinear
@@ -236,7 +237,7 @@ def test_tampered_weights_are_refused(pristine, tmp_path, rejects, case):
     weights = save / "model.safetensors"
     weights.write_bytes(tamper(weights.read_bytes()))
     if case != "one-bit-flipped":  # forged together: the structure holds the tampered file's checksum
-        _edit_json(save / "structure.json", _set("weights_sha256", serialization._sha256(weights)))
+        _edit_json(save / "structure.json", _set("weights_sha256", file_sha256(weights)))
     _timed_rejects(rejects, ["sample", f"model={save}", "--device", "cpu", "--out", tmp_path / "out"],
                    "model.safetensors", words, out=tmp_path / "out")  # fmt: skip
 
