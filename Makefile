@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# CUDA archs compiled by default (torch's TORCH_CUDA_ARCH_LIST; setup.py picks sm_80/86/89/90a when unset).
+# CUDA archs: TORCH_CUDA_ARCH_LIST; unset, setup.py builds the visible GPU's arch (+PTX), else sm_80 + sm_90a + compute_80 PTX.
 export MAX_JOBS ?= 2
 
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
