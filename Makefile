@@ -49,7 +49,7 @@ test: build lint ctest pytest
 
 # The whole pipeline on the shipped digits DDPM; --resume: a second run skips finished stages.
 demo: build
-	$(VENV)/bin/prunedm demo --out demo-out --resume
+	$(VENV)/bin/prunedm demo --out demo-out $$(test -f demo-out/config.yaml && echo --resume)
 
 bench: build
 	$(PY) -m bench.ops --out bench/out
