@@ -73,3 +73,19 @@ def run(model, kwargs):
     with torch.no_grad():
         out = model(**kwargs, return_dict=False)[0]
     return out.sample if hasattr(out, "sample") else out
+
+
+def tiny_pruning_unet(seed: int = 0) -> diffusers.UNet2DModel:
+    """The small attention UNet the channel-pruning tests share (16/32 channels, 4 norm groups), in eval mode."""
+    torch.manual_seed(seed)
+    return diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=None,
+        norm_num_groups=4,
+    ).eval()

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch_pruning as tp
 from diffusers import UNet2DConditionModel, UNet2DModel
+from tiny_models import tiny_pruning_unet
 from torch import nn
 
 import prunedm
@@ -17,21 +18,6 @@ from prunedm.pruning import default_example_inputs, kept_channels, make_importan
 def ddpm_cifar10() -> UNet2DModel:
     """google/ddpm-cifar10-32's architecture (its config.json), randomly initialised."""
     return build("ddpm-cifar10-32", seed=0).eval()
-
-
-def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=None,
-        norm_num_groups=4,
-    ).eval()
 
 
 def tiny_conditional_unet() -> UNet2DConditionModel:
@@ -114,7 +100,7 @@ def test_kept_channels(channels, ratio, groups, rounding, round_to, kept):
 
 
 def test_each_groupnorm_group_loses_its_lowest_scored_channels():
-    model = tiny_unet()
+    model = tiny_pruning_unet()
     inputs = default_example_inputs(model)
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs)
     group = graph.get_pruning_group(model.conv_in, tp.prune_conv_out_channels, list(range(16)))
@@ -131,7 +117,7 @@ def test_each_groupnorm_group_loses_its_lowest_scored_channels():
 
 
 def test_diff_pruning_stops_the_gradient_pass_below_threshold_of_max_loss():
-    model = tiny_unet()
+    model = tiny_pruning_unet()
     data = [torch.randn(2, 3, 8, 8)]
     timesteps = range(0, 1000, 125)
     report = prune_channels(model, "diff-pruning", 0.5, data=data, timesteps=timesteps, threshold=0.98)
@@ -148,7 +134,7 @@ def test_diff_pruning_stops_the_gradient_pass_below_threshold_of_max_loss():
     assert all(p.grad is None for p in model.parameters())
 
     # Plain Taylor visits every timestep.
-    model = tiny_unet()
+    model = tiny_pruning_unet()
     report = prune_channels(model, "taylor", 0.5, data=data, timesteps=range(0, 1000, 400))
     assert report.gradient_pass.timesteps == [0, 400, 800] and not report.gradient_pass.stopped_early
     assert model(torch.randn(1, 3, 8, 8), 3).sample.shape == (1, 3, 8, 8)
@@ -156,7 +142,7 @@ def test_diff_pruning_stops_the_gradient_pass_below_threshold_of_max_loss():
 
 @pytest.mark.parametrize("importance", ["random", "magnitude", "l1"])
 def test_data_free_importances_prune_to_the_same_widths(importance):
-    model = tiny_unet()
+    model = tiny_pruning_unet()
     report = prune_channels(model, importance, 0.5)
     assert report.importance == importance
     assert model.conv_in.out_channels == 8 and report.params_after < report.params_before / 3
@@ -165,7 +151,7 @@ def test_data_free_importances_prune_to_the_same_widths(importance):
 
 
 def test_random_importance_is_seeded_and_leaves_the_global_generator_alone():
-    first, second = tiny_unet(), tiny_unet()
+    first, second = tiny_pruning_unet(), tiny_pruning_unet()
     rng = torch.random.get_rng_state()
     prune_channels(first, "random", 0.5, seed=3)
     assert torch.equal(torch.random.get_rng_state(), rng)
@@ -194,7 +180,7 @@ def test_conditional_unet_keeps_heads_and_geglu_halves_paired():
 
 
 def test_ratio_zero_changes_nothing_and_bad_arguments_raise():
-    model = tiny_unet()
+    model = tiny_pruning_unet()
     x, t = torch.randn(1, 3, 8, 8), torch.tensor([7])
     before = model(x, t).sample
     report = prune_channels(model, "magnitude", 0.0)
@@ -212,7 +198,7 @@ def test_ratio_zero_changes_nothing_and_bad_arguments_raise():
 
 
 def test_ignored_layers_keep_their_outputs():
-    model = tiny_unet()
+    model = tiny_pruning_unet()
     prune_channels(model, "magnitude", 0.5, ignored_layers=[model.time_embedding.linear_1])
     assert model.time_embedding.linear_1.out_features == 64
     assert model.time_embedding.linear_2.out_features == 32
@@ -302,8 +288,8 @@ def test_round_to_values_and_the_width_origin_mark():
     assert resolve_round_to("2:4") == 8 and resolve_round_to(16) == 16 and resolve_round_to(None) is None
     for bad in ("1:4", 0, -8, True, 2.5):
         with pytest.raises(ValueError, match="round_to"):
-            prune_channels(tiny_unet(), "magnitude", 0.3, round_to=bad)
-    model = tiny_unet()
+            prune_channels(tiny_pruning_unet(), "magnitude", 0.3, round_to=bad)
+    model = tiny_pruning_unet()
     report = prune_channels(model, "magnitude", 0.5, round_to=16)
     assert report.round_to == 16 and model.conv_in.out_channels == 16  # 16 of 16: 8 would not be a multiple
     assert model.time_embedding.linear_1.out_features == 32
@@ -315,7 +301,7 @@ def test_round_to_values_and_the_width_origin_mark():
 
 
 def test_example_inputs_that_cannot_be_derived_say_pass_example_inputs():
-    model = tiny_unet()
+    model = tiny_pruning_unet()
     model.register_to_config(sample_size=None)
     with pytest.raises(ValueError, match="pass example_inputs"):
         prune_channels(model, "magnitude", 0.3)

@@ -6,27 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
+from tiny_models import tiny_pruning_unet
 
 from prunedm.pruning import accumulate_denoising_gradients, prune_channels
 from prunedm.pruning.importance import MAX_TIMESTEPS, gradient_pass_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
-
-
-def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=None,
-        norm_num_groups=4,
-    ).eval()
 
 
 def papers_loop(model, images, scheduler, timesteps, threshold, seed=0):
@@ -62,7 +48,7 @@ def count_forwards(model) -> list[int]:
 
 
 def test_batched_timesteps_give_the_papers_losses_stop_and_gradient():
-    model, scheduler = tiny_unet(), DDPMScheduler(num_train_timesteps=1000)
+    model, scheduler = tiny_pruning_unet(), DDPMScheduler(num_train_timesteps=1000)
     images = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     timesteps = list(range(0, 1000, 37))
     # A random model's loss is flat: at 0.99 the paper's loop stops at the 13th of these 28 timesteps,
@@ -83,7 +69,7 @@ def test_batched_timesteps_give_the_papers_losses_stop_and_gradient():
 
 
 def test_max_timesteps_visits_evenly_spaced_timesteps_weighted_by_the_stride():
-    model, scheduler = tiny_unet(), DDPMScheduler(num_train_timesteps=1000)
+    model, scheduler = tiny_pruning_unet(), DDPMScheduler(num_train_timesteps=1000)
     images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     _, grads = papers_loop(model, images, scheduler, range(0, 100, 25), threshold=None)
 
@@ -99,7 +85,7 @@ def test_default_diff_pruning_pass_is_bounded_and_says_what_it_used():
     # Before: one forward/backward per timestep, up to all 1000 of the schedule (54 s for the demo's
     # model when the machine is quiet, 750-1082 s under load). Now at most MAX_TIMESTEPS timesteps,
     # several per pass. A threshold of 0 never stops, so this is the longest pass there is.
-    model = tiny_unet()
+    model = tiny_pruning_unet()
     calls = count_forwards(model)
     report = prune_channels(model, "diff-pruning", 0.5, data=[torch.randn(4, 3, 8, 8)], threshold=0.0)
     gradient_pass = report.gradient_pass
@@ -110,7 +96,7 @@ def test_default_diff_pruning_pass_is_bounded_and_says_what_it_used():
 
 
 def test_small_models_run_the_pass_on_one_thread_and_the_count_is_restored():
-    model = tiny_unet()
+    model = tiny_pruning_unet()
     assert gradient_pass_threads(model, torch.device("cpu")) == 1
     assert gradient_pass_threads(model, torch.device("cuda")) is None
     threads_seen = []

@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from safetensors.torch import load_file, save_file
+from tiny_models import tiny_pruning_unet
 from torch import nn
 
 import prunedm
@@ -32,18 +33,7 @@ def pruned_unet() -> tuple[UNet2DModel, dict]:
 
 @functools.cache
 def _pruned_unet() -> tuple[UNet2DModel, dict]:
-    torch.manual_seed(0)
-    model = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=None,
-        norm_num_groups=4,
-    ).eval()
+    model = tiny_pruning_unet()
     prune_channels(model, "magnitude", 0.3, round_to=None)  # the widths below are the unrounded ones
     return model, {"sample": torch.randn(2, 3, 8, 8), "timestep": torch.tensor([3, 700])}
 
