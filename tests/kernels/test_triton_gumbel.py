@@ -20,6 +20,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from sampling_stats import assert_exact_nm, chi_square, chi_square_threshold  # noqa: E402
+
 from prunedm import kernels, ops  # noqa: E402
 from prunedm.kernels import gumbel  # noqa: E402
 from prunedm.ops import reference  # noqa: E402
@@ -30,22 +32,6 @@ pytestmark = pytest.mark.skipif(
     reason="no GPU, and TRITON_INTERPRET=1 was not set before triton was imported",
 )
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def chi_square_threshold(df: int) -> float:
-    """Upper 1e-4 quantile of chi-square(df) by Wilson-Hilferty (no scipy needed)."""
-    return df * (1 - 2 / (9 * df) + 3.7190 * math.sqrt(2 / (9 * df))) ** 3
-
-
-def chi_square(mask: torch.Tensor, n: int, m: int, probabilities: torch.Tensor) -> float:
-    counts = torch.bincount(ops.pattern_index(mask.cpu(), n, m).reshape(-1), minlength=len(probabilities)).double()
-    expected = probabilities.double() * counts.sum()
-    return float(((counts - expected) ** 2 / expected).sum())
-
-
-def assert_exact_nm(mask: torch.Tensor, n: int, m: int) -> None:
-    values = mask.float().reshape(-1, m)
-    assert bool(((values == 0) | (values == 1)).all()) and bool((values.sum(-1) == n).all())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

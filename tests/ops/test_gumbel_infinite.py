@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import TOLERANCES
+from sampling_stats import assert_exact_nm, chi_square, chi_square_threshold
 
 import prunedm
 from prunedm import ops
@@ -20,22 +21,6 @@ GUMBEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _backends():
     return ["reference", "extension"] if HAS_EXTENSION else ["reference"]
-
-
-def chi_square_threshold(df: int) -> float:
-    """Upper 1e-4 quantile of chi-square(df) by Wilson-Hilferty (no scipy needed)."""
-    return df * (1 - 2 / (9 * df) + 3.7190 * math.sqrt(2 / (9 * df))) ** 3
-
-
-def chi_square(mask: torch.Tensor, n: int, m: int, probabilities: torch.Tensor) -> float:
-    counts = torch.bincount(ops.pattern_index(mask.cpu(), n, m).reshape(-1), minlength=len(probabilities)).double()
-    expected = probabilities.double() * counts.sum()
-    return float(((counts - expected) ** 2 / expected).sum())
-
-
-def assert_exact_nm(mask: torch.Tensor, n: int, m: int) -> None:
-    values = mask.float().reshape(-1, m)
-    assert bool(((values == 0) | (values == 1)).all()) and bool((values.sum(-1) == n).all())
 
 
 # Infinite, extreme and NaN logits --------------------------------------------------------------
