@@ -52,6 +52,8 @@ namespace prunedm {
 namespace sparse_gemm_cuda {
 
 // prunedm/ops/_nvrtc.py packs Params<T> into kernel-argument bytes at these offsets (240 bytes, 8-aligned).
+// Checked when nvcc compiles this source (tests/ops/test_nvrtc.py); NVRTC itself has no __builtin_offsetof.
+#if !defined(__CUDACC_RTC__)
 #define PRUNEDM_CHECK_OFFSET(field, offset) \
   static_assert(__builtin_offsetof(Params<__half>, field) == (offset), "Params layout changed: update _nvrtc.py")
 PRUNEDM_CHECK_OFFSET(values, 0);
@@ -67,10 +69,13 @@ PRUNEDM_CHECK_OFFSET(activation, 72);
 PRUNEDM_CHECK_OFFSET(res, 80);
 PRUNEDM_CHECK_OFFSET(conv, 128);
 #undef PRUNEDM_CHECK_OFFSET
+#endif
 static_assert(sizeof(ResidualLayout) == 48 && sizeof(ConvGeometry) == 112, "Params layout changed: update _nvrtc.py");
 static_assert(sizeof(Params<__half>) == 240 && alignof(Params<__half>) == 8, "Params layout changed: update _nvrtc.py");
 static_assert(sizeof(Params<__nv_bfloat16>) == 240, "Params layout changed: update _nvrtc.py");
-static_assert(sizeof(Stage16) * kStages <= 48 * 1024, "static shared memory: the loader launches with 0 dynamic");
+static_assert(cta::kStages * cta::kStageBytes <= 48 * 1024, "static shared memory: the loader launches with 0 dynamic");
+static_assert(cta::kThreads == 128 && cta::kBlockM == 128 && cta::kBlockN == 128,
+              "launch geometry changed: update _nvrtc.py (THREADS, BLOCK_M, BLOCK_N)");
 
 // The four kernels the loader looks up, by these name expressions (prunedm/ops/_nvrtc.py KERNELS).
 template __global__ void sparse_gemm_kernel<__half, false>(const Params<__half>);

@@ -4,14 +4,17 @@
 // with W packed by compress_2to4 (values [M, K/2], int16 metadata in the sm80 layout) and B either
 // X^T for a linear layer (X [P, K] row-major) or the implicit-GEMM gather of an NHWC input.
 //
-// Tiling: a 128-thread block computes 64 output features x 64 columns; each of its 4 warps 32 x 32,
-// i.e. 2 m16 tiles x 4 n8 tiles of mma.sp.m16n8k32 per 32-wide k step. K advances 32 dense
-// (16 kept) columns per stage through a kStages-deep cp.async pipeline in shared memory: values
-// [64][16], B [64 columns][32 k], and the 64 metadata words (two 32-row tiles) of the stage.
-// A warp's 32 rows are one metadata tile, so lane L's register is word L of the tile
-// (prunedm/sparse_gemm.h explains why) and the two m16 tiles use selectors 0 and 1.
-// Fragments are read from shared memory with 32-bit loads at the coordinates of sparse_gemm.h;
-// row paddings keep those loads free of bank conflicts.
+// Tiling (prunedm/sparse_gemm.h, namespace mma_sp::cta, where the CPU warp simulation reads it): a
+// 128-thread block computes 128 output features x 128 columns; each of its 4 warps 64 x 64, i.e. 4 m16
+// tiles x 8 n8 tiles of mma.sp.m16n8k32 per 32-wide k step. K advances 32 dense (16 kept) columns per
+// stage through a 3-deep cp.async pipeline in (static, 37.5 KiB) shared memory: values [128][16], B
+// [128 columns][32 k] and the 128 metadata words (four 32-row tiles) of the stage, A and B swizzled in
+// 16-byte units so that cp.async stores and ldmatrix reads are free of bank conflicts. Every source
+// pointer is set up once and advanced by one stage per iteration: no 64-bit index arithmetic, division
+// or modulo in the k loop (the conv's tap position advances by 32 channels without dividing).
+// A warp's 64 rows are two metadata tiles, so lane L's registers are word L of each (prunedm/sparse_gemm.h
+// explains why) and the m16 tiles use selectors 0, 1, 0, 1. A and B fragments are read with ldmatrix.x4.
+// The epilogue stages each warp's tile through shared memory and stores 16 bytes per lane.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -27,17 +30,7 @@ namespace prunedm {
 namespace sparse_gemm_cuda {
 
 namespace ms = mma_sp;
-
-constexpr int kThreads = 128;
-constexpr int kBlockM = 64, kBlockN = 64, kBlockK = ms::kTileK;
-constexpr int kWarpM = 32, kWarpN = 32;
-constexpr int kStages = 3;
-// Shared-memory row pitches in 16-bit elements: a multiple of 8 (16-byte cp.async destinations)
-// whose 32-bit word stride spreads the 8 row groups of a fragment load over distinct banks.
-constexpr int kAPitch = ms::kKeptK + 8;  // 24 halfs = 12 words
-constexpr int kBPitch = kBlockK + 8;     // 40 halfs = 20 words
-static_assert(kWarpM == ms::kMetaRowTile, "a warp covers one 32-row metadata tile");
-static_assert((kBlockM / kWarpM) * (kBlockN / kWarpN) * ms::kWarpSize == kThreads, "4 warps of 32x32");
+namespace cta = mma_sp::cta;
 
 // Whether mma.sp takes the ::ordered_metadata qualifier (PTX ISA 8.5, CUDA 12.5): PTX recommends
 // it, and our metadata always lists the two indices of a pair in increasing order.
@@ -80,14 +73,6 @@ __device__ __forceinline__ void mma_sp_16832(float (&d)[4], const uint32_t (&a)[
 #endif
 }
 
-// 16-byte global -> shared copy; src_bytes = 0 fills the destination with zeros (out of range).
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
-#endif
-}
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);
@@ -114,128 +99,248 @@ struct Params {
   ConvGeometry conv;         // conv only
 };
 
-struct alignas(16) Stage16 {
-  uint16_t a[kBlockM][kAPitch];
-  uint16_t b[kBlockN][kBPitch];
-  uint32_t meta[kBlockM];
-};
-
-// Loads one stage: values and metadata of k chunk `kc` for the block's 64 rows, and the B tile.
-template <typename T, bool kConv>
-__device__ __forceinline__ void load_stage(Stage16& s, const Params<T>& prm, int64_t m0, int64_t p0, int64_t kc) {
-  const int tid = threadIdx.x;
-  {  // values: 64 rows x 2 chunks of 8 kept values; rows past M are zero (never used).
-    const int row = tid >> 1, chunk = tid & 1;
-    const bool valid = m0 + row < prm.m;
-    const T* src = valid ? prm.values + ms::value_offset(m0 + row, kc, 8 * chunk, prm.k) : prm.values;
-    cp_async_16(&s.a[row][8 * chunk], src, valid);
-  }
-  if (tid < kBlockM / 4) {  // metadata: 64 words, 4 per thread (a 32-row tile is wholly in or out)
-    const int word = 4 * tid;
-    const bool valid = m0 + word < prm.m;
-    const uint32_t* src = valid ? prm.meta + ms::meta_word_offset(m0, kc, prm.m) + word : prm.meta;
-    cp_async_16(&s.meta[word], src, valid);
-  }
-#pragma unroll
-  for (int i = 0; i < (kBlockN * kBlockK / 8) / kThreads; ++i) {  // B: 64 columns x 4 chunks of 8 k
-    const int c = tid + i * kThreads;
-    const int col = c >> 2, chunk = c & 3;
-    const int64_t p = p0 + col;
-    const int64_t k = kc * kBlockK + 8 * chunk;
-    bool valid = p < prm.p;
-    const T* src = prm.b;
-    if constexpr (kConv) {
-      // 8 consecutive k stay in one tap (Cin % 8 == 0): 16 contiguous bytes of one NHWC pixel.
-      const ConvGeometry& g = prm.conv;
-      if (valid) {
-        const int64_t offset = conv_input_offset(g, conv_pixel_of(g, p), conv_tap_of(g, k), g.in_h * g.in_w * g.in_channels,
-                                                 1, g.in_w * g.in_channels, g.in_channels);
-        valid = offset >= 0;
-        if (valid) src = prm.b + offset;
-      }
-    } else {
-      if (valid) src = prm.b + p * prm.k + k;
-    }
-    cp_async_16(&s.b[col][8 * chunk], src, valid);
-  }
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-template <typename T, bool kConv>
-__global__ void __launch_bounds__(kThreads) sparse_gemm_kernel(const Params<T> prm) {
-  __shared__ Stage16 stages[kStages];
-  const int lane = threadIdx.x % ms::kWarpSize, warp = threadIdx.x / ms::kWarpSize;
-  const int warp_m = warp % (kBlockM / kWarpM), warp_n = warp / (kBlockM / kWarpM);
-  const int64_t m0 = int64_t(blockIdx.y) * kBlockM, p0 = int64_t(blockIdx.x) * kBlockN;
-  // M is a multiple of 32: a warp's rows are all valid or all past the end (warp-uniform).
-  const bool warp_active = m0 + warp_m * kWarpM < prm.m;
-  const int64_t k_chunks = prm.k / kBlockK;
+// 16-byte global -> shared copy of a source known to be in range.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+#endif
+}
 
-  float acc[2][4][4];
+// 16-byte zero-filling copy for the conv gather (padding taps read nothing and store zeros).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
+#endif
+}
+
+// Four 8x8 b16 matrices from shared memory (cta::a_ldsm_source / b_ldsm_source say which lane gives which row).
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
+}
+
+__device__ __forceinline__ uint32_t lds_32(uint32_t addr) {
+  uint32_t v = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+#endif
+  return v;
+}
+
+// The A (values) and metadata copies of one thread: source pointers set once, advanced by one stage each time.
+// Rows past M read a valid row instead (M % 32 == 0: whole metadata tiles); their results are never stored.
+template <typename T>
+struct ALoader {
+  const T* values[cta::kACopies];
+  const uint32_t* meta;  // threads < cta::kMetaThreads
+  int64_t meta_step;     // words per stage: M
+
+  __device__ __forceinline__ ALoader(const Params<T>& prm, int64_t m0, int tid) : meta_step(prm.m) {
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < cta::kACopies; ++i) {
+      const ms::Coord c = cta::a_copy(tid, i);
+      const int64_t row = m0 + c.row < prm.m ? m0 + c.row : prm.m - 1;
+      values[i] = prm.values + ms::value_offset(row, 0, 8 * c.col, prm.k);
+    }
+    const int64_t row32 = m0 + ms::kMetaRowTile * (tid / 8);
+    meta = prm.meta + ms::meta_word_offset(row32 < prm.m ? row32 : prm.m - ms::kMetaRowTile, 0, prm.m) + 4 * (tid % 8);
+  }
+  // Copies one stage to the thread's A destination `dst_a` (stage base + its swizzled unit) and metadata.
+  __device__ __forceinline__ void load(uint32_t stage, uint32_t dst_a, int tid) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int i = 0; i < cta::kACopies; ++i) {
+      cp_async_16(dst_a + i * (cta::kThreads / cta::kAChunks) * cta::kAChunks * cta::kUnit, values[i]);
+      values[i] += ms::kKeptK;
+    }
+    if (tid < cta::kMetaThreads) {
+      cp_async_16(stage + cta::kMetaOffset + cta::kUnit * tid, meta);
+      meta += meta_step;
+    }
+  }
+};
+
+// B of a linear layer: X [P, K] row-major, column p of B is row p of X. Columns past P read row P - 1.
+template <typename T>
+struct LinearBLoader {
+  const T* src[cta::kBCopies];
+
+  __device__ __forceinline__ LinearBLoader(const Params<T>& prm, int64_t p0, int tid) {
+#pragma unroll
+    for (int i = 0; i < cta::kBCopies; ++i) {
+      const ms::Coord c = cta::b_copy(tid, i);
+      const int64_t p = p0 + c.row < prm.p ? p0 + c.row : prm.p - 1;
+      src[i] = prm.b + p * prm.k + 8 * c.col;
+    }
+  }
+  __device__ __forceinline__ void load(uint32_t dst_b, const Params<T>&) {
+#pragma unroll
+    for (int i = 0; i < cta::kBCopies; ++i) {
+      cp_async_16(dst_b + i * (cta::kThreads / cta::kBChunks) * cta::kBChunks * cta::kUnit, src[i]);
+      src[i] += cta::kBlockK;
+    }
+  }
+};
+
+// B of a convolution (implicit GEMM, prunedm/implicit_gemm.h) from an NHWC input, Cin % 8 == 0: each column
+// keeps its pixel origin (one division each, before the loop) and a thread's columns share one tap cursor
+// (their chunk) that moves on 32 channels per stage without dividing. Columns past P read column P - 1.
+template <typename T>
+struct ConvBLoader {
+  ConvColumnOrigin origin[cta::kBCopies];
+  ConvTapCursor tap;
+
+  __device__ __forceinline__ ConvBLoader(const Params<T>& prm, int64_t p0, int tid) : tap(prm.conv) {
+#pragma unroll
+    for (int i = 0; i < cta::kBCopies; ++i) {
+      const int64_t p = p0 + cta::b_copy(tid, i).row;
+      origin[i] = conv_column_origin(prm.conv, p < prm.p ? p : prm.p - 1);
+    }
+    tap.advance(prm.conv, 8 * cta::b_copy(tid, 0).col);
+  }
+  // The copy of a padding tap reads nothing (src-size 0) and zero-fills; its address is never dereferenced.
+  __device__ __forceinline__ void load(uint32_t dst_b, const Params<T>& prm) {
+    const T* tap_base = prm.b + tap.offset;
+#pragma unroll
+    for (int i = 0; i < cta::kBCopies; ++i)
+      cp_async_16(dst_b + i * (cta::kThreads / cta::kBChunks) * cta::kBChunks * cta::kUnit, tap_base + origin[i].offset,
+                  tap.inside(prm.conv, origin[i]));
+    tap.advance(prm.conv, cta::kBlockK);
+  }
+};
+
+// The B loader of a kernel (no std::conditional_t: NVRTC may compile without the standard headers).
+template <typename T, bool kConv>
+struct BLoader {
+  using type = LinearBLoader<T>;
+};
+template <typename T>
+struct BLoader<T, true> {
+  using type = ConvBLoader<T>;
+};
+
+template <typename T, bool kConv>
+__global__ void __launch_bounds__(cta::kThreads) sparse_gemm_kernel(const Params<T> prm) {
+  __shared__ alignas(128) unsigned char smem[cta::kStages * cta::kStageBytes];
+  const int tid = threadIdx.x, lane = tid % ms::kWarpSize, warp = tid / ms::kWarpSize;
+  const int warp_m = warp % cta::kWarpsM, warp_n = warp / cta::kWarpsM;
+  const int64_t m0 = int64_t(blockIdx.y) * cta::kBlockM, p0 = int64_t(blockIdx.x) * cta::kBlockN;
+  const int k_chunks = int(prm.k / cta::kBlockK);
+
+  ALoader<T> a_loader(prm, m0, tid);
+  typename BLoader<T, kConv>::type b_loader(prm, p0, tid);
+  // Per-thread byte offsets inside a stage: cp.async destinations and ldmatrix / metadata sources.
+  const ms::Coord ac = cta::a_copy(tid, 0), bc = cta::b_copy(tid, 0);
+  const uint32_t dst_a = cta::kAOffset + cta::kUnit * cta::a_unit(ac.row, ac.col);
+  const uint32_t dst_b = cta::kBOffset + cta::kUnit * cta::b_unit(bc.row, bc.col);
+  const ms::Coord al = cta::a_ldsm_source(lane), bl = cta::b_ldsm_source(lane);
+  const uint32_t src_a = cta::kAOffset + cta::kUnit * cta::a_unit(warp_m * cta::kWarpM + al.row, al.col);
+  const uint32_t src_b = cta::kBOffset + cta::kUnit * cta::b_unit(warp_n * cta::kWarpN + bl.row, bl.col);
+  const uint32_t src_meta = cta::kMetaOffset + 4 * (warp_m * cta::kWarpM + lane);
+
+  float acc[cta::kMTiles][cta::kNTiles][4];
+#pragma unroll
+  for (int i = 0; i < cta::kMTiles; ++i)
+#pragma unroll
+    for (int j = 0; j < cta::kNTiles; ++j)
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
 
+  const uint32_t first = shared_address(smem), last = first + (cta::kStages - 1) * cta::kStageBytes;
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_chunks) load_stage<T, kConv>(stages[s], prm, m0, p0, s);
+  for (int s = 0; s < cta::kStages - 1; ++s) {
+    if (s < k_chunks) {
+      const uint32_t stage = first + s * cta::kStageBytes;
+      a_loader.load(stage, stage + dst_a, tid);
+      b_loader.load(stage + dst_b, prm);
+    }
     cp_async_commit();
   }
 
-  for (int64_t kc = 0; kc < k_chunks; ++kc) {
-    cp_async_wait<kStages - 2>();
+  uint32_t read = first, write = last;
+  for (int kc = 0; kc < k_chunks; ++kc) {
+    cp_async_wait<cta::kStages - 2>();
     __syncthreads();  // stage kc is visible to all, and stage kc - 1 is no longer being read
-    const int64_t next = kc + kStages - 1;
-    if (next < k_chunks) load_stage<T, kConv>(stages[next % kStages], prm, m0, p0, next);
+    if (kc + cta::kStages - 1 < k_chunks) {
+      a_loader.load(write, write + dst_a, tid);
+      b_loader.load(write + dst_b, prm);
+    }
     cp_async_commit();
 
-    const Stage16& s = stages[kc % kStages];
-    if (warp_active) {
-      const uint32_t meta = s.meta[warp_m * kWarpM + lane];
-      uint32_t a[2][4], b[4][4];
+    // A warp's 64 rows are two metadata tiles: lane L's register is word L of each (prunedm/sparse_gemm.h).
+    const uint32_t meta[2] = {lds_32(read + src_meta), lds_32(read + src_meta + 4 * ms::kMetaRowTile)};
+    uint32_t a[cta::kMTiles][4], b[cta::kNTiles][4];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < cta::kMTiles; ++mt)  // +16 rows = +32 units; the swizzle keeps
+      ldsm_x4(a[mt], read + src_a + mt * ms::kTileM * cta::kAChunks * cta::kUnit);
 #pragma unroll
-        for (int reg = 0; reg < 4; ++reg) {
-          const ms::Coord c = ms::a_coord(lane, reg, 0);
-          a[mt][reg] = *reinterpret_cast<const uint32_t*>(&s.a[warp_m * kWarpM + mt * ms::kTileM + c.row][c.col]);
-        }
+    for (int nt = 0; nt < cta::kNTiles; ++nt)  // +8 columns = +32 units
+      ldsm_x4(b[nt], read + src_b + nt * ms::kTileN * cta::kBChunks * cta::kUnit);
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
+    for (int nt = 0; nt < cta::kNTiles; ++nt)
 #pragma unroll
-        for (int reg = 0; reg < 4; ++reg) {
-          const ms::Coord c = ms::b_coord(lane, reg, 0);
-          b[nt][reg] = *reinterpret_cast<const uint32_t*>(&s.b[warp_n * kWarpN + nt * ms::kTileN + c.col][c.row]);
-        }
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        mma_sp_16832<T, 0>(acc[0][nt], a[0], b[nt], meta);
-        mma_sp_16832<T, 1>(acc[1][nt], a[1], b[nt], meta);
+      for (int mt = 0; mt < cta::kMTiles; mt += 2) {
+        mma_sp_16832<T, 0>(acc[mt][nt], a[mt], b[nt], meta[mt / 2]);
+        mma_sp_16832<T, 1>(acc[mt + 1][nt], a[mt + 1], b[nt], meta[mt / 2]);
       }
-    }
+    read = read == last ? first : read + cta::kStageBytes;
+    write = write == last ? first : write + cta::kStageBytes;
   }
   cp_async_wait<0>();
+  __syncthreads();  // the stages' memory becomes the epilogue's
 
-  if (!warp_active) return;
-  // Epilogue: bias, activation, residual in float; one rounding to T. D[o, p] goes to out[p, o].
+  // Epilogue: bias and activation in float per fragment, staged per warp as [column][feature] floats; then
+  // 8 consecutive features of a column per lane: residual in float, one rounding to T, one 16-byte store.
+  const int g = lane / 4;
+  float bias[cta::kMTiles][2];
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int mt = 0; mt < cta::kMTiles; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t o = m0 + warp_m * cta::kWarpM + mt * ms::kTileM + g + 8 * h;
+      bias[mt][h] = prm.bias != nullptr && o < prm.m ? to_float(prm.bias[o]) : 0.f;
+    }
+  float* stage = reinterpret_cast<float*>(smem) + warp * cta::kEpiColumns * cta::kEpiPitch;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const ms::Coord c = ms::c_coord(lane, i);
-        const int64_t o = m0 + warp_m * kWarpM + mt * ms::kTileM + c.row;
-        const int64_t p = p0 + warp_n * kWarpN + nt * ms::kTileN + c.col;
-        if (p >= prm.p) continue;
-        float v = acc[mt][nt][i];
-        if (prm.bias != nullptr) v += to_float(prm.bias[o]);
-        v = apply_activation(v, prm.activation);
-        if (prm.residual != nullptr) v += to_float(prm.residual[residual_offset(prm.res, p, o)]);
-        prm.out[p * prm.m + o] = from_float<T>(v);
+  for (int half = 0; half < 2; ++half) {
+#pragma unroll
+    for (int mt = 0; mt < cta::kMTiles; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < cta::kNTiles / 2; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const ms::Coord c = ms::c_coord(lane, i);
+          const float v = apply_activation(acc[mt][half * cta::kNTiles / 2 + nt][i] + bias[mt][i >> 1], prm.activation);
+          stage[(nt * ms::kTileN + c.col) * cta::kEpiPitch + mt * ms::kTileM + c.row] = v;
+        }
+    __syncwarp();
+#pragma unroll
+    for (int step = 0; step < cta::kEpiSteps; ++step) {
+      const ms::Coord e = cta::epi_store(lane, step);
+      const int64_t p = p0 + warp_n * cta::kWarpN + half * cta::kEpiColumns + e.row;
+      const int64_t o = m0 + warp_m * cta::kWarpM + e.col;
+      if (p >= prm.p || o >= prm.m) continue;
+      const float4 lo = *reinterpret_cast<const float4*>(&stage[e.row * cta::kEpiPitch + e.col]);
+      const float4 hi = *reinterpret_cast<const float4*>(&stage[e.row * cta::kEpiPitch + e.col + 4]);
+      float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+      if (prm.residual != nullptr) {
+        const T* r = prm.residual + residual_offset(prm.res, p, o);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] += to_float(r[j * prm.res.stride_c]);
       }
+      alignas(16) T packed[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) packed[j] = from_float<T>(v[j]);
+      *reinterpret_cast<uint4*>(prm.out + p * prm.m + o) = *reinterpret_cast<const uint4*>(packed);
+    }
+    __syncwarp();
+  }
 }
 
 #if !defined(PRUNEDM_NVRTC)  // NVRTC compiles device code only (csrc/cuda/nvrtc_entry.cu): no streams, no <<<>>>
@@ -243,8 +348,9 @@ __global__ void __launch_bounds__(kThreads) sparse_gemm_kernel(const Params<T> p
 template <typename T, bool kConv>
 void launch_sparse_gemm(const Params<T>& prm, cudaStream_t stream) {
   if (prm.p == 0) return;
-  const dim3 grid(unsigned((prm.p + kBlockN - 1) / kBlockN), unsigned((prm.m + kBlockM - 1) / kBlockM));
-  sparse_gemm_kernel<T, kConv><<<grid, kThreads, 0, stream>>>(prm);
+  const dim3 grid(unsigned((prm.p + cta::kBlockN - 1) / cta::kBlockN),
+                  unsigned((prm.m + cta::kBlockM - 1) / cta::kBlockM));
+  sparse_gemm_kernel<T, kConv><<<grid, cta::kThreads, 0, stream>>>(prm);
 }
 #endif
 

@@ -44,9 +44,9 @@ KERNELS = {
     for dtype, ctype in _CUDA_TYPES.items()
     for conv in (False, True)
 }
-# The launch geometry of sparse_gemm_kernel.cuh: 128 threads compute 64 features x 64 columns; shared memory
-# is static (nvrtc_entry.cu asserts it fits 48 KiB), so no dynamic shared memory.
-THREADS, BLOCK_M, BLOCK_N, DYNAMIC_SMEM_BYTES = 128, 64, 64, 0
+# The launch geometry of sparse_gemm_kernel.cuh: 128 threads compute 128 features x 128 columns (nvrtc_entry.cu
+# asserts it); shared memory is static (asserted to fit 48 KiB), so no dynamic shared memory.
+THREADS, BLOCK_M, BLOCK_N, DYNAMIC_SMEM_BYTES = 128, 128, 128, 0
 CONV_CHANNEL_ALIGNMENT = 8
 # Standard headers the inlined prunedm headers include; nvrtc_entry.cu provides them (or fallbacks).
 _PRELUDE_HEADERS = {"cstdint", "type_traits", "math.h", "cmath"}

@@ -65,4 +65,56 @@ PRUNEDM_HD int64_t conv_input_offset(const ConvGeometry& g, const ConvPixel& px,
   return px.n * stride_n + tap.ci * stride_c + ih * stride_h + iw * stride_w;
 }
 
+// The gather in the incremental form the CUDA kernel's k loop uses: a GEMM column keeps its pixel for the
+// whole loop (conv_column_origin: the divisions happen once, before it) and the tap position moves on by a
+// chunk of channels at a time without dividing (ConvTapCursor). conv_gather_offset(g, origin of p, cursor at
+// k) equals conv_input_offset(g, conv_pixel_of(g, p), conv_tap_of(g, k), NHWC strides) (test_sparse_gemm.cpp).
+struct ConvColumnOrigin {
+  int64_t offset;  // NHWC element offset of (n, ih0, iw0, 0); may lie outside the input
+  int ih0, iw0;    // oh * stride_h - pad_h, ow * stride_w - pad_w
+};
+
+PRUNEDM_HD ConvColumnOrigin conv_column_origin(const ConvGeometry& g, int64_t p) {
+  const ConvPixel px = conv_pixel_of(g, p);
+  const int64_t ih0 = px.oh * g.stride_h - g.pad_h, iw0 = px.ow * g.stride_w - g.pad_w;
+  return {((px.n * g.in_h + ih0) * g.in_w + iw0) * g.in_channels, int(ih0), int(iw0)};
+}
+
+struct ConvTapCursor {
+  int64_t offset = 0;  // (kh dil_h in_w + kw dil_w) Cin + ci: the tap's NHWC offset from the column origin
+  int64_t next_w, next_h;  // what offset gains when ci wraps into the next kw, and when kw wraps into the next kh
+  int dh = 0, dw = 0;  // kh dil_h, kw dil_w
+  int kw = 0, ci = 0;
+
+  PRUNEDM_HD explicit ConvTapCursor(const ConvGeometry& g)
+      : next_w((g.dil_w - 1) * g.in_channels), next_h((g.dil_h * g.in_w - g.kernel_w * g.dil_w) * g.in_channels) {}
+
+  // Moves on by k GEMM rows (channels): loops once per tap crossed (at most once when k <= Cin).
+  PRUNEDM_HD void advance(const ConvGeometry& g, int k) {
+    ci += k;
+    offset += k;
+    while (ci >= int(g.in_channels)) {
+      ci -= int(g.in_channels);
+      offset += next_w;
+      dw += int(g.dil_w);
+      if (++kw == int(g.kernel_w)) {
+        kw = 0;
+        offset += next_h;
+        dw = 0;
+        dh += int(g.dil_h);
+      }
+    }
+  }
+
+  // Whether the tap of column `origin` lies inside the input (else it reads the zero padding).
+  PRUNEDM_HD bool inside(const ConvGeometry& g, const ConvColumnOrigin& origin) const {
+    return unsigned(origin.ih0 + dh) < unsigned(g.in_h) && unsigned(origin.iw0 + dw) < unsigned(g.in_w);
+  }
+};
+
+// NHWC element offset of B[k, p] from the column's origin and the cursor at k, or -1 in the padding.
+PRUNEDM_HD int64_t conv_gather_offset(const ConvGeometry& g, const ConvColumnOrigin& origin, const ConvTapCursor& tap) {
+  return tap.inside(g, origin) ? origin.offset + tap.offset : -1;
+}
+
 }  // namespace prunedm

@@ -97,6 +97,59 @@ PRUNEDM_HD int64_t value_offset(int64_t row, int64_t k_chunk, int kept_col, int6
   return row * (k_dense / 2) + k_chunk * kKeptK + kept_col;
 }
 
+// ---- The CUDA kernel's CTA tile and shared-memory layout (csrc/cuda/sparse_gemm_kernel.cuh), here so that
+// test_sparse_gemm.cpp simulates exactly what the kernel does: which thread copies which 16-byte unit, where
+// the unit lands (swizzled), which lane gives ldmatrix which address, and which element each lane gets back.
+namespace cta {
+
+constexpr int kThreads = 128;                 // 4 warps, 2 (M) x 2 (N)
+constexpr int kBlockM = 128, kBlockN = 128;   // output features x GEMM columns of one CTA
+constexpr int kWarpM = 64, kWarpN = 64;       // one warp: 4 m16 x 8 n8 mma.sp tiles
+constexpr int kWarpsM = kBlockM / kWarpM;
+constexpr int kMTiles = kWarpM / kTileM, kNTiles = kWarpN / kTileN;
+constexpr int kBlockK = kTileK;               // dense k of one pipeline stage: one mma.sp k step
+constexpr int kStages = 3;
+constexpr int kUnit = 16;                     // bytes of one cp.async, one ldmatrix row
+constexpr int kAChunks = kKeptK * 2 / kUnit;  // 16-byte units of a row of kept values (2)
+constexpr int kBChunks = kBlockK * 2 / kUnit; // 16-byte units of a column of B (4)
+constexpr int kACopies = kBlockM * kAChunks / kThreads;  // per thread and stage (2)
+constexpr int kBCopies = kBlockN * kBChunks / kThreads;  // per thread and stage (4)
+constexpr int kMetaWords = kBlockM;           // 32 words per 32-row metadata tile
+constexpr int kMetaThreads = kMetaWords * 4 / kUnit;  // threads 0..31 copy one unit each
+// Byte offsets inside one stage: A [128 rows x 2 units], B [128 columns x 4 units], metadata [128 words].
+constexpr int kAOffset = 0, kBOffset = kBlockM * kAChunks * kUnit;
+constexpr int kMetaOffset = kBOffset + kBlockN * kBChunks * kUnit;
+constexpr int kStageBytes = kMetaOffset + kMetaWords * 4;
+static_assert(kWarpsM * (kBlockN / kWarpN) * kWarpSize == kThreads, "4 warps of 64 x 64");
+static_assert(kWarpM == 2 * kMetaRowTile, "a warp covers two 32-row metadata tiles");
+
+// The swizzled 16-byte unit holding chunk `chunk` of row `row` of the A tile (column `col` of B): an 8-row
+// (8-column) ldmatrix phase and an 8-thread cp.async phase touch 8 distinct units mod 8, i.e. all 32 banks.
+PRUNEDM_HD int a_unit(int row, int chunk) { return kAChunks * row + (chunk ^ ((row >> 2) & 1)); }
+PRUNEDM_HD int b_unit(int col, int chunk) { return kBChunks * col + (chunk ^ ((col >> 1) & 3)); }
+
+// Copy `i` of thread `tid` in a stage: {row, chunk} of A (i < kACopies), {column, chunk} of B (i < kBCopies).
+// A copy's chunk is that of the thread; i adds 64 rows (32 columns), which keeps the swizzle, so a thread's
+// copies land at one base plus i * 2048 bytes.
+PRUNEDM_HD Coord a_copy(int tid, int i) { return {tid / kAChunks + i * (kThreads / kAChunks), tid % kAChunks}; }
+PRUNEDM_HD Coord b_copy(int tid, int i) { return {tid / kBChunks + i * (kThreads / kBChunks), tid % kBChunks}; }
+
+// ldmatrix.x4: lane L gives the address of row L % 8 of matrix L / 8 and gets, in register j, the element
+// (L / 4, 2 (L % 4) + half) of matrix j. For A (an m16 tile, 16 rows x 2 units) matrix j is rows 8 (j & 1)..
+// of unit j >> 1, so register j is a_coord's register j; for B (an n8 tile, 8 columns x 4 units) matrix j
+// is unit j (k 8j..8j+7), so register j is b_coord's. {row, chunk} / {column, chunk} of lane L's address:
+PRUNEDM_HD Coord a_ldsm_source(int lane) { return {(lane & 7) + 8 * ((lane >> 3) & 1), lane >> 4}; }
+PRUNEDM_HD Coord b_ldsm_source(int lane) { return {lane & 7, lane >> 3}; }
+// {row, column} of the 8 x 8 matrix element register j (any) of lane L receives, half `half`.
+PRUNEDM_HD Coord ldsm_element(int lane, int half) { return {lane >> 2, 2 * (lane & 3) + half}; }
+
+// Epilogue: a warp stages 32 of its 64 columns at a time as floats [32 columns][kEpiPitch], then lane L stores
+// 8 consecutive output features of one column per step (16 bytes): column 4 step + L / 8, features 8 (L % 8).
+constexpr int kEpiColumns = kWarpN / 2, kEpiPitch = kWarpM + 4, kEpiSteps = kEpiColumns * kWarpM / 8 / kWarpSize;
+PRUNEDM_HD Coord epi_store(int lane, int step) { return {4 * step + lane / 8, 8 * (lane % 8)}; }  // {column, row}
+static_assert((kThreads / kWarpSize) * kEpiColumns * kEpiPitch * 4 <= kStages * kStageBytes, "epilogue fits");
+
+}  // namespace cta
 }  // namespace mma_sp
 
 // Where the residual element of output (GEMM column p, output feature o) lives: column p is the
