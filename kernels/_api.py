@@ -1,5 +1,7 @@
 """The public functions of prunedm.kernels (re-exported by its __init__): the backend="triton" path of prunedm.ops.
-Each op is also registered as torch.ops.prunedm_triton.<name>; prunedm.ops validates the arguments."""
+Each registers itself in prunedm.ops' backend table (prunedm.ops._backends, which imports this package by name
+the first time a Triton implementation is asked for; prunedm.ops never imports it) and as
+torch.ops.prunedm_triton.<name>. prunedm.ops validates the arguments."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import torch
 from prunedm.kernels import gumbel as _gumbel
 from prunedm.kernels import nm as _nm
 from prunedm.kernels import sparse24 as _sparse24
-from prunedm.ops import _checks
+from prunedm.ops import _backends, _checks
 
 __all__ = ["compress_2to4", "decompress_2to4", "gumbel_nm_sample", "gumbel_pattern_sample", "nm_mask", "nm_violations"]
 
@@ -45,13 +47,30 @@ def decompress_2to4(values: torch.Tensor, meta: torch.Tensor, check: bool = True
     return dense
 
 
-def gumbel_nm_sample(logits: torch.Tensor, n: int, m: int, tau: float, hard: bool, seed: int) -> torch.Tensor:
+def gumbel_nm_sample(
+    logits: torch.Tensor, n: int, m: int, tau: float, hard: bool, seed: int, offset: int = 0
+) -> torch.Tensor:
     """Gumbel N:M sample of per-weight logits (hard 0/1 or relaxed), differentiable; see prunedm.ops."""
-    return _gumbel.gumbel_nm_sample(logits, n, m, tau, hard, seed)
+    return _gumbel.gumbel_nm_sample(logits, n, m, tau, hard, seed, offset)
 
 
 def gumbel_pattern_sample(
-    pattern_logits: torch.Tensor, n: int, m: int, tau: float, hard: bool, seed: int
+    pattern_logits: torch.Tensor, n: int, m: int, tau: float, hard: bool, seed: int, offset: int = 0
 ) -> torch.Tensor:
     """MaskLLM-style sample over the C(m, n) candidate patterns, differentiable; see prunedm.ops."""
-    return _gumbel.gumbel_pattern_sample(pattern_logits, n, m, tau, hard, seed)
+    return _gumbel.gumbel_pattern_sample(pattern_logits, n, m, tau, hard, seed, offset)
+
+
+for _op, _fn in (
+    ("nm_mask", nm_mask),
+    ("nm_violations", nm_violations),
+    ("compress_2to4", compress_2to4),
+    ("decompress_2to4", decompress_2to4),
+    ("decompress_2to4_unchecked", lambda values, meta: decompress_2to4(values, meta, check=False)),
+    ("gumbel_nm_sample", gumbel_nm_sample),
+):
+    _backends.register(_op, "triton", _fn)
+# The pattern kernels hold the whole [C(m, n), m] table per program: past its limit "auto" takes another backend.
+_backends.register(
+    "gumbel_pattern_sample", "triton", gumbel_pattern_sample, accepts=lambda n, m: _gumbel.gumbel_pattern_fits(n, m)
+)

@@ -1,7 +1,8 @@
-"""Loads the compiled extension prunedm._C defensively and reports which backends are usable.
+"""Loads the compiled extension prunedm._C defensively, checks its ABI once, and reports what is usable.
 
 `import prunedm` never fails for want of the extension: every op has a reference path, and
-extension_info() says what was built, what can run here, and how to get what is missing."""
+extension_info() says what was built, what can run here, and how to get what is missing. It imports
+nothing of prunedm: the ops build on it (prunedm.ops._backends), never the other way round."""
 
 from __future__ import annotations
 
@@ -16,6 +17,22 @@ _BUILD_HINT = (
 )
 _REBUILD_HINT = (
     "reinstall from source with `pip install --no-build-isolation -e .` (or `make build`) against the torch you run"
+)
+# The ABI this prunedm expects of prunedm._C: every op csrc/ops.cpp defines. Checked once, at load: a library
+# missing one (built from an older checkout) counts as not loaded, so no call site guards against old builds.
+REQUIRED_OPS = (
+    "nm_mask",
+    "nm_violations",
+    "compress_2to4",
+    "decompress_2to4",
+    "conv_weight_to_matrix",
+    "matrix_to_conv_weight",
+    "gumbel_nm_sample",
+    "gumbel_nm_sample_backward",
+    "gumbel_pattern_sample",
+    "gumbel_pattern_sample_backward",
+    "sparse_linear_2to4",
+    "sparse_conv2d_2to4",
 )
 
 
@@ -45,10 +62,11 @@ def _load() -> tuple[object | None, str]:
         except ImportError as exc:
             _LOADED = (None, f"prunedm._C failed to import ({exc}); {_REBUILD_HINT}")
         else:
-            # The ops' fake (meta) implementations are registered once the schemas exist.
-            from prunedm.ops import _fake  # noqa: F401
-
-            _LOADED = (_C, "")
+            missing = [name for name in REQUIRED_OPS if not hasattr(torch.ops.prunedm, name)]
+            if missing:
+                _LOADED = (None, f"prunedm._C predates this prunedm (it lacks {', '.join(missing)}); {_REBUILD_HINT}")
+            else:
+                _LOADED = (_C, "")
     return _LOADED
 
 
@@ -59,33 +77,6 @@ def extension_loaded() -> bool:
 def cuda_kernels_built() -> bool:
     module = _load()[0]
     return bool(module is not None and getattr(module, "WITH_CUDA", 0))
-
-
-# (importable, reason when not, cupy version) of the NVRTC path, filled once by nvrtc_status().
-_NVRTC_STATUS: tuple[bool, str, str] | None = None
-
-
-def nvrtc_status() -> tuple[bool, str, str]:
-    """(usable in principle, reason when not, cupy version) of the no-nvcc path: the CUDA kernel sources
-    compiled at first use with NVRTC through cupy (prunedm.ops._nvrtc). Checked once per process."""
-    global _NVRTC_STATUS
-    if _NVRTC_STATUS is None:
-        from prunedm.ops import _nvrtc
-
-        _NVRTC_STATUS = _nvrtc.status()
-    return _NVRTC_STATUS
-
-
-def _cuda_kernels_path(cuda: dict, cuda_device: bool) -> tuple[str, str]:
-    """Which CUDA kernels the sparse ops use here ("extension", "nvrtc (cupy X.Y)" or "none") and why not
-    usable (empty when they are)."""
-    if cuda["built"]:
-        return "extension", cuda["reason"]
-    ok, reason, version = nvrtc_status()
-    if ok:
-        short = ".".join(version.split(".")[:2])
-        return f"nvrtc (cupy {short})", "" if cuda_device else "no CUDA device is visible"
-    return "none", f"{cuda['reason']}; and the NVRTC path is unavailable: {reason}"
 
 
 def _triton_status() -> tuple[bool, bool, str]:
@@ -99,13 +90,9 @@ def _triton_status() -> tuple[bool, bool, str]:
 
 
 def extension_info() -> dict:
-    """Which backends (cpu, cuda, triton) are built and usable here, and why not.
-
-    Returns {"cpu": {...}, "cuda": {...}, "triton": {...}, "torch": version, ...}; each backend
-    entry has "built" and "usable" (bools) and "reason" (empty when usable). "cuda_kernels" says which
-    CUDA sparse kernels run: "extension" (prunedm._C), "nvrtc (cupy X.Y)" (compiled at first use, when
-    _C has no CUDA and cupy is installed) or "none"; "cuda_kernels_reason" says why they cannot run
-    here (empty when they can)."""
+    """Whether the extension (cpu, cuda) and Triton are built and usable here, and why not: {"cpu": {...},
+    "cuda": {...}, "triton": {...}, "torch": version, ...}, each with "built", "usable" and "reason".
+    prunedm.extension_info() (prunedm.ops._backends) adds which CUDA sparse kernels run."""
     module, load_error = _load()
     cuda_device = torch.cuda.is_available()
     info: dict = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
@@ -129,8 +116,6 @@ def extension_info() -> dict:
         cuda["device"] = torch.cuda.get_device_name()
         cuda["capability"] = "%d.%d" % torch.cuda.get_device_capability()
     info["cuda"] = cuda
-    # The 2:4 sparse linear/conv kernels: the extension's, else the same sources compiled by NVRTC (cupy).
-    info["cuda_kernels"], info["cuda_kernels_reason"] = _cuda_kernels_path(cuda, cuda_device)
 
     importable, interpret, reason = _triton_status()
     triton_info = {"built": importable, "usable": False, "interpret": interpret, "reason": reason}

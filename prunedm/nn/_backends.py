@@ -11,10 +11,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from prunedm import ops
 from prunedm.nn import _packing
+from prunedm.ops._backends import LAYER_BACKENDS as BACKENDS
+from prunedm.ops._checks import SIXTEEN_BIT_FLOATS as SPARSE_KERNEL_DTYPES
 
-BACKENDS = ("auto", "dense", "torch", "prunedm")
-SPARSE_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # torch's CUTLASS tensor needs the sparse matrix's columns in multiples of 64 for 16-bit dtypes.
 CUTLASS_COL_MULTIPLE = 64
 
@@ -41,21 +42,6 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def prunedm_sparse_ops():
-    """prunedm.ops' sparse matmul/conv functions (a module with sparse_linear_2to4, sparse_conv2d_2to4,
-    sparse_kernels_available), or None while they are not part of this build."""
-    import importlib
-
-    for name in ("prunedm.ops", "prunedm.ops.sparse_mm"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if all(hasattr(module, f) for f in ("sparse_linear_2to4", "sparse_conv2d_2to4", "sparse_kernels_available")):
-            return module
-    return None
-
-
 def prunedm_backend_problem(
     device: torch.device, dtype: torch.dtype, conv_in_channels: int | None = None
 ) -> tuple[str, str] | None:
@@ -63,19 +49,10 @@ def prunedm_backend_problem(
 
     On CPU they run the extension's CPU twin of the CUDA kernel (exact, not fast): usable for tests
     and for backend="prunedm", never picked by "auto"."""
-    ops = prunedm_sparse_ops()
-    if ops is None:
-        return "prunedm-missing", (
-            "prunedm's sparse kernels (prunedm.ops.sparse_linear_2to4) are not in this build: "
-            "update prunedm, or use backend='torch'"
-        )
     if device.type == "cpu":
         return None
     try:
-        try:
-            usable, reason = ops.sparse_kernels_available(device, dtype=dtype, conv_in_channels=conv_in_channels)
-        except TypeError:  # an older signature: (device) only
-            usable, reason = ops.sparse_kernels_available(device)
+        usable, reason = ops.sparse_kernels_available(device, dtype=dtype, conv_in_channels=conv_in_channels)
     except (RuntimeError, ValueError, TypeError) as exc:
         usable, reason = False, f"sparse_kernels_available raised {type(exc).__name__}: {exc}"
     if not usable:
@@ -85,10 +62,10 @@ def prunedm_backend_problem(
             f"{str(dtype).removeprefix('torch.')} weights: 2:4 sparse kernels run float16/bfloat16; "
             "convert the model with .half() or .to(torch.bfloat16)"
         )
-    return _quarantine_problem(ops, device, conv_in_channels)
+    return _quarantine_problem(device, conv_in_channels)
 
 
-def _quarantine_problem(ops, device: torch.device, conv_in_channels: int | None) -> tuple[str, str] | None:
+def _quarantine_problem(device: torch.device, conv_in_channels: int | None) -> tuple[str, str] | None:
     """(key, reason) when the kernel failed its self-test on this GPU (prunedm.nn._selftest, run on first use
     in a child process); warned once here, so that "auto" (which then runs torch or dense) names it too."""
     from prunedm.nn import _selftest
@@ -140,8 +117,6 @@ def build_semi_structured(
     otherwise the padded dense matrix is rebuilt once, temporarily, and handed to
     prunedm.ops.to_semi_structured (cuSPARSELt on sm90+, whose packed format is its own)."""
     from torch.sparse import SparseSemiStructuredTensorCUTLASS
-
-    from prunedm import ops
 
     rows_p, cols_p = values.shape[0], values.shape[1] * 2
     major, _ = torch.cuda.get_device_capability(values.device)

@@ -11,8 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair, _reverse_repeat_tuple
 
+from prunedm import ops
 from prunedm.nn import _autotune, _cusparselt, _packing
-from prunedm.nn._base import _SparseWeight
+from prunedm.nn._base import _any_autocast, _SparseWeight
 from prunedm.nn._storage import _conv_matrix, _keep_mask
 from prunedm.ops import reference
 
@@ -83,7 +84,7 @@ class SparseLinear(_SparseWeight):
         return F.linear(x, self._dense_weight(), self.bias)
 
     def _fixed_dense_forward(self):
-        weight, buffers = self._dense_cache, self._buffers  # the bias read per call: it may be reassigned
+        weight, buffers = self._runtime.dense_cache, self._buffers  # the bias read per call: it may be reassigned
         if weight is None:
             return self._forward_dense
         return lambda x: F.linear(x, weight, buffers["bias"])
@@ -98,42 +99,59 @@ class SparseLinear(_SparseWeight):
 
     def _sparse_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x as the [M, K padded] matrix the sparse kernels take, and the bias they can fuse (None if padded rows)."""
-        rows, cols = self._sparse_shape
+        rows, cols = self._runtime.sparse_shape
         x2d = x.reshape(-1, self.in_features).to(self.values.dtype).contiguous()
         if cols != self.in_features:
             x2d = F.pad(x2d, (0, cols - self.in_features))
         return x2d, self.bias if rows == self.out_features else None
 
     def _forward_sparse(self, x: torch.Tensor) -> torch.Tensor:
-        rows, _ = self._sparse_shape
+        runtime = self._runtime
+        rows, _ = runtime.sparse_shape
         x2d, fused_bias = self._sparse_operands(x)
         with torch.autocast(x.device.type, enabled=False):
-            if self._cslt_packed is not None:
-                params = self._cslt_params.get(self._input_key(x), _cusparselt.DEFAULT_PARAMS)
-                y = _cusparselt.linear(self._cslt_packed, x2d, fused_bias, rows, params)
+            if runtime.cslt_packed is not None:
+                params = runtime.cslt_params.get(self._input_key(x), _cusparselt.DEFAULT_PARAMS)
+                y = _cusparselt.linear(runtime.cslt_packed, x2d, fused_bias, rows, params)
             else:
-                y = F.linear(x2d, self._sparse_weight, fused_bias)
+                y = F.linear(x2d, runtime.sparse_weight, fused_bias)
             if rows != self.out_features:
                 y = y[:, : self.out_features]
                 if self.bias is not None:
                     y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _forward_prunedm(self, x: torch.Tensor) -> torch.Tensor:
+    def _prunedm_call(self, x: torch.Tensor, kernel) -> torch.Tensor:
+        """kernel(x_in, values, meta, bias) on x cast and padded to the packed K; the bias added after if rows are."""
         rows_p, cols_p = self.values.shape[0], self.values.shape[1] * 2
         x_in = x.to(self.values.dtype)
         if cols_p != self.in_features:
             x_in = F.pad(x_in, (0, cols_p - self.in_features))
         fuse_bias = rows_p == self.out_features
         with torch.autocast(x.device.type, enabled=False):
-            y = self._prunedm_fn(
-                x_in, self.values, self.meta, self.bias if fuse_bias else None, backend=self._prunedm_kernel
-            )
+            y = kernel(x_in, self.values, self.meta, self.bias if fuse_bias else None)
             if not fuse_bias:
                 y = y[..., : self.out_features]
                 if self.bias is not None:
                     y = y + self.bias
         return y
+
+    def _prunedm_checked(self, x: torch.Tensor) -> torch.Tensor:
+        """The first call of a signature: through prunedm.ops, which checks every argument."""
+        backend = self._runtime.prunedm_kernel
+        return self._prunedm_call(x, lambda *args: ops.sparse_linear_2to4(*args, backend=backend))
+
+    def _forward_prunedm(self, x: torch.Tensor) -> torch.Tensor:
+        fn = self._runtime.prunedm_impl.fn
+        return self._prunedm_call(x, lambda x_in, values, meta, bias: fn(x_in, values, meta, bias, "none", None))
+
+    def _prunedm_forward(self, x: torch.Tensor):
+        """The forward fixed for x's signature: the kernel called directly when nothing needs adapting."""
+        rows_p, cols_p = self.values.shape[0], self.values.shape[1] * 2
+        if (x.dtype, cols_p, rows_p) != (self.values.dtype, self.in_features, self.out_features) or _any_autocast():
+            return self._forward_prunedm
+        fn, buffers = self._runtime.prunedm_impl.fn, self._buffers  # buffers read per call: they may be reassigned
+        return lambda x: fn(x, buffers["values"], buffers["meta"], buffers["bias"], "none", None)
 
     def to_dense(self) -> nn.Linear:
         """An equivalent nn.Linear holding the masked dense weight."""
@@ -276,7 +294,7 @@ class SparseConv2d(_SparseWeight):
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _fixed_dense_forward(self):
-        weight, buffers = self._dense_cache, self._buffers
+        weight, buffers = self._runtime.dense_cache, self._buffers
         if weight is None or self.padding_mode != "zeros":
             return self._forward_dense
         stride, padding, dilation = self.stride, self.padding, self.dilation
@@ -309,9 +327,10 @@ class SparseConv2d(_SparseWeight):
             f"d{list(self.dilation)} {self.padding_mode} bias={self.bias is not None} {dtype}"
         )
 
-    def _forward_prunedm(self, x: torch.Tensor) -> torch.Tensor:
+    def _prunedm_call(self, x: torch.Tensor, kernel) -> torch.Tensor:
+        """kernel(x_in, values, meta, shape, bias, stride, padding, dilation) on x (padded when the mode asks)."""
         if x.dim() == 3:  # an unbatched [C, H, W] input, as nn.Conv2d accepts
-            return self._forward_prunedm(x.unsqueeze(0)).squeeze(0)
+            return self._prunedm_call(x.unsqueeze(0), kernel).squeeze(0)
         x_in = x.to(self.values.dtype)
         padding = self.padding
         if isinstance(padding, str) or self.padding_mode != "zeros":
@@ -322,22 +341,40 @@ class SparseConv2d(_SparseWeight):
         fuse_bias = rows_p == self.out_channels
         with torch.autocast(x.device.type, enabled=False):
             # Padded output channels are computed (zero rows) and sliced off.
-            y = self._prunedm_fn(
-                x_in,
-                self.values,
-                self.meta,
-                (rows_p, *self.weight_shape[1:]),
-                self.bias if fuse_bias else None,
-                stride=self.stride,
-                padding=padding,
-                dilation=self.dilation,
-                backend=self._prunedm_kernel,
-            )
+            shape = (rows_p, *self.weight_shape[1:])
+            bias = self.bias if fuse_bias else None
+            y = kernel(x_in, self.values, self.meta, shape, bias, self.stride, padding, self.dilation)
             if not fuse_bias:
                 y = y[:, : self.out_channels]
                 if self.bias is not None:
                     y = y + self.bias.reshape(1, -1, 1, 1)
         return y
+
+    def _prunedm_checked(self, x: torch.Tensor) -> torch.Tensor:
+        """The first call of a signature: through prunedm.ops, which checks every argument."""
+        backend = self._runtime.prunedm_kernel
+
+        def kernel(x_in, values, meta, shape, bias, stride, padding, dilation):
+            return ops.sparse_conv2d_2to4(
+                x_in, values, meta, shape, bias, stride=stride, padding=padding, dilation=dilation, backend=backend
+            )
+
+        return self._prunedm_call(x, kernel)
+
+    def _forward_prunedm(self, x: torch.Tensor) -> torch.Tensor:
+        fn = self._runtime.prunedm_impl.fn
+        return self._prunedm_call(x, lambda *args: fn(*args, "none", None))
+
+    def _prunedm_forward(self, x: torch.Tensor):
+        """The forward fixed for x's signature: the kernel called directly when nothing needs adapting."""
+        rows_p = self.values.shape[0]
+        simple = x.dim() == 4 and not isinstance(self.padding, str) and self.padding_mode == "zeros"
+        if not simple or (x.dtype, rows_p) != (self.values.dtype, self.out_channels) or _any_autocast():
+            return self._forward_prunedm
+        fn, buffers = self._runtime.prunedm_impl.fn, self._buffers  # buffers read per call: they may be reassigned
+        shape, stride, padding, dilation = (rows_p, *self.weight_shape[1:]), self.stride, self.padding, self.dilation
+        return lambda x: fn(x, buffers["values"], buffers["meta"], shape, buffers["bias"], stride, padding, dilation,
+                            "none", None)  # fmt: skip
 
     def _prunedm_shape_problem(self) -> tuple[str, str] | None:
         if self.values.shape[1] * 2 != self._cols:

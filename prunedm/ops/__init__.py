@@ -2,7 +2,8 @@
 conv. Each has a reference in prunedm.ops.reference (the spec) and fast paths chosen by `backend=` ("auto" picks)."""
 
 from prunedm.ops import reference
-from prunedm.ops._dispatch import BACKENDS
+from prunedm.ops._backends import OP_BACKENDS as BACKENDS
+from prunedm.ops._backends import extension_info
 from prunedm.ops.conv_layout import conv_weight_to_matrix, matrix_to_conv_weight
 from prunedm.ops.gumbel import gumbel_nm_sample, gumbel_pattern_sample, nm_patterns, pattern_index, patterns_to_mask
 from prunedm.ops.nm import is_nm_sparse, nm_mask, nm_violations
@@ -19,6 +20,7 @@ __all__ = [
     "compress_2to4",
     "conv_weight_to_matrix",
     "decompress_2to4",
+    "extension_info",
     "gumbel_nm_sample",
     "gumbel_pattern_sample",
     "is_nm_sparse",

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import torch
 
+from prunedm.ops.reference import ACTIVATIONS, ROW_TILE
+
 MAX_GROUP_SIZE = 64
-ROW_TILE = 32
 COL_TILE = 32
+# The dtypes of 2:4 compression and of the CUDA sparse kernels (the one home of this list).
 SIXTEEN_BIT_FLOATS = (torch.float16, torch.bfloat16)
+CONV_CHANNEL_ALIGNMENT = 8  # the CUDA conv gathers 8 input channels (16 bytes) per cp.async
 
 
 def check_tensor(op: str, arg: str, t) -> None:
@@ -154,6 +157,14 @@ def check_seed(op: str, seed) -> None:
         raise ValueError(f"{op}: seed must fit in 64 signed bits, got {seed}")
 
 
+def check_offset(op: str, offset) -> None:
+    """The Gumbel ops' offset: the flat index of the input's first element in the tensor whose noise it draws."""
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"{op}: offset must be an int, got {type(offset).__name__}")
+    if not 0 <= offset <= SEED_RANGE[1]:
+        raise ValueError(f"{op}: offset must be in [0, 2^63) (the flat index of the first element), got {offset}")
+
+
 def _check_gumbel_input(op: str, arg: str, t, hard) -> None:
     check_tensor(op, arg, t)
     if t.dtype not in GUMBEL_DTYPES:
@@ -220,7 +231,6 @@ def check_gumbel_pattern(pattern_logits, n, m, tau, hard, seed) -> None:
 
 # 2:4 sparse linear / conv (mirrors check_sparse_* in csrc/common/checks.h)
 
-ACTIVATIONS = ("none", "relu", "silu", "gelu", "gelu_tanh")
 SPARSE_MM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

@@ -1,4 +1,6 @@
-"""Fake (meta) implementations of the compiled ops, so torch.compile and FakeTensor can trace them."""
+"""Fake (meta) implementations of the compiled ops, so torch.compile and FakeTensor can trace them.
+
+Imported by prunedm.ops._backends once prunedm._C has loaded with every op it needs (prunedm._ext)."""
 
 from __future__ import annotations
 
@@ -28,47 +30,47 @@ def _decompress_2to4_fake(values, meta):
 
 
 # Gumbel N:M sampling: fake implementations, and the autograd formulas of the forward ops (their
-# backward ops recompute noise and relaxation from the seed, so only the logits are saved). Skipped
-# by an extension built before these ops existed (rebuild it to get them).
+# backward ops recompute noise and relaxation from the seed, so only the logits are saved).
 
 
 def _register_gumbel() -> None:
     @torch.library.register_fake("prunedm::gumbel_nm_sample")
-    def _gumbel_nm_sample_fake(logits, n, m, tau, hard, seed):
+    def _gumbel_nm_sample_fake(logits, n, m, tau, hard, seed, offset=0):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("prunedm::gumbel_nm_sample_backward")
-    def _gumbel_nm_sample_backward_fake(grad, logits, n, m, tau, seed):
+    def _gumbel_nm_sample_backward_fake(grad, logits, n, m, tau, seed, offset=0):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("prunedm::gumbel_pattern_sample")
-    def _gumbel_pattern_sample_fake(pattern_logits, n, m, tau, hard, seed):
+    def _gumbel_pattern_sample_fake(pattern_logits, n, m, tau, hard, seed, offset=0):
         *batch, groups, _ = pattern_logits.shape
         return pattern_logits.new_empty((*batch, groups * m))
 
     @torch.library.register_fake("prunedm::gumbel_pattern_sample_backward")
-    def _gumbel_pattern_sample_backward_fake(grad, pattern_logits, n, m, tau, seed):
+    def _gumbel_pattern_sample_backward_fake(grad, pattern_logits, n, m, tau, seed, offset=0):
         return torch.empty_like(pattern_logits, memory_format=torch.contiguous_format)
 
+    no_grads = (None,) * 6  # n, m, tau, hard, seed, offset
+
     def save_inputs(ctx, inputs, output):
-        logits, n, m, tau, _hard, seed = inputs
+        logits, n, m, tau, _hard, seed, offset = inputs
         ctx.save_for_backward(logits)
-        ctx.args = (n, m, tau, seed)
+        ctx.args = (n, m, tau, seed, offset)
 
     def nm_backward(ctx, grad):
         (logits,) = ctx.saved_tensors
-        return torch.ops.prunedm.gumbel_nm_sample_backward(grad, logits, *ctx.args), None, None, None, None, None
+        return torch.ops.prunedm.gumbel_nm_sample_backward(grad, logits, *ctx.args), *no_grads
 
     def pattern_backward(ctx, grad):
         (logits,) = ctx.saved_tensors
-        return torch.ops.prunedm.gumbel_pattern_sample_backward(grad, logits, *ctx.args), None, None, None, None, None
+        return torch.ops.prunedm.gumbel_pattern_sample_backward(grad, logits, *ctx.args), *no_grads
 
     torch.library.register_autograd("prunedm::gumbel_nm_sample", nm_backward, setup_context=save_inputs)
     torch.library.register_autograd("prunedm::gumbel_pattern_sample", pattern_backward, setup_context=save_inputs)
 
 
-if hasattr(torch.ops.prunedm, "gumbel_nm_sample"):
-    _register_gumbel()
+_register_gumbel()
 
 
 # 2:4 sparse linear / conv: output shapes (and the conv's memory format, as csrc/common/checks.h's
@@ -92,5 +94,4 @@ def _register_sparse_mm() -> None:
         return input.new_empty((input.shape[0], values.shape[0], *out_hw)).contiguous(memory_format=fmt)
 
 
-if hasattr(torch.ops.prunedm, "sparse_linear_2to4"):
-    _register_sparse_mm()
+_register_sparse_mm()

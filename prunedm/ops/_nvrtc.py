@@ -47,7 +47,6 @@ KERNELS = {
 # The launch geometry of sparse_gemm_kernel.cuh: 128 threads compute 128 features x 128 columns (nvrtc_entry.cu
 # asserts it); shared memory is static (asserted to fit 48 KiB), so no dynamic shared memory.
 THREADS, BLOCK_M, BLOCK_N, DYNAMIC_SMEM_BYTES = 128, 128, 128, 0
-CONV_CHANNEL_ALIGNMENT = 8
 # Standard headers the inlined prunedm headers include; nvrtc_entry.cu provides them (or fallbacks).
 _PRELUDE_HEADERS = {"cstdint", "type_traits", "math.h", "cmath"}
 _INCLUDE = re.compile(r'^\s*#\s*include\s*([<"])([^">]+)[">]')
@@ -456,9 +455,10 @@ def sparse_conv2d_2to4(
     )
     arch = _check_cuda(op, input)
     cout, cin, kh, kw = shape
-    if cin % CONV_CHANNEL_ALIGNMENT:
+    alignment = _checks.CONV_CHANNEL_ALIGNMENT
+    if cin % alignment:
         raise ValueError(
-            f"{op}: the CUDA kernel needs input channels (Cin = {cin}) to be a multiple of {CONV_CHANNEL_ALIGNMENT} "
+            f"{op}: the CUDA kernel needs input channels (Cin = {cin}) to be a multiple of {alignment} "
             "(16-byte NHWC gathers); use backend='reference' (prunedm.ops) for this layer"
         )
     values, meta = _aligned16(values.contiguous()), _aligned16(meta.contiguous())

@@ -4,21 +4,35 @@ from __future__ import annotations
 
 import torch
 
-from prunedm import _ext
-from prunedm.ops import _checks, reference
+from prunedm.ops import _backends, _checks, reference
+
+# Pure layout changes: the extension's are views (CompositeImplicitAutograd), on every device.
+_ANY_DEVICE = {"*": ("extension", "reference")}
+_backends.declare(
+    "conv_weight_to_matrix",
+    reference=reference.conv_weight_to_matrix_ref,
+    extension="conv_weight_to_matrix",
+    accepted=("auto",),
+    auto=_ANY_DEVICE,
+)
+_backends.declare(
+    "matrix_to_conv_weight",
+    reference=reference.matrix_to_conv_weight_ref,
+    extension="matrix_to_conv_weight",
+    accepted=("auto",),
+    auto=_ANY_DEVICE,
+)
+for _op in ("conv_weight_to_matrix", "matrix_to_conv_weight"):
+    _backends.set_available(_op, "extension", lambda device, dtype: _backends.extension_problem(torch.device("cpu")))
 
 
 def conv_weight_to_matrix(w: torch.Tensor) -> torch.Tensor:
     """[Cout, Cin, kh, kw] -> [Cout, kh*kw*Cin], K ordered (kh, kw, Cin). Differentiable."""
     _checks.check_conv_weight(w)
-    if _ext.extension_loaded():
-        return torch.ops.prunedm.conv_weight_to_matrix(w)
-    return reference.conv_weight_to_matrix_ref(w)
+    return _backends.pick("conv_weight_to_matrix", "auto", w).fn(w)
 
 
 def matrix_to_conv_weight(mat: torch.Tensor, shape) -> torch.Tensor:
     """Inverse of conv_weight_to_matrix: [Cout, kh*kw*Cin] -> [Cout, Cin, kh, kw] (contiguous)."""
     shape = _checks.check_conv_matrix(mat, shape)
-    if _ext.extension_loaded():
-        return torch.ops.prunedm.matrix_to_conv_weight(mat, list(shape))
-    return reference.matrix_to_conv_weight_ref(mat, shape)
+    return _backends.pick("matrix_to_conv_weight", "auto", mat).fn(mat, list(shape))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from prunedm.ops import _checks, reference
-from prunedm.ops._dispatch import pick_backend
+from prunedm.ops import _backends, _checks, reference
+
+_backends.declare("nm_mask", reference=reference.nm_mask_ref, extension="nm_mask")
+_backends.declare("nm_violations", reference=reference.nm_violations_ref, extension="nm_violations")
 
 
 def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4, *, backend: str = "auto") -> torch.Tensor:
@@ -14,29 +16,13 @@ def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4, *, backend: str = "aut
     Ties go to the lower index; NaN counts as the largest value. Any floating dtype.
     backend: "auto" (default), "reference", "extension" (C++/CUDA) or "triton"."""
     _checks.check_nm_mask(weight, n, m)
-    chosen = pick_backend("nm_mask", backend, weight)
-    if chosen == "extension":
-        return torch.ops.prunedm.nm_mask(weight, n, m)
-    if chosen == "triton":
-        from prunedm import kernels
-
-        return kernels.nm_mask(weight, n, m)
-    return reference.nm_mask_ref(weight, n, m)
+    return _backends.pick("nm_mask", backend, weight).fn(weight, n, m)
 
 
 def nm_violations(t: torch.Tensor, n: int = 2, m: int = 4, *, backend: str = "auto") -> int:
     """Number of m-wide groups along the last dim that hold more than n non-zeros."""
     _checks.check_nm_violations("nm_violations", t, n, m)
-    chosen = pick_backend("nm_violations", backend, t)
-    if chosen == "extension":
-        count = torch.ops.prunedm.nm_violations(t, n, m)
-    elif chosen == "triton":
-        from prunedm import kernels
-
-        count = kernels.nm_violations(t, n, m)
-    else:
-        count = reference.nm_violations_ref(t, n, m)
-    return int(count)
+    return int(_backends.pick("nm_violations", backend, t).fn(t, n, m))
 
 
 def is_nm_sparse(t: torch.Tensor, n: int = 2, m: int = 4, *, backend: str = "auto") -> bool:

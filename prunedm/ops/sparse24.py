@@ -5,9 +5,39 @@ from __future__ import annotations
 import torch
 
 from prunedm import _ext
-from prunedm.ops import _checks, reference
-from prunedm.ops._dispatch import check_same_device, pick_backend
+from prunedm.ops import _backends, _checks, reference
 from prunedm.ops.nm import nm_violations
+
+
+def _compress_reference(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    count = int(reference.nm_violations_ref(dense, 2, 4))
+    if count:
+        raise _checks.violation_error(dense, count)
+    return reference.compress_2to4_ref(dense)
+
+
+def _decompress_reference(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    invalid = invalid_meta_count(meta)
+    if invalid:
+        raise _checks.invalid_meta_error(invalid)
+    return reference.decompress_2to4_ref(values, meta)
+
+
+def _compress_extension(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(torch.ops.prunedm.compress_2to4(dense))
+
+
+def _decompress_extension_unchecked(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    # On CPU the extension's check is C++ and costs no host sync, so it stays.
+    op = _unchecked_extension_op() if values.device.type == "cuda" else None
+    return (op or torch.ops.prunedm.decompress_2to4)(values, meta)
+
+
+_backends.declare("compress_2to4", reference=_compress_reference, extension=_compress_extension)
+_backends.declare("decompress_2to4", reference=_decompress_reference, extension="decompress_2to4")
+_backends.declare(
+    "decompress_2to4_unchecked", reference=reference.decompress_2to4_ref, extension=_decompress_extension_unchecked
+)
 
 
 def compress_2to4(dense: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -16,34 +46,14 @@ def compress_2to4(dense: torch.Tensor, *, backend: str = "auto") -> tuple[torch.
     The bytes equal torch.sparse's CUTLASS conversion; R and C must be multiples of 32. A group
     of 4 with more than 2 non-zeros is an error (values are never dropped silently)."""
     _checks.check_compress(dense)
-    chosen = pick_backend("compress_2to4", backend, dense)
-    if chosen == "extension":
-        return tuple(torch.ops.prunedm.compress_2to4(dense))
-    if chosen == "triton":
-        from prunedm import kernels
-
-        return kernels.compress_2to4(dense)
-    count = int(reference.nm_violations_ref(dense, 2, 4))
-    if count:
-        raise _checks.violation_error(dense, count)
-    return reference.compress_2to4_ref(dense)
+    return _backends.pick("compress_2to4", backend, dense).fn(dense)
 
 
 def decompress_2to4(values: torch.Tensor, meta: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Inverse of compress_2to4: the dense [R, C] matrix, zeros where nothing was kept."""
     _checks.check_decompress(values, meta)
-    check_same_device("decompress_2to4", values=values, meta=meta)
-    chosen = pick_backend("decompress_2to4", backend, values)
-    if chosen == "extension":
-        return torch.ops.prunedm.decompress_2to4(values, meta)
-    if chosen == "triton":
-        from prunedm import kernels
-
-        return kernels.decompress_2to4(values, meta)
-    invalid = invalid_meta_count(meta)
-    if invalid:
-        raise _checks.invalid_meta_error(invalid)
-    return reference.decompress_2to4_ref(values, meta)
+    _backends.check_same_device("decompress_2to4", values=values, meta=meta)
+    return _backends.pick("decompress_2to4", backend, values).fn(values, meta)
 
 
 def invalid_meta_count(meta: torch.Tensor) -> int:
@@ -63,8 +73,9 @@ _UNCHECKED_OP = None  # torch.ops.prunedm.decompress_2to4_unchecked once its fak
 
 
 def _unchecked_extension_op():
-    """The extension's CUDA decompress without the metadata count (csrc/cuda/sparse24.cu), or None when
-    this build lacks it. Its fake is registered here, once, outside any torch.compile trace."""
+    """The extension's CUDA decompress without the metadata count, or None when this build has none (an
+    optional op, not in prunedm._ext.REQUIRED_OPS: csrc/ops.cpp does not define it today). Its fake is
+    registered here, once, outside any torch.compile trace."""
     global _UNCHECKED_OP
     if _UNCHECKED_OP is None:
         _UNCHECKED_OP = False
@@ -88,16 +99,8 @@ def decompress_2to4_unchecked(values: torch.Tensor, meta: torch.Tensor, *, backe
     reference does (its second index wins) instead of raising. On CPU the extension's check is C++ and
     costs no host sync, so it stays."""
     _checks.check_decompress(values, meta)
-    check_same_device("decompress_2to4", values=values, meta=meta)
-    chosen = pick_backend("decompress_2to4", backend, values)
-    if chosen == "extension":
-        op = _unchecked_extension_op() if values.device.type == "cuda" else None
-        return (op or torch.ops.prunedm.decompress_2to4)(values, meta)
-    if chosen == "triton":
-        from prunedm import kernels
-
-        return kernels.decompress_2to4(values, meta, check=False)
-    return reference.decompress_2to4_ref(values, meta)
+    _backends.check_same_device("decompress_2to4", values=values, meta=meta)
+    return _backends.pick("decompress_2to4_unchecked", backend, values).fn(values, meta)
 
 
 def to_semi_structured(dense: torch.Tensor):

@@ -5,32 +5,19 @@ from __future__ import annotations
 
 import torch
 
-from prunedm import _ext
-from prunedm.ops import _checks, _nvrtc, reference
-from prunedm.ops._dispatch import BACKENDS
+from prunedm.ops import _backends, _checks, _nvrtc, reference
+from prunedm.ops._backends import SPARSE_MM_BACKENDS
+from prunedm.ops._checks import CONV_CHANNEL_ALIGNMENT  # noqa: F401  (prunedm.pruning.channels reads it here)
 
-_CUDA_DTYPES = (torch.float16, torch.bfloat16)
-CONV_CHANNEL_ALIGNMENT = 8  # the CUDA conv gathers 8 input channels (16 bytes) per cp.async
-# "nvrtc": the CUDA kernel sources compiled at first use by NVRTC through cupy (prunedm.ops._nvrtc).
-SPARSE_MM_BACKENDS = (*BACKENDS, "nvrtc")
-
-
-def _ops_registered() -> bool:
-    return _ext.extension_loaded() and hasattr(torch.ops.prunedm, "sparse_linear_2to4")
+_KERNELS = ("extension", "nvrtc")
 
 
 def _extension_problem(device: torch.device) -> str:
     """Why the compiled extension's kernels cannot run on `device` ("" when they can)."""
-    if not _ext.extension_loaded():
-        return _ext.extension_info()["cpu"]["reason"]
-    if not _ops_registered():
-        return "prunedm._C predates the sparse mm ops; rebuild it (pip install --no-build-isolation -e .)"
-    if device.type == "cpu":
-        return ""
-    if device.type != "cuda":
-        return f"no sparse kernels for {device.type} tensors"
-    cuda = _ext.extension_info()["cuda"]
-    return "" if cuda["usable"] else cuda["reason"]
+    problem = _backends.extension_problem(device)
+    if problem or device.type != "cuda":
+        return problem
+    return "" if torch.cuda.is_available() else "no CUDA device is visible"
 
 
 def _nvrtc_problem(device: torch.device) -> str:
@@ -39,7 +26,7 @@ def _nvrtc_problem(device: torch.device) -> str:
         return f"the nvrtc backend runs CUDA tensors, got {device.type}"
     if not torch.cuda.is_available():
         return "no CUDA device is visible"
-    ok, reason, _ = _ext.nvrtc_status()
+    ok, reason, _ = _backends.nvrtc_status()
     return "" if ok else reason
 
 
@@ -48,7 +35,7 @@ def _cuda_call_problem(device: torch.device, dtype, conv_in_channels) -> str:
     major, minor = _nvrtc.device_capability(device)
     if major < 8:
         return f"mma.sp needs compute capability >= 8.0 (Sparse Tensor Cores), this GPU is {major}.{minor}"
-    if dtype is not None and dtype not in _CUDA_DTYPES:
+    if dtype is not None and dtype not in _checks.SIXTEEN_BIT_FLOATS:
         return f"the CUDA sparse kernels take float16 or bfloat16, got {dtype}"
     if conv_in_channels is not None and conv_in_channels % CONV_CHANNEL_ALIGNMENT:
         return (
@@ -56,6 +43,31 @@ def _cuda_call_problem(device: torch.device, dtype, conv_in_channels) -> str:
             f"got Cin = {conv_in_channels}"
         )
     return ""
+
+
+def _kernel_problem(kernel: str, device: torch.device, dtype) -> str:
+    """Why `kernel` ("extension" or "nvrtc") cannot run `dtype` tensors on `device` ("" when it can)."""
+    problem = _extension_problem(device) if kernel == "extension" else _nvrtc_problem(device)
+    if not problem and device.type == "cuda":
+        problem = _cuda_call_problem(device, dtype, None)
+    return problem
+
+
+def _conv_extension(input, values, meta, shape, bias, stride, padding, dilation, activation, residual):
+    return torch.ops.prunedm.sparse_conv2d_2to4(
+        input, values, meta, list(shape), bias, list(stride), list(padding), list(dilation), activation, residual
+    )
+
+
+# On CPU "auto" takes the reference (a dense MKL matmul), faster than the C++ twin, which exists for checking.
+_AUTO = {"cuda": (*_KERNELS, "reference"), "*": ("reference",)}
+for _op, _ref, _ext_fn, _nvrtc_fn in (
+    ("sparse_linear_2to4", reference.sparse_linear_2to4_ref, "sparse_linear_2to4", _nvrtc.sparse_linear_2to4),
+    ("sparse_conv2d_2to4", reference.sparse_conv2d_2to4_ref, _conv_extension, _nvrtc.sparse_conv2d_2to4),
+):
+    _backends.declare(_op, reference=_ref, extension=_ext_fn, accepted=SPARSE_MM_BACKENDS, auto=_AUTO)
+    _backends.register(_op, "nvrtc", _nvrtc_fn, available=lambda device, dtype: _kernel_problem("nvrtc", device, dtype))
+    _backends.set_available(_op, "extension", lambda device, dtype: _kernel_problem("extension", device, dtype))
 
 
 def sparse_kernel_backend(
@@ -94,33 +106,37 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _choose(op: str, backend: str, input: torch.Tensor, needs_grad: bool, conv_in_channels=None) -> str:
-    """ "reference", "extension" or "nvrtc" for this call; raises when an explicit choice cannot run."""
-    if backend not in SPARSE_MM_BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {SPARSE_MM_BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return "reference"
+def choose(
+    op: str, backend: str, input: torch.Tensor, needs_grad: bool, conv_in_channels: int | None = None
+) -> _backends.Implementation:
+    """The implementation op runs for this call (table lookups, cached); raises when an explicit choice cannot run."""
+    _backends.check_backend(op, backend, SPARSE_MM_BACKENDS)
+    device = input.device
     if backend == "triton":
         raise RuntimeError(
             f"{op}: there is no triton kernel for this op; use backend='extension', 'nvrtc' or 'reference'"
         )
+    if needs_grad and backend not in ("auto", "reference"):
+        raise RuntimeError(f"{op}: the {backend} kernels have no backward; use backend='reference' for autograd")
     if needs_grad:
-        if backend != "auto":
-            raise RuntimeError(f"{op}: the {backend} kernels have no backward; use backend='reference' for autograd")
-        return "reference"
-    device = input.device
-    if backend == "auto":
-        # On CPU the reference (a dense MKL matmul) is faster than the C++ twin, which exists for checking.
-        if device.type != "cuda":
-            return "reference"
-        chosen, _ = sparse_kernel_backend(device, dtype=input.dtype, conv_in_channels=conv_in_channels)
-        return chosen or "reference"
-    problem = _extension_problem(device) if backend == "extension" else _nvrtc_problem(device)
-    if not problem and device.type == "cuda":
-        problem = _cuda_call_problem(device, input.dtype, conv_in_channels)
-    if problem:
+        return _backends.resolve(op, "reference", device)
+    impl = _backends.resolve(op, backend, device, input.dtype)
+    if (
+        conv_in_channels is not None
+        and impl.name in _KERNELS
+        and device.type == "cuda"
+        and conv_in_channels % CONV_CHANNEL_ALIGNMENT
+    ):
+        if backend == "auto":
+            return _backends.resolve(op, "reference", device)
+        problem = _cuda_call_problem(device, None, conv_in_channels)
         raise RuntimeError(f"{op}: the {backend} backend cannot run here: {problem}")
-    return backend
+    return impl
+
+
+def _choose(op: str, backend: str, input: torch.Tensor, needs_grad: bool, conv_in_channels=None) -> str:
+    """ "reference", "extension" or "nvrtc" for this call; raises when an explicit choice cannot run."""
+    return choose(op, backend, input, needs_grad, conv_in_channels).name
 
 
 def sparse_linear_2to4(
@@ -143,12 +159,8 @@ def sparse_linear_2to4(
     "extension" (prunedm._C) or "nvrtc" (the CUDA sources compiled at first use through cupy; "auto" takes
     it when _C has no CUDA). The kernels have no backward: with autograd on, "auto" uses the reference."""
     _checks.check_sparse_linear(input, values, meta, bias, activation, residual)
-    chosen = _choose("sparse_linear_2to4", backend, input, _needs_grad(input, values, bias, residual))
-    if chosen == "extension":
-        return torch.ops.prunedm.sparse_linear_2to4(input, values, meta, bias, activation, residual)
-    if chosen == "nvrtc":
-        return _nvrtc.sparse_linear_2to4(input, values, meta, bias, activation, residual)
-    return reference.sparse_linear_2to4_ref(input, values, meta, bias, activation, residual)
+    impl = choose("sparse_linear_2to4", backend, input, _needs_grad(input, values, bias, residual))
+    return impl.fn(input, values, meta, bias, activation, residual)
 
 
 def sparse_conv2d_2to4(
@@ -177,15 +189,5 @@ def sparse_conv2d_2to4(
         input, values, meta, weight_shape, bias, stride, padding, dilation, activation, residual
     )
     needs_grad = _needs_grad(input, values, bias, residual)
-    chosen = _choose("sparse_conv2d_2to4", backend, input, needs_grad, conv_in_channels=shape[1])
-    if chosen == "extension":
-        return torch.ops.prunedm.sparse_conv2d_2to4(
-            input, values, meta, list(shape), bias, list(stride), list(padding), list(dilation), activation, residual
-        )
-    if chosen == "nvrtc":
-        return _nvrtc.sparse_conv2d_2to4(
-            input, values, meta, shape, bias, stride, padding, dilation, activation, residual
-        )
-    return reference.sparse_conv2d_2to4_ref(
-        input, values, meta, shape, bias, stride, padding, dilation, activation, residual
-    )
+    impl = choose("sparse_conv2d_2to4", backend, input, needs_grad, conv_in_channels=shape[1])
+    return impl.fn(input, values, meta, shape, bias, stride, padding, dilation, activation, residual)

@@ -89,7 +89,7 @@ def test_auto_picks_the_fastest_per_bucket_and_persists(cache_dir, fake_torch_ke
     timer.table = {"dense": 1.0, "torch": 2.5}
     big = layer(_x(40))
     assert layer.last_run[0] == "dense" and "m64" in layer.last_run[1]
-    assert layer._dense_cache is not None  # dense won: its weight is kept, counted in weight_nbytes
+    assert layer._runtime.dense_cache is not None  # dense won: its weight is kept, counted in weight_nbytes
     assert layer.weight_nbytes > layer.values.nbytes + layer.meta.nbytes
     torch.testing.assert_close(big, layer.to_dense()(_x(40)))
     assert layer.auto_decisions() == {
@@ -201,7 +201,7 @@ def test_failing_sparse_path_while_timing_falls_back_with_one_warning(cache_dir,
     layer = _layer()
     with pytest.warns(SparseFallbackWarning, match="kernel raised"):
         out = layer(_x(3))
-    assert layer.last_run[0] == "dense" and "raised" in layer.last_run[1] and layer._paths == []
+    assert layer.last_run[0] == "dense" and "raised" in layer.last_run[1] and layer._runtime.paths == []
     torch.testing.assert_close(out, layer.to_dense()(_x(3)))
 
 
@@ -215,7 +215,7 @@ def test_compile_uses_cached_decisions_and_never_times(cache_dir, fake_torch_ker
     assert layer._static_path(_x(3)) == "dense"  # unknown shape while compiling: dense
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(_x(3)), layer.to_dense()(_x(3)))
-    layer._auto[(4,)] = "torch"  # as a decision loaded from the cache would be
+    layer._runtime.auto[(4,)] = "torch"  # as a decision loaded from the cache would be
     assert layer._static_path(_x(3)) == "torch"
     torch._dynamo.reset()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
 pytest.importorskip("diffusers")
-ROOT = str(Path(__file__).resolve().parents[2])  # bench/ is a top-level package of the repository
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-from bench import layers  # noqa: E402
-from prunedm.nn._backends import prunedm_sparse_ops  # noqa: E402
-
-PRUNEDM = prunedm_sparse_ops() is not None
+from prunedm.bench import layers  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -57,11 +49,11 @@ def test_bench_layer_rows(module, sample_shape):
     if isinstance(module, nn.Conv2d) and module.in_channels == 3:
         assert rows[-1]["ran"] == "skipped" and "in_channels=3" in rows[-1]["note"]
     else:
-        expected = ["dense", "sparse[dense]", *(["sparse[prunedm]"] if PRUNEDM else []), "sparse[auto]"]
+        expected = ["dense", "sparse[dense]", "sparse[prunedm]", "sparse[auto]"]
         assert [r["backend"] for r in rows] == expected
         assert all(r["device"] == "cpu" and r["ratio_to_dense"] > 0 for r in rows)
         assert all(r["kind"] == "cpu-reference" for r in rows[1:])
-        assert [r["ran"] for r in rows if r["backend"] != "sparse[prunedm]"] == ["dense"] * (len(rows) - PRUNEDM)
+        assert [r["ran"] for r in rows if r["backend"] != "sparse[prunedm]"] == ["dense"] * (len(rows) - 1)
         assert rows[1]["weight_bytes"] < rows[0]["weight_bytes"]
 
 
@@ -69,6 +61,6 @@ def test_quick_run_writes_results(tmp_path):
     assert layers.main(["--quick", "--device", "cpu", "--models", "dit", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "layers.json").read_text())
     assert data["environment"]["device"].startswith("cpu")
-    expected = {"dense", "sparse[dense]", "sparse[auto]"} | ({"sparse[prunedm]"} if PRUNEDM else set())
+    expected = {"dense", "sparse[dense]", "sparse[auto]"} | {"sparse[prunedm]"}
     assert {r["backend"] for r in data["rows"]} == expected
     assert (tmp_path / "layers.csv").read_text().startswith("model,")

@@ -37,7 +37,7 @@ def test_later_calls_skip_the_path_choice_and_match_the_masked_dense_layer(index
     layer, x = _layers()[index]
     with torch.no_grad():
         first = layer(x)
-        layer._choose_path = _no_choice
+        layer._runtime.choose_path = _no_choice
         assert torch.equal(layer(x), first)
         assert torch.equal(layer(x), _expected(layer, x))
     assert layer.last_run[0] == "dense"

@@ -61,7 +61,7 @@ def fake_ops(monkeypatch):
         sparse_kernels_available=lambda device, **kwargs: (True, ""),
         sparse_kernel_backend=lambda device, **kwargs: ("extension", ""),
     )
-    monkeypatch.setattr(_backends, "prunedm_sparse_ops", lambda: ops)
+    monkeypatch.setattr(_backends, "ops", ops)
     return ops
 
 
@@ -110,12 +110,12 @@ def test_a_quarantined_kernel_is_never_a_layer_path(fake_gpu, fake_ops):
     fake_gpu.outcomes["sparse_linear_2to4"] = "crash"
     layer = SparseLinear(64, 96, dtype=torch.float16, backend="prunedm")
     with pytest.warns(SparseFallbackWarning, match="quarantined"):
-        problem = layer._prepare_prunedm(torch.device("cuda", 0), torch.float16)
-    assert problem[0] == "quarantined-sparse_linear_2to4-extension" and "prunedm" not in layer._paths
+        problem = layer._runtime._prepare_prunedm(layer, torch.device("cuda", 0), torch.float16)
+    assert problem[0] == "quarantined-sparse_linear_2to4-extension" and "prunedm" not in layer._runtime.paths
     fake_gpu.outcomes.clear()
     _selftest.forget_results()  # a new process: the cache still says crash, nothing is tested again
-    again = layer._prepare_prunedm(torch.device("cuda", 0), torch.float16)
-    assert again == problem and "prunedm" not in layer._paths and len(fake_gpu.calls) == 1
+    again = layer._runtime._prepare_prunedm(layer, torch.device("cuda", 0), torch.float16)
+    assert again == problem and "prunedm" not in layer._runtime.paths and len(fake_gpu.calls) == 1
 
 
 def test_results_in_the_cache_are_honoured_and_bad_entries_retested(fake_gpu, tmp_path):

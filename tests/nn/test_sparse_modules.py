@@ -243,10 +243,10 @@ def test_cache_dense_is_opt_in_and_counted():
     cached = SparseLinear.from_dense(linear, cache_dense=True)
     x = _input((2, 64), torch.float16)
     assert torch.equal(plain(x), cached(x))
-    assert plain._dense_cache is None and plain.weight_nbytes == plain.dense_weight_nbytes * 9 // 16
+    assert plain._runtime.dense_cache is None and plain.weight_nbytes == plain.dense_weight_nbytes * 9 // 16
     assert cached.weight_nbytes == cached.dense_weight_nbytes * (1 + 9 / 16)
     cached.float()  # moving or casting drops the cache
-    assert cached._dense_cache is None
+    assert cached._runtime.dense_cache is None
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
@@ -360,7 +360,7 @@ def test_cuda_torch_backend_linear(shape, dtype, batch):
     in_features, out_features = shape
     linear = _linear(in_features, out_features, dtype).cuda()
     sparse = SparseLinear.from_dense(linear, backend="torch")
-    assert sparse._sparse_weight is not None, sparse._dense_problem
+    assert sparse._runtime.sparse_weight is not None, sparse._runtime.dense_problem
     x = _input((batch, in_features), dtype).cuda()
     got = sparse(x)
     assert sparse.last_run[0] == "torch", sparse.last_run
@@ -423,7 +423,7 @@ def test_cuda_conv_and_device_moves():
     linear = SparseLinear.from_dense(_linear(64, 64, torch.float16)).cuda()
     y = linear(_input((2, 64), torch.float16).cuda())
     back = linear.cpu()
-    assert back._sparse_weight is None and back(_input((2, 64), torch.float16)).shape == y.shape
+    assert back._runtime.sparse_weight is None and back(_input((2, 64), torch.float16)).shape == y.shape
 
 
 @pytest.mark.cuda

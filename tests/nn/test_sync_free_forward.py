@@ -126,7 +126,7 @@ def test_prunedm_path_extension_cpu(make, monkeypatch):
         pytest.skip("prunedm._C is not built")
     layer = make(backend="prunedm")
     _forwards_read_nothing(layer, monkeypatch, "prunedm")
-    assert layer._prunedm_kernel == "extension"
+    assert layer._runtime.prunedm_kernel == "extension"
 
 
 @pytest.mark.parametrize("make", [_linear, _conv])
@@ -134,7 +134,7 @@ def test_prunedm_path_reference(make, monkeypatch):
     monkeypatch.setattr(ops, "sparse_kernel_backend", lambda device, **kwargs: (None, "stubbed"))
     layer = make(backend="prunedm")
     _forwards_read_nothing(layer, monkeypatch, "prunedm")
-    assert layer._prunedm_kernel == "reference"
+    assert layer._runtime.prunedm_kernel == "reference"
 
 
 @pytest.mark.parametrize("make", [_linear, _conv])
@@ -147,7 +147,7 @@ def test_prunedm_path_gpu_glue_with_the_kernel_stubbed(make, monkeypatch):
     monkeypatch.setattr(_nvrtc, "_launch", lambda op, input, conv, params, m, p, arch: launches.append((op, m, p)))
     layer = make(torch.float16, backend="prunedm")
     _forwards_read_nothing(layer, monkeypatch, "prunedm", compare=False)  # the stub writes no output
-    assert layer._prunedm_kernel == "nvrtc" and len(launches) == 2
+    assert layer._runtime.prunedm_kernel == "nvrtc" and len(launches) == 2
 
 
 def test_the_counter_sees_host_reads(monkeypatch):

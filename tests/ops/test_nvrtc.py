@@ -20,7 +20,7 @@ from conftest import random_2to4
 
 import prunedm
 from prunedm import _ext
-from prunedm.ops import _nvrtc, sparse_mm
+from prunedm.ops import _backends, _nvrtc, sparse_mm
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -100,6 +100,14 @@ def _events(log: Path, kind: str) -> list[dict]:
     return [e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == kind]
 
 
+@pytest.fixture(autouse=True)
+def fresh_backend_table():
+    """The backend table caches its choices: these tests fake the environment under it."""
+    _backends.clear_cache()
+    yield
+    _backends.clear_cache()
+
+
 @pytest.fixture
 def fake_cupy(tmp_path, monkeypatch):
     """A fake cupy in sys.modules, a fresh cache dir, CUDA headers it points at, and an empty kernel memo."""
@@ -112,11 +120,13 @@ def fake_cupy(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setenv("FAKE_CUPY_LOG", str(tmp_path / "cupy.log"))
     monkeypatch.setenv("PRUNEDM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(_ext, "_NVRTC_STATUS", None)
+    monkeypatch.setattr(_backends, "_NVRTC_STATUS", None)
+    _backends.clear_cache()
     _nvrtc.clear_loaded()
     yield types.SimpleNamespace(module=cupy, log=tmp_path / "cupy.log", cache=tmp_path / "cache" / "nvrtc",
                                 include=str(toolkit / "include"), tmp=tmp_path)  # fmt: skip
     _nvrtc.clear_loaded()
+    _backends.clear_cache()
 
 
 # -- the source ------------------------------------------------------------------------------------------
@@ -337,12 +347,13 @@ def test_conv_launch_arguments(fake_gpu):
 
 def _without_cuda_extension(monkeypatch):
     monkeypatch.setattr(_ext, "_LOADED", (types.SimpleNamespace(WITH_CUDA=0), ""))
+    _backends.clear_cache()
 
 
 def test_reports_none_when_cupy_is_missing(monkeypatch):
     _without_cuda_extension(monkeypatch)
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
-    monkeypatch.setattr(_ext, "_NVRTC_STATUS", None)
+    monkeypatch.setattr(_backends, "_NVRTC_STATUS", None)
     info = prunedm.extension_info()
     assert info["cuda_kernels"] == "none"
     assert "built without CUDA kernels" in info["cuda_kernels_reason"]
@@ -369,17 +380,17 @@ def test_dispatch_picks_nvrtc_without_the_cuda_extension(fake_cupy, monkeypatch)
     monkeypatch.setattr(_nvrtc, "device_capability", lambda device: (8, 0))
     cuda_half = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float16)
     assert sparse_mm.sparse_kernel_backend("cuda", dtype=torch.float16) == ("nvrtc", "")
-    assert sparse_mm._choose("op", "auto", cuda_half, False) == "nvrtc"
-    assert sparse_mm._choose("op", "nvrtc", cuda_half, False) == "nvrtc"
-    assert sparse_mm._choose("op", "auto", cuda_half, True) == "reference"  # autograd
-    assert sparse_mm._choose("op", "auto", cuda_half, False, conv_in_channels=12) == "reference"
+    assert sparse_mm._choose("sparse_conv2d_2to4", "auto", cuda_half, False) == "nvrtc"
+    assert sparse_mm._choose("sparse_conv2d_2to4", "nvrtc", cuda_half, False) == "nvrtc"
+    assert sparse_mm._choose("sparse_conv2d_2to4", "auto", cuda_half, True) == "reference"  # autograd
+    assert sparse_mm._choose("sparse_conv2d_2to4", "auto", cuda_half, False, conv_in_channels=12) == "reference"
     with pytest.raises(RuntimeError, match="extension backend cannot run here: built without CUDA"):
-        sparse_mm._choose("op", "extension", cuda_half, False)
+        sparse_mm._choose("sparse_conv2d_2to4", "extension", cuda_half, False)
     with pytest.raises(RuntimeError, match="nvrtc kernels have no backward"):
-        sparse_mm._choose("op", "nvrtc", cuda_half, True)
+        sparse_mm._choose("sparse_conv2d_2to4", "nvrtc", cuda_half, True)
     cuda_float = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32)
     with pytest.raises(RuntimeError, match="take float16 or bfloat16"):
-        sparse_mm._choose("op", "nvrtc", cuda_float, False)
+        sparse_mm._choose("sparse_conv2d_2to4", "nvrtc", cuda_float, False)
     monkeypatch.setattr(_nvrtc, "device_capability", lambda device: (7, 5))
     assert sparse_mm.sparse_kernel_backend("cuda")[0] is None
 
