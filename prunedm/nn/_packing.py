@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 from prunedm import _ext, ops
 from prunedm.ops import reference, sparse24
+from prunedm.ops._checks import COL_TILE, ROW_TILE
+from prunedm.ops._checks import SIXTEEN_BIT_FLOATS as SIXTEEN_BIT
 
-TILE = 32  # compress_2to4 needs rows and columns in multiples of 32
+TILE = max(ROW_TILE, COL_TILE)  # compress_2to4 needs rows and columns in multiples of 32
 GROUP = 4  # 2:4 groups run along the last (input) dim
-SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 PACKABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The metadata of an all-zero matrix: every 4-group gets the nibble 0b1110 (indices 2, 3), so 0xEEEE.
 EMPTY_META = -4370

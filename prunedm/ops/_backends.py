@@ -8,6 +8,7 @@ name, as a plugin, the first time a Triton implementation is asked for)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Callable, NamedTuple
 
@@ -89,7 +90,7 @@ def declare(
         implementations["extension"] = (
             (lambda: getattr(torch.ops.prunedm, extension)) if isinstance(extension, str) else (lambda: extension)
         )
-    _OPS[op] = _Op(accepted, auto or DEFAULT_AUTO, implementations, dict(_DEFAULT_AVAILABLE), {})
+    _OPS[op] = _Op(accepted, dict(auto or DEFAULT_AUTO), implementations, dict(_DEFAULT_AVAILABLE), {})
     clear_cache()
 
 
@@ -118,6 +119,23 @@ def register(
 def set_available(op: str, backend: str, available: Callable[[torch.device, torch.dtype | None], str]) -> None:
     _OPS[op].available[backend] = available
     clear_cache()
+
+
+@contextlib.contextmanager
+def replaced(op: str, backend: str, fn: Callable):
+    """Within the block, op's `backend` implementation is `fn` (benchmarks stub a kernel out with it)."""
+    implementations = _OPS[op].implementations
+    saved = implementations.get(backend)
+    implementations[backend] = (lambda: fn) if backend == "extension" else fn
+    clear_cache()
+    try:
+        yield
+    finally:
+        if saved is None:
+            implementations.pop(backend, None)
+        else:
+            implementations[backend] = saved
+        clear_cache()
 
 
 def clear_cache() -> None:

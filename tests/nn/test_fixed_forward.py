@@ -1,5 +1,6 @@
-"""A sparse layer that runs dense for every input (CPU, or no sparse kernel) fixes its forward after the first call:
-later calls skip the path choice, and still follow every change of its weights, device, dtype or copies."""
+"""A sparse layer fixes its forward per input signature at the first call (a layer that runs dense for every input,
+once for all): later calls skip the path choice, and still follow every change of its weights, device, dtype or
+copies."""
 
 from __future__ import annotations
 
@@ -75,3 +76,32 @@ def test_sparsify_report_still_records_the_users_forward():
     with torch.no_grad():
         model(torch.randn(2, 32))
     assert [run[0] for run in report.runtime().values()] == ["dense", "dense"]
+
+
+def _refuse(*_args, **_kwargs):
+    raise AssertionError("policy work in a call whose signature was seen before")
+
+
+@pytest.mark.parametrize("make", ["linear", "conv"])
+def test_prunedm_path_does_no_policy_work_after_a_signatures_first_call(make, monkeypatch):
+    from prunedm import _ext, ops
+    from prunedm.ops import _backends as op_table
+
+    torch.manual_seed(0)
+    if make == "linear":
+        layer, x = SparseLinear.from_dense(nn.Linear(64, 32), backend="prunedm"), torch.randn(3, 64)
+    else:
+        layer, x = SparseConv2d.from_dense(nn.Conv2d(32, 32, 3, padding=1), backend="prunedm"), torch.randn(2, 32, 6, 6)
+    with torch.no_grad():
+        first = layer(x)
+        assert layer.last_run[0] == "prunedm"
+        for target, name in [(_ext, "extension_info"), (ops, "sparse_kernel_backend"), (op_table, "resolve"),
+                             (ops, "sparse_linear_2to4"), (ops, "sparse_conv2d_2to4")]:  # fmt: skip
+            monkeypatch.setattr(target, name, _refuse)
+        layer._runtime.choose_path = _refuse
+        assert torch.equal(layer(x), first) and layer.last_run[0] == "prunedm"
+        torch.testing.assert_close(first, _expected(layer, x), rtol=1e-4, atol=1e-4)
+        monkeypatch.undo()
+        del layer._runtime.choose_path
+        layer(x[:1])  # a new signature chooses once
+        assert len(layer._runtime.calls) == 2
