@@ -18,20 +18,25 @@ TORCH_LIBRARY(prunedm, m) {
   // [Cout, Cin, kh, kw] <-> [Cout, kh*kw*Cin] with K in (kh, kw, Cin) order (NHWC implicit GEMM).
   m.def("conv_weight_to_matrix(Tensor w) -> Tensor");
   m.def("matrix_to_conv_weight(Tensor mat, int[] shape) -> Tensor");
-  // Gumbel N:M sampling (noise: Philox4x32-10 keyed by seed and each element's flat index,
-  // csrc/include/prunedm/philox.h). Groups of m along the last dim keep the top n of
-  // logits + Gumbel noise: hard=true gives the 0/1 mask, hard=false the relaxation (successive
-  // softmaxes of the keys / tau, prunedm/gumbel.h), both in logits' dtype.
-  m.def("gumbel_nm_sample(Tensor logits, int n, int m, float tau, bool hard, int seed) -> Tensor");
+  // Gumbel N:M sampling (noise: Philox4x32-10 keyed by seed and each element's flat index plus offset,
+  // csrc/include/prunedm/philox.h, so a shard starting at flat element `offset` of a larger tensor samples
+  // exactly that tensor's slice). Groups of m along the last dim keep the top n of logits + Gumbel noise:
+  // hard=true gives the 0/1 mask, hard=false the relaxation (successive softmaxes of the keys / tau,
+  // prunedm/gumbel.h), both in logits' dtype.
+  m.def("gumbel_nm_sample(Tensor logits, int n, int m, float tau, bool hard, int seed, int offset=0) -> Tensor");
   // Gradient of the relaxation with respect to logits, recomputing noise and relaxation from the seed.
-  m.def("gumbel_nm_sample_backward(Tensor grad, Tensor logits, int n, int m, float tau, int seed) -> Tensor");
+  m.def(
+      "gumbel_nm_sample_backward(Tensor grad, Tensor logits, int n, int m, float tau, int seed, int offset=0) -> "
+      "Tensor");
   // MaskLLM-style sampling over the C(m, n) candidate patterns of each group (lexicographic):
   // pattern_logits [..., G, C(m, n)] -> mask [..., G*m]; hard=true: the pattern with the largest
   // logit + noise; hard=false: softmax((logits + noise) / tau) @ patterns.
-  m.def("gumbel_pattern_sample(Tensor pattern_logits, int n, int m, float tau, bool hard, int seed) -> Tensor");
   m.def(
-      "gumbel_pattern_sample_backward(Tensor grad, Tensor pattern_logits, int n, int m, float tau, int seed) -> "
+      "gumbel_pattern_sample(Tensor pattern_logits, int n, int m, float tau, bool hard, int seed, int offset=0) -> "
       "Tensor");
+  m.def(
+      "gumbel_pattern_sample_backward(Tensor grad, Tensor pattern_logits, int n, int m, float tau, int seed, "
+      "int offset=0) -> Tensor");
   // 2:4 sparse linear with a fused epilogue: act(input @ W.T + bias) + residual, W = decompress_2to4(values,
   // meta) [out, K]; input [..., K]; activation one of none, relu, silu, gelu, gelu_tanh (prunedm/sparse_gemm.h).
   m.def(

@@ -104,6 +104,7 @@ def _gumbel_nm_kernel(
     m,
     tau,
     seed,
+    offset,
     HARD: tl.constexpr,
     COMPUTE: tl.constexpr,
     M: tl.constexpr,
@@ -114,7 +115,7 @@ def _gumbel_nm_kernel(
     offsets = g[:, None] * m + lanes[None, :]
     valid = (g[:, None] < groups) & (lanes[None, :] < m)
     logits = tl.load(logits_ptr + offsets, mask=valid, other=0.0).to(COMPUTE)
-    noise = _gumbel_noise(seed, offsets, COMPUTE)
+    noise = _gumbel_noise(seed, offsets + offset, COMPUTE)
     # Padding lanes get -inf keys and level -2: never kept, and exp(-inf) = 0 in every softmax.
     # Rows past the end keep finite keys.
     in_group = lanes[None, :] < m
@@ -155,6 +156,7 @@ def _gumbel_nm_backward_kernel(
     m,
     tau,
     seed,
+    offset,
     COMPUTE: tl.constexpr,
     M: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -165,7 +167,7 @@ def _gumbel_nm_backward_kernel(
     valid = (g[:, None] < groups) & (lanes[None, :] < m)
     logits = tl.load(logits_ptr + offsets, mask=valid, other=0.0).to(COMPUTE)
     grad = tl.load(grad_ptr + offsets, mask=valid, other=0.0).to(COMPUTE)
-    noise = _gumbel_noise(seed, offsets, COMPUTE)
+    noise = _gumbel_noise(seed, offsets + offset, COMPUTE)
     in_group = lanes[None, :] < m
     keys = tl.where(in_group, logits + noise, float("-inf"))
     level, active, steps, active_keys, pinned = _level_plan(keys, noise, in_group, n, tau)
@@ -208,12 +210,16 @@ def _nm_block(m: int, hard: bool) -> tuple[int, int]:
     return padded, max(1, budget // padded)
 
 
-def _gumbel_nm_sample_fake(logits: torch.Tensor, n: int, m: int, tau: float, hard: bool, seed: int) -> torch.Tensor:
+def _gumbel_nm_sample_fake(
+    logits: torch.Tensor, n: int, m: int, tau: float, hard: bool, seed: int, offset: int = 0
+) -> torch.Tensor:
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @_op.register("prunedm_triton::gumbel_nm_sample", _gumbel_nm_kernel, _gumbel_nm_sample_fake)
-def gumbel_nm_sample(logits: torch.Tensor, n: int, m: int, tau: float, hard: bool, seed: int) -> torch.Tensor:
+def gumbel_nm_sample(
+    logits: torch.Tensor, n: int, m: int, tau: float, hard: bool, seed: int, offset: int = 0
+) -> torch.Tensor:
     """Gumbel N:M sample (hard 0/1 or relaxed) of per-weight logits; see prunedm.ops.gumbel_nm_sample."""
     x = logits.contiguous()
     out = torch.empty_like(x)
@@ -223,19 +229,21 @@ def gumbel_nm_sample(logits: torch.Tensor, n: int, m: int, tau: float, hard: boo
     padded, block_g = _nm_block(m, hard)
     with _op.on_device_of(x):
         wrap_triton(_gumbel_nm_kernel)[(triton.cdiv(groups, block_g),)](
-            x, out, groups, n, m, tau, seed,
+            x, out, groups, n, m, tau, seed, offset,
             HARD=hard, COMPUTE=_compute_dtype(x.dtype), M=padded, BLOCK_G=block_g,
         )  # fmt: skip
     return out
 
 
-def _gumbel_nm_sample_backward_fake(grad, logits, n: int, m: int, tau: float, seed: int) -> torch.Tensor:
+def _gumbel_nm_sample_backward_fake(
+    grad, logits, n: int, m: int, tau: float, seed: int, offset: int = 0
+) -> torch.Tensor:
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @_op.register("prunedm_triton::gumbel_nm_sample_backward", _gumbel_nm_backward_kernel, _gumbel_nm_sample_backward_fake)
 def gumbel_nm_sample_backward(
-    grad: torch.Tensor, logits: torch.Tensor, n: int, m: int, tau: float, seed: int
+    grad: torch.Tensor, logits: torch.Tensor, n: int, m: int, tau: float, seed: int, offset: int = 0
 ) -> torch.Tensor:
     """Gradient of the relaxed sample with respect to logits, given the sample's gradient."""
     x = logits.contiguous()
@@ -246,7 +254,7 @@ def gumbel_nm_sample_backward(
     padded, block_g = _nm_block(m, False)
     with _op.on_device_of(x):
         wrap_triton(_gumbel_nm_backward_kernel)[(triton.cdiv(groups, block_g),)](
-            grad.contiguous(), x, out, groups, n, m, tau, seed,
+            grad.contiguous(), x, out, groups, n, m, tau, seed, offset,
             COMPUTE=_compute_dtype(x.dtype), M=padded, BLOCK_G=block_g,
         )  # fmt: skip
     return out
@@ -263,6 +271,7 @@ def _load_pattern_tile(
     num_patterns,
     m,
     seed,
+    offset,
     pid,
     COMPUTE: tl.constexpr,
     P: tl.constexpr,
@@ -275,7 +284,7 @@ def _load_pattern_tile(
     offsets = g[:, None] * num_patterns + p[None, :]
     valid = (g[:, None] < groups) & (p[None, :] < num_patterns)
     logits = tl.load(logits_ptr + offsets, mask=valid, other=0.0).to(COMPUTE)
-    noise = _gumbel_noise(seed, offsets, COMPUTE)
+    noise = _gumbel_noise(seed, offsets + offset, COMPUTE)
     keys = logits + noise
     table_valid = (p[:, None] < num_patterns) & (lanes[None, :] < m)
     table = tl.load(table_ptr + p[:, None] * m + lanes[None, :], mask=table_valid, other=0.0).to(COMPUTE)
@@ -301,6 +310,7 @@ def _gumbel_pattern_kernel(
     m,
     tau,
     seed,
+    offset,
     HARD: tl.constexpr,
     COMPUTE: tl.constexpr,
     P: tl.constexpr,
@@ -308,7 +318,7 @@ def _gumbel_pattern_kernel(
     BLOCK_G: tl.constexpr,
 ):
     g, p, lanes, offsets, valid, keys, noise, table = _load_pattern_tile(
-        logits_ptr, table_ptr, groups, num_patterns, m, seed, tl.program_id(0), COMPUTE, P, M, BLOCK_G
+        logits_ptr, table_ptr, groups, num_patterns, m, seed, offset, tl.program_id(0), COMPUTE, P, M, BLOCK_G
     )
     in_range = p[None, :] < num_patterns
     if HARD:
@@ -335,13 +345,14 @@ def _gumbel_pattern_backward_kernel(
     m,
     tau,
     seed,
+    offset,
     COMPUTE: tl.constexpr,
     P: tl.constexpr,
     M: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
     g, p, lanes, offsets, valid, keys, noise, table = _load_pattern_tile(
-        logits_ptr, table_ptr, groups, num_patterns, m, seed, tl.program_id(0), COMPUTE, P, M, BLOCK_G
+        logits_ptr, table_ptr, groups, num_patterns, m, seed, offset, tl.program_id(0), COMPUTE, P, M, BLOCK_G
     )
     z, top = _competing(keys / tau, noise / tau, p[None, :] < num_patterns)
     e = tl.exp(z - tl.max(z, axis=1)[:, None])
@@ -405,13 +416,15 @@ def _pattern_mask_shape(pattern_logits: torch.Tensor, m: int) -> tuple[int, ...]
     return (*batch, groups * m)
 
 
-def _gumbel_pattern_sample_fake(pattern_logits, n: int, m: int, tau: float, hard: bool, seed: int) -> torch.Tensor:
+def _gumbel_pattern_sample_fake(
+    pattern_logits, n: int, m: int, tau: float, hard: bool, seed: int, offset: int = 0
+) -> torch.Tensor:
     return pattern_logits.new_empty(_pattern_mask_shape(pattern_logits, m))
 
 
 @_op.register("prunedm_triton::gumbel_pattern_sample", _gumbel_pattern_kernel, _gumbel_pattern_sample_fake)
 def gumbel_pattern_sample(
-    pattern_logits: torch.Tensor, n: int, m: int, tau: float, hard: bool, seed: int
+    pattern_logits: torch.Tensor, n: int, m: int, tau: float, hard: bool, seed: int, offset: int = 0
 ) -> torch.Tensor:
     """MaskLLM-style sample over candidate patterns; see prunedm.ops.gumbel_pattern_sample."""
     _check_pattern_fits(n, m)
@@ -424,13 +437,15 @@ def gumbel_pattern_sample(
     padded_p, padded_m, block_g = _pattern_block(num_patterns, m)
     with _op.on_device_of(x):
         wrap_triton(_gumbel_pattern_kernel)[(triton.cdiv(groups, block_g),)](
-            x, _pattern_table(n, m, x.device), out, groups, num_patterns, m, tau, seed,
+            x, _pattern_table(n, m, x.device), out, groups, num_patterns, m, tau, seed, offset,
             HARD=hard, COMPUTE=_compute_dtype(x.dtype), P=padded_p, M=padded_m, BLOCK_G=block_g,
         )  # fmt: skip
     return out
 
 
-def _gumbel_pattern_sample_backward_fake(grad, pattern_logits, n: int, m: int, tau: float, seed: int) -> torch.Tensor:
+def _gumbel_pattern_sample_backward_fake(
+    grad, pattern_logits, n: int, m: int, tau: float, seed: int, offset: int = 0
+) -> torch.Tensor:
     return torch.empty_like(pattern_logits, memory_format=torch.contiguous_format)
 
 
@@ -440,7 +455,7 @@ def _gumbel_pattern_sample_backward_fake(grad, pattern_logits, n: int, m: int, t
     _gumbel_pattern_sample_backward_fake,
 )
 def gumbel_pattern_sample_backward(
-    grad: torch.Tensor, pattern_logits: torch.Tensor, n: int, m: int, tau: float, seed: int
+    grad: torch.Tensor, pattern_logits: torch.Tensor, n: int, m: int, tau: float, seed: int, offset: int = 0
 ) -> torch.Tensor:
     """Gradient of the soft pattern mask with respect to pattern_logits, given the mask's gradient."""
     _check_pattern_fits(n, m)
@@ -453,26 +468,29 @@ def gumbel_pattern_sample_backward(
     padded_p, padded_m, block_g = _pattern_block(num_patterns, m)
     with _op.on_device_of(x):
         wrap_triton(_gumbel_pattern_backward_kernel)[(triton.cdiv(groups, block_g),)](
-            grad.contiguous(), x, _pattern_table(n, m, x.device), out, groups, num_patterns, m, tau, seed,
+            grad.contiguous(), x, _pattern_table(n, m, x.device), out, groups, num_patterns, m, tau, seed, offset,
             COMPUTE=_compute_dtype(x.dtype), P=padded_p, M=padded_m, BLOCK_G=block_g,
         )  # fmt: skip
     return out
 
 
 def _save_sampling_inputs(ctx, inputs, output):
-    logits, n, m, tau, _hard, seed = inputs
+    logits, n, m, tau, _hard, seed, offset = inputs
     ctx.save_for_backward(logits)
-    ctx.args = (n, m, tau, seed)
+    ctx.args = (n, m, tau, seed, offset)
+
+
+_NO_GRADS = (None,) * 6  # n, m, tau, hard, seed, offset
 
 
 def _nm_backward(ctx, grad):
     (logits,) = ctx.saved_tensors
-    return gumbel_nm_sample_backward(grad, logits, *ctx.args), None, None, None, None, None
+    return gumbel_nm_sample_backward(grad, logits, *ctx.args), *_NO_GRADS
 
 
 def _pattern_backward(ctx, grad):
     (logits,) = ctx.saved_tensors
-    return gumbel_pattern_sample_backward(grad, logits, *ctx.args), None, None, None, None, None
+    return gumbel_pattern_sample_backward(grad, logits, *ctx.args), *_NO_GRADS
 
 
 gumbel_nm_sample.register_autograd(_nm_backward, setup_context=_save_sampling_inputs)

@@ -77,6 +77,11 @@ inline void check_gumbel_tau(const char* op, double tau) {
   TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, op, ": tau must be a finite number > 0, got ", tau);
 }
 
+// offset: the flat index of the input's first element in the tensor whose noise it draws (a shard's start).
+inline void check_gumbel_offset(const char* op, int64_t offset) {
+  TORCH_CHECK_VALUE(offset >= 0, op, ": offset must be >= 0 (the flat index of the first element), got ", offset);
+}
+
 inline void check_gumbel_nm_args(const char* op, const at::Tensor& logits, int64_t n, int64_t m, double tau) {
   check_nm_args(op, n, m);
   TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()) && logits.element_size() >= 2, op,

@@ -38,9 +38,10 @@ void fill_gumbel_noise(uint64_t seed, int64_t base, int64_t count, uint32_t* bit
 }
 
 // Runs fn(first_group, end_group, noise) over all groups in parallel, chunk by chunk, with the
-// noise of the chunk's elements (group g's element i at noise[(g - first_group) * group_size + i]).
+// noise of the chunk's elements (group g's element i at noise[(g - first_group) * group_size + i]),
+// drawn at flat index offset + g * group_size + i.
 template <typename Fn>
-void for_each_chunk(int64_t groups, int64_t group_size, uint64_t seed, const Fn& fn) {
+void for_each_chunk(int64_t groups, int64_t group_size, uint64_t seed, int64_t offset, const Fn& fn) {
   const int64_t chunk_groups = std::max<int64_t>(1, kNoiseChunk / group_size);
   at::parallel_for(0, groups, chunk_groups, [&](int64_t begin, int64_t end) {
     const size_t elements = static_cast<size_t>(std::min(end - begin, chunk_groups) * group_size);
@@ -48,7 +49,7 @@ void for_each_chunk(int64_t groups, int64_t group_size, uint64_t seed, const Fn&
     std::vector<uint32_t> bits(elements);
     for (int64_t first = begin; first < end; first += chunk_groups) {
       const int64_t last = std::min(end, first + chunk_groups);
-      fill_gumbel_noise(seed, first * group_size, (last - first) * group_size, bits.data(), noise.data());
+      fill_gumbel_noise(seed, offset + first * group_size, (last - first) * group_size, bits.data(), noise.data());
       fn(first, last, noise.data());
     }
   });
@@ -79,15 +80,17 @@ void gumbel_nm_groups(const scalar_t* src, scalar_t* dst, const double* noise, i
   }
 }
 
-at::Tensor gumbel_nm_sample_cpu(const at::Tensor& logits, int64_t n, int64_t m, double tau, bool hard, int64_t seed) {
+at::Tensor gumbel_nm_sample_cpu(const at::Tensor& logits, int64_t n, int64_t m, double tau, bool hard, int64_t seed,
+                                int64_t offset) {
   check_gumbel_nm_args("gumbel_nm_sample", logits, n, m, tau);
+  check_gumbel_offset("gumbel_nm_sample", offset);
   const at::Tensor x = logits.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
   const int64_t groups = x.numel() / m;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gumbel_nm_sample_cpu", [&] {
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    for_each_chunk(groups, m, uint64_t(seed), [&](int64_t first, int64_t last, const double* noise) {
+    for_each_chunk(groups, m, uint64_t(seed), offset, [&](int64_t first, int64_t last, const double* noise) {
       if (m == 4) {
         gumbel_nm_groups<scalar_t, 4>(src, dst, noise, first, last, int(n), 4, tau, hard);
       } else {
@@ -118,8 +121,9 @@ void gumbel_nm_backward_groups(const scalar_t* grad, const scalar_t* src, scalar
 }
 
 at::Tensor gumbel_nm_sample_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, int64_t n, int64_t m,
-                                         double tau, int64_t seed) {
+                                         double tau, int64_t seed, int64_t offset) {
   check_gumbel_nm_args("gumbel_nm_sample_backward", logits, n, m, tau);
+  check_gumbel_offset("gumbel_nm_sample_backward", offset);
   check_gumbel_grad("gumbel_nm_sample_backward", grad, logits, logits.sizes());
   const at::Tensor x = logits.contiguous();
   const at::Tensor gy = grad.contiguous();
@@ -129,7 +133,7 @@ at::Tensor gumbel_nm_sample_backward_cpu(const at::Tensor& grad, const at::Tenso
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     const scalar_t* g = gy.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    for_each_chunk(groups, m, uint64_t(seed), [&](int64_t first, int64_t last, const double* noise) {
+    for_each_chunk(groups, m, uint64_t(seed), offset, [&](int64_t first, int64_t last, const double* noise) {
       if (m == 4) {
         gumbel_nm_backward_groups<scalar_t, 4>(g, src, dst, noise, first, last, int(n), 4, tau);
       } else {
@@ -171,15 +175,16 @@ void gumbel_pattern_groups(const scalar_t* src, scalar_t* dst, const double* noi
 }
 
 at::Tensor gumbel_pattern_sample_cpu(const at::Tensor& pattern_logits, int64_t n, int64_t m, double tau, bool hard,
-                                     int64_t seed) {
+                                     int64_t seed, int64_t offset) {
   check_gumbel_pattern_args("gumbel_pattern_sample", pattern_logits, n, m, tau);
+  check_gumbel_offset("gumbel_pattern_sample", offset);
   const at::Tensor x = pattern_logits.contiguous();
   const int64_t patterns = x.size(-1), groups = x.numel() / patterns;
   at::Tensor out = at::empty(pattern_mask_shape(x, m), x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gumbel_pattern_sample_cpu", [&] {
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    for_each_chunk(groups, patterns, uint64_t(seed), [&](int64_t first, int64_t last, const double* noise) {
+    for_each_chunk(groups, patterns, uint64_t(seed), offset, [&](int64_t first, int64_t last, const double* noise) {
       gumbel_pattern_groups(src, dst, noise, first, last, patterns, int(n), int(m), tau, hard);
     });
   });
@@ -213,8 +218,9 @@ void gumbel_pattern_backward_groups(const scalar_t* grad, const scalar_t* src, s
 }
 
 at::Tensor gumbel_pattern_sample_backward_cpu(const at::Tensor& grad, const at::Tensor& pattern_logits, int64_t n,
-                                              int64_t m, double tau, int64_t seed) {
+                                              int64_t m, double tau, int64_t seed, int64_t offset) {
   check_gumbel_pattern_args("gumbel_pattern_sample_backward", pattern_logits, n, m, tau);
+  check_gumbel_offset("gumbel_pattern_sample_backward", offset);
   check_gumbel_grad("gumbel_pattern_sample_backward", grad, pattern_logits, pattern_mask_shape(pattern_logits, m));
   const at::Tensor x = pattern_logits.contiguous();
   const at::Tensor gy = grad.contiguous();
@@ -224,7 +230,7 @@ at::Tensor gumbel_pattern_sample_backward_cpu(const at::Tensor& grad, const at::
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     const scalar_t* g = gy.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    for_each_chunk(groups, patterns, uint64_t(seed), [&](int64_t first, int64_t last, const double* noise) {
+    for_each_chunk(groups, patterns, uint64_t(seed), offset, [&](int64_t first, int64_t last, const double* noise) {
       gumbel_pattern_backward_groups(g, src, dst, noise, first, last, patterns, int(n), int(m), tau);
     });
   });

@@ -50,11 +50,11 @@ int blocks_for(int64_t work) {
 template <typename scalar_t, int kCap>
 __global__ void __launch_bounds__(kThreads)
     gumbel_nm_kernel(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, int64_t groups, int n,
-                     int m_runtime, double tau, bool hard, uint64_t seed) {
+                     int m_runtime, double tau, bool hard, uint64_t seed, uint64_t offset) {
   using T = ComputeOf<scalar_t>;
   const int m = kCap == kM24 ? kM24 : m_runtime;
   const T tau_c = T(tau);
-  PhiloxStream stream(seed);
+  PhiloxStream stream(seed, offset);
   T keys[kCap], noise[kCap], soft[kCap];
   for (int64_t g = first_index(); g < groups; g += grid_stride()) {
     const int64_t base = g * m;
@@ -76,11 +76,11 @@ template <typename scalar_t, int kCap>
 __global__ void __launch_bounds__(kThreads)
     gumbel_nm_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ src,
                               scalar_t* __restrict__ dst, int64_t groups, int n, int m_runtime, double tau,
-                              uint64_t seed) {
+                              uint64_t seed, uint64_t offset) {
   using T = ComputeOf<scalar_t>;
   const int m = kCap == kM24 ? kM24 : m_runtime;
   const T tau_c = T(tau);
-  PhiloxStream stream(seed);
+  PhiloxStream stream(seed, offset);
   T keys[kCap], noise[kCap], g[kCap], grad_keys[kCap];
   for (int64_t group = first_index(); group < groups; group += grid_stride()) {
     const int64_t base = group * m;
@@ -94,8 +94,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-at::Tensor gumbel_nm_sample_cuda(const at::Tensor& logits, int64_t n, int64_t m, double tau, bool hard, int64_t seed) {
+at::Tensor gumbel_nm_sample_cuda(const at::Tensor& logits, int64_t n, int64_t m, double tau, bool hard, int64_t seed,
+                                 int64_t offset) {
   check_gumbel_nm_args("gumbel_nm_sample", logits, n, m, tau);
+  check_gumbel_offset("gumbel_nm_sample", offset);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = logits.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
@@ -108,10 +110,12 @@ at::Tensor gumbel_nm_sample_cuda(const at::Tensor& logits, int64_t n, int64_t m,
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     if (m == kM24) {
       gumbel_nm_kernel<scalar_t, kM24>
-          <<<blocks, kThreads, 0, stream>>>(src, dst, groups, int(n), kM24, tau, hard, uint64_t(seed));
+          <<<blocks, kThreads, 0, stream>>>(src, dst, groups, int(n), kM24, tau, hard,
+              uint64_t(seed), uint64_t(offset));
     } else {
       gumbel_nm_kernel<scalar_t, kMaxGroupSize>
-          <<<blocks, kThreads, 0, stream>>>(src, dst, groups, int(n), int(m), tau, hard, uint64_t(seed));
+          <<<blocks, kThreads, 0, stream>>>(src, dst, groups, int(n), int(m), tau, hard,
+              uint64_t(seed), uint64_t(offset));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -119,8 +123,9 @@ at::Tensor gumbel_nm_sample_cuda(const at::Tensor& logits, int64_t n, int64_t m,
 }
 
 at::Tensor gumbel_nm_sample_backward_cuda(const at::Tensor& grad, const at::Tensor& logits, int64_t n, int64_t m,
-                                          double tau, int64_t seed) {
+                                          double tau, int64_t seed, int64_t offset) {
   check_gumbel_nm_args("gumbel_nm_sample_backward", logits, n, m, tau);
+  check_gumbel_offset("gumbel_nm_sample_backward", offset);
   check_gumbel_grad("gumbel_nm_sample_backward", grad, logits, logits.sizes());
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = logits.contiguous();
@@ -136,10 +141,10 @@ at::Tensor gumbel_nm_sample_backward_cuda(const at::Tensor& grad, const at::Tens
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     if (m == kM24) {
       gumbel_nm_backward_kernel<scalar_t, kM24>
-          <<<blocks, kThreads, 0, stream>>>(g, src, dst, groups, int(n), kM24, tau, uint64_t(seed));
+          <<<blocks, kThreads, 0, stream>>>(g, src, dst, groups, int(n), kM24, tau, uint64_t(seed), uint64_t(offset));
     } else {
       gumbel_nm_backward_kernel<scalar_t, kMaxGroupSize>
-          <<<blocks, kThreads, 0, stream>>>(g, src, dst, groups, int(n), int(m), tau, uint64_t(seed));
+          <<<blocks, kThreads, 0, stream>>>(g, src, dst, groups, int(n), int(m), tau, uint64_t(seed), uint64_t(offset));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -153,13 +158,14 @@ at::Tensor gumbel_nm_sample_backward_cuda(const at::Tensor& grad, const at::Tens
 template <typename scalar_t, int kP>
 __global__ void __launch_bounds__(kThreads)
     gumbel_pattern_kernel(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, int64_t groups,
-                          int64_t patterns_runtime, int n, int m_runtime, double tau, bool hard, uint64_t seed) {
+                          int64_t patterns_runtime, int n, int m_runtime, double tau, bool hard, uint64_t seed,
+                          uint64_t offset) {
   using T = ComputeOf<scalar_t>;
   const int64_t patterns = kP > 0 ? kP : patterns_runtime;
   const int m = kP > 0 ? kM24 : m_runtime;
   // Hard patterns rank the keys themselves; the relaxation's scores are keys / tau.
   const T scale = hard ? T(1) : T(tau);
-  PhiloxStream stream(seed);
+  PhiloxStream stream(seed, offset);
   T cached[kP > 0 ? kP : 1], cached_noise[kP > 0 ? kP : 1];
   T mask[kP > 0 ? kM24 : kMaxPatternGroupSize];
   for (int64_t g = first_index(); g < groups; g += grid_stride()) {
@@ -202,12 +208,12 @@ template <typename scalar_t, int kP>
 __global__ void __launch_bounds__(kThreads)
     gumbel_pattern_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ src,
                                    scalar_t* __restrict__ dst, int64_t groups, int64_t patterns_runtime, int n,
-                                   int m_runtime, double tau, uint64_t seed) {
+                                   int m_runtime, double tau, uint64_t seed, uint64_t offset) {
   using T = ComputeOf<scalar_t>;
   const int64_t patterns = kP > 0 ? kP : patterns_runtime;
   const int m = kP > 0 ? kM24 : m_runtime;
   const T tau_c = T(tau);
-  PhiloxStream stream(seed);
+  PhiloxStream stream(seed, offset);
   T cached[kP > 0 ? kP : 1], cached_noise[kP > 0 ? kP : 1];
   T grad_mask[kP > 0 ? kM24 : kMaxPatternGroupSize];
   for (int64_t g = first_index(); g < groups; g += grid_stride()) {
@@ -245,8 +251,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 at::Tensor gumbel_pattern_sample_cuda(const at::Tensor& pattern_logits, int64_t n, int64_t m, double tau, bool hard,
-                                      int64_t seed) {
+                                      int64_t seed, int64_t offset) {
   check_gumbel_pattern_args("gumbel_pattern_sample", pattern_logits, n, m, tau);
+  check_gumbel_offset("gumbel_pattern_sample", offset);
   const c10::cuda::CUDAGuard guard(pattern_logits.device());
   const at::Tensor x = pattern_logits.contiguous();
   const int64_t patterns = x.size(-1), groups = x.numel() / patterns;
@@ -259,10 +266,12 @@ at::Tensor gumbel_pattern_sample_cuda(const at::Tensor& pattern_logits, int64_t 
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     if (m == kM24 && n == 2) {
       gumbel_pattern_kernel<scalar_t, kPatterns24>
-          <<<blocks, kThreads, 0, stream>>>(src, dst, groups, kPatterns24, 2, kM24, tau, hard, uint64_t(seed));
+          <<<blocks, kThreads, 0, stream>>>(src, dst, groups, kPatterns24, 2, kM24, tau, hard,
+              uint64_t(seed), uint64_t(offset));
     } else {
       gumbel_pattern_kernel<scalar_t, 0>
-          <<<blocks, kThreads, 0, stream>>>(src, dst, groups, patterns, int(n), int(m), tau, hard, uint64_t(seed));
+          <<<blocks, kThreads, 0, stream>>>(src, dst, groups, patterns, int(n), int(m), tau, hard,
+              uint64_t(seed), uint64_t(offset));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -270,8 +279,9 @@ at::Tensor gumbel_pattern_sample_cuda(const at::Tensor& pattern_logits, int64_t 
 }
 
 at::Tensor gumbel_pattern_sample_backward_cuda(const at::Tensor& grad, const at::Tensor& pattern_logits, int64_t n,
-                                               int64_t m, double tau, int64_t seed) {
+                                               int64_t m, double tau, int64_t seed, int64_t offset) {
   check_gumbel_pattern_args("gumbel_pattern_sample_backward", pattern_logits, n, m, tau);
+  check_gumbel_offset("gumbel_pattern_sample_backward", offset);
   check_gumbel_grad("gumbel_pattern_sample_backward", grad, pattern_logits, pattern_mask_shape(pattern_logits, m));
   const c10::cuda::CUDAGuard guard(pattern_logits.device());
   const at::Tensor x = pattern_logits.contiguous();
@@ -287,10 +297,12 @@ at::Tensor gumbel_pattern_sample_backward_cuda(const at::Tensor& grad, const at:
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     if (m == kM24 && n == 2) {
       gumbel_pattern_backward_kernel<scalar_t, kPatterns24>
-          <<<blocks, kThreads, 0, stream>>>(g, src, dst, groups, kPatterns24, 2, kM24, tau, uint64_t(seed));
+          <<<blocks, kThreads, 0, stream>>>(g, src, dst, groups, kPatterns24, 2, kM24, tau,
+              uint64_t(seed), uint64_t(offset));
     } else {
       gumbel_pattern_backward_kernel<scalar_t, 0>
-          <<<blocks, kThreads, 0, stream>>>(g, src, dst, groups, patterns, int(n), int(m), tau, uint64_t(seed));
+          <<<blocks, kThreads, 0, stream>>>(g, src, dst, groups, patterns, int(n), int(m), tau,
+              uint64_t(seed), uint64_t(offset));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

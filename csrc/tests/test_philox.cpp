@@ -69,6 +69,12 @@ void test_element_mapping() {
       CHECK_EQ(bits[size_t(count)], 0xdeadbeefu);
     }
   }
+  // A stream with an offset draws the bits of index offset + i: a shard samples as the whole tensor would.
+  for (uint64_t offset : {uint64_t{0}, uint64_t{1}, uint64_t{6}, uint64_t{24}, (uint64_t{1} << 33) + 3}) {
+    prunedm::PhiloxStream shard(0x5eedULL, offset);
+    for (uint64_t i : {uint64_t{0}, uint64_t{1}, uint64_t{2}, uint64_t{5}, uint64_t{9}})
+      CHECK_EQ(shard.bits(i), prunedm::philox_bits(0x5eedULL, offset + i));
+  }
   // Different seeds and neighbouring indices give different words.
   CHECK(prunedm::philox_bits(1, 0) != prunedm::philox_bits(2, 0));
   CHECK(prunedm::philox_bits(1, 0) != prunedm::philox_bits(1, 1));

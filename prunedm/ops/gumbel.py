@@ -7,8 +7,10 @@ import functools
 
 import torch
 
-from prunedm.ops import _checks, reference
-from prunedm.ops._dispatch import pick_backend
+from prunedm.ops import _backends, _checks, reference
+
+for _op in ("gumbel_nm_sample", "gumbel_pattern_sample"):
+    _backends.declare(_op, reference=getattr(reference, f"{_op}_ref"), extension=_op)
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -27,6 +29,7 @@ def gumbel_nm_sample(
     hard: bool = True,
     seed: int | None = None,
     *,
+    offset: int = 0,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Sample an N:M mask from per-weight logits; groups are m consecutive elements along the last dim.
@@ -42,6 +45,9 @@ def gumbel_nm_sample(
     seed: the noise is Philox4x32-10 keyed by seed and each element's flat index, so the same seed
     gives the same mask on every backend and launch geometry (None: a seed from torch's default
     generator). float16/bfloat16/float32 compute in float32, float64 in float64.
+    offset: the flat index of logits' first element in the tensor whose noise is drawn: rows [r0, r1) of
+    logits sampled with offset = r0 * (logits[0].numel()) give exactly those rows of the full sample (a
+    shard of sharded logits samples as one process would).
     backend: "auto" (default), "reference", "extension" (C++/CUDA) or "triton".
 
     Infinite logits (every backend alike): +inf = keep, -inf = drop. A group ranks its elements by
@@ -54,15 +60,10 @@ def gumbel_nm_sample(
     NaN logits raise ValueError (one bool read back per call; skipped under torch.compile tracing
     and CUDA graph capture, where the kernels assume there is none)."""
     _checks.check_gumbel_nm(logits, n, m, tau, hard, seed)
+    _checks.check_offset("gumbel_nm_sample", offset)
     seed = resolve_seed(seed)
-    chosen = pick_backend("gumbel_nm_sample", backend, logits)
-    if chosen == "extension":
-        return torch.ops.prunedm.gumbel_nm_sample(logits, n, m, float(tau), hard, seed)
-    if chosen == "triton":
-        from prunedm import kernels
-
-        return kernels.gumbel_nm_sample(logits, n, m, float(tau), hard, seed)
-    return reference.gumbel_nm_sample_ref(logits, n, m, float(tau), hard, seed)
+    impl = _backends.pick("gumbel_nm_sample", backend, logits)
+    return impl.fn(logits, n, m, float(tau), hard, seed, offset)
 
 
 def gumbel_pattern_sample(
@@ -73,6 +74,7 @@ def gumbel_pattern_sample(
     hard: bool = True,
     seed: int | None = None,
     *,
+    offset: int = 0,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Sample an N:M mask from logits over each group's candidate patterns (MaskLLM's parametrisation).
@@ -84,28 +86,21 @@ def gumbel_pattern_sample(
     softmax(pattern_logits)) and passes the soft mask's gradient straight through; hard=False
     returns softmax((pattern_logits + noise) / tau) @ patterns. m <= 16 (the triton backend: while
     the [C(m, n), m] pattern table fits one program, see prunedm.kernels.gumbel.gumbel_pattern_fits; "auto"
-    then runs the extension or the reference). seed and backend as in gumbel_nm_sample.
+    then runs the extension or the reference). seed, offset (a flat index into pattern logits) and backend
+    as in gumbel_nm_sample.
 
     Infinite logits: a +inf pattern beats every finite one, a -inf pattern loses to them, and among
     equal infinite logits the noise alone decides (softmax(noise / tau) among them: the limit of
     equal logits going to +-inf); the softmax covers the highest level present only. Gradients
     reach finite logits only. NaN logits raise ValueError, as in gumbel_nm_sample."""
     _checks.check_gumbel_pattern(pattern_logits, n, m, tau, hard, seed)
+    _checks.check_offset("gumbel_pattern_sample", offset)
     seed = resolve_seed(seed)
-    chosen = pick_backend("gumbel_pattern_sample", backend, pattern_logits)
-    if chosen == "triton" and backend == "auto":
-        from prunedm.kernels import gumbel as triton_gumbel
-
-        # The triton kernel holds the whole pattern table per program; past its limit it refuses.
-        if not triton_gumbel.gumbel_pattern_fits(n, m):
-            chosen = "reference"
-    if chosen == "extension":
-        return torch.ops.prunedm.gumbel_pattern_sample(pattern_logits, n, m, float(tau), hard, seed)
-    if chosen == "triton":
-        from prunedm import kernels
-
-        return kernels.gumbel_pattern_sample(pattern_logits, n, m, float(tau), hard, seed)
-    return reference.gumbel_pattern_sample_ref(pattern_logits, n, m, float(tau), hard, seed)
+    impl = _backends.pick("gumbel_pattern_sample", backend, pattern_logits)
+    if backend == "auto" and impl.accepts is not None and not impl.accepts(n, m):
+        # The triton kernel holds the whole pattern table per program; past its limit "auto" takes the reference.
+        impl = _backends.pick("gumbel_pattern_sample", "reference", pattern_logits)
+    return impl.fn(pattern_logits, n, m, float(tau), hard, seed, offset)
 
 
 @functools.lru_cache(maxsize=64)

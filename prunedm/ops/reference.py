@@ -109,8 +109,9 @@ def decompress_2to4_ref(values: torch.Tensor, meta: torch.Tensor) -> torch.Tenso
 
 # Gumbel N:M sampling ----------------------------------------------------------------------------
 #
-# Noise: element i of a sampled tensor (flat index, row-major) draws word i % 4 of Philox4x32-10
-# with counter (lo32(i // 4), hi32(i // 4), 0, 0) and key (lo32(seed), hi32(seed)); its Gumbel
+# Noise: element i of a sampled tensor (flat index, row-major, plus the op's offset, which makes a
+# shard starting at flat element `offset` of a larger tensor draw that tensor's noise) draws word i % 4
+# of Philox4x32-10 with counter (lo32(i // 4), hi32(i // 4), 0, 0) and key (lo32(seed), hi32(seed)); its Gumbel
 # noise is -log(-log(u)), u = (bits + 1/2) / 2^32, computed in float64 and rounded once to the
 # compute dtype (float64 for float64 logits, float32 otherwise). csrc/include/prunedm/philox.h
 # and the Triton kernels draw the same bits, so every backend samples the same masks.
@@ -154,13 +155,14 @@ def philox_bits_at_ref(seed: int, index: torch.Tensor) -> torch.Tensor:
     return words.gather(-1, (index & 3).unsqueeze(-1)).squeeze(-1)
 
 
-def philox_bits_ref(seed: int, numel: int, device=None) -> torch.Tensor:
-    """int64 [numel]: the 32 random bits of elements 0..numel-1 under seed (one Philox call per 4)."""
-    blocks = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+def philox_bits_ref(seed: int, numel: int, device=None, offset: int = 0) -> torch.Tensor:
+    """int64 [numel]: the 32 random bits of elements offset..offset+numel-1 under seed (one Philox call per 4)."""
+    first = offset >> 2
+    blocks = torch.arange(first, (offset + numel + 3) // 4, dtype=torch.int64, device=device)
     zero = torch.zeros_like(blocks)
     key = (seed & _MASK32, (seed >> 32) & _MASK32)
     words = philox4x32_10_ref((blocks & _MASK32, blocks >> 32, zero, zero), key)
-    return torch.stack(words, -1).reshape(-1)[:numel]
+    return torch.stack(words, -1).reshape(-1)[offset - 4 * first :][:numel]
 
 
 def gumbel_compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -168,12 +170,15 @@ def gumbel_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def gumbel_noise_ref(seed: int, shape, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """Standard Gumbel noise of a tensor of `shape` under seed, in `dtype` (computed in float64)."""
+def gumbel_noise_ref(
+    seed: int, shape, dtype: torch.dtype = torch.float32, device=None, offset: int = 0
+) -> torch.Tensor:
+    """Standard Gumbel noise of a tensor of `shape` under seed, in `dtype` (computed in float64); its first
+    element draws the noise of flat index `offset`."""
     numel = 1
     for size in shape:
         numel *= size
-    u = (philox_bits_ref(seed, numel, device).double() + 0.5) * 2.0**-32
+    u = (philox_bits_ref(seed, numel, device, offset).double() + 0.5) * 2.0**-32
     return (-torch.log(-torch.log(u))).to(dtype).reshape(shape)
 
 
@@ -236,7 +241,7 @@ def _ranked_order_ref(level: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_nm_sample_ref(
-    logits: torch.Tensor, n: int = 2, m: int = 4, tau: float = 1.0, hard: bool = True, seed: int = 0
+    logits: torch.Tensor, n: int = 2, m: int = 4, tau: float = 1.0, hard: bool = True, seed: int = 0, offset: int = 0
 ) -> torch.Tensor:
     """Gumbel N:M sample of per-weight logits, in logits' dtype; groups are m consecutive elements (last dim).
 
@@ -252,9 +257,10 @@ def gumbel_nm_sample_ref(
     elements only when fewer than n are above -inf). hard=False: in that order, the levels wholly
     before the n-th place are 1 (pinned), the level holding the n-th place takes the relaxed top-r of
     its keys for the r places left, later levels are 0; the mask still sums to n. An element whose
-    key / tau overflows counts as infinite in the relaxation. Gradients reach finite logits only."""
+    key / tau overflows counts as infinite in the relaxation. Gradients reach finite logits only.
+    offset: logits[0]'s flat index in the tensor whose noise is drawn (a shard samples as the whole would)."""
     compute = gumbel_compute_dtype(logits.dtype)
-    noise = gumbel_noise_ref(seed, logits.shape, compute, logits.device)
+    noise = gumbel_noise_ref(seed, logits.shape, compute, logits.device, offset)
     grouped = (*logits.shape[:-1], logits.shape[-1] // m, m)
     keys = (logits.to(compute) + noise).reshape(grouped)
     noise = noise.reshape(grouped)
@@ -289,7 +295,13 @@ def nm_patterns_ref(n: int = 2, m: int = 4, dtype: torch.dtype = torch.float32, 
 
 
 def gumbel_pattern_sample_ref(
-    pattern_logits: torch.Tensor, n: int = 2, m: int = 4, tau: float = 1.0, hard: bool = True, seed: int = 0
+    pattern_logits: torch.Tensor,
+    n: int = 2,
+    m: int = 4,
+    tau: float = 1.0,
+    hard: bool = True,
+    seed: int = 0,
+    offset: int = 0,
 ) -> torch.Tensor:
     """MaskLLM-style sample: pattern_logits [..., G, C(m, n)] -> mask [..., G*m] in pattern_logits' dtype.
 
@@ -300,9 +312,10 @@ def gumbel_pattern_sample_ref(
     Infinite logits: a +inf pattern beats every finite one, a -inf pattern loses to them; among equal
     infinite logits the noise alone decides (their softmax is softmax(noise / tau)), which is the
     limit of equal logits going to +-inf. So the softmax runs over the highest level present only
-    (an overflowing key / tau counts as infinite there); gradients reach finite logits only."""
+    (an overflowing key / tau counts as infinite there); gradients reach finite logits only. offset as in
+    gumbel_nm_sample_ref (a flat index into the pattern logits)."""
     compute = gumbel_compute_dtype(pattern_logits.dtype)
-    noise = gumbel_noise_ref(seed, pattern_logits.shape, compute, pattern_logits.device)
+    noise = gumbel_noise_ref(seed, pattern_logits.shape, compute, pattern_logits.device, offset)
     keys = pattern_logits.to(compute) + noise
     patterns = nm_patterns_ref(n, m, compute, pattern_logits.device)
     z = keys / tau

@@ -242,18 +242,19 @@ def build(kernel, signature, constexprs):
     signature = dict(signature, **{name: "constexpr" for name in constexprs})
     triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 80, 32))
 
-scalars = {"groups": "i64", "n": "i32", "m": "i32", "tau": "fp32", "seed": "i64"}
+scalars = {"groups": "i64", "n": "i32", "m": "i32", "tau": "fp32", "seed": "i64", "offset": "i64"}
 for hard in (True, False):
     for compute, ptr in ((tl.float32, "*fp16"), (tl.float64, "*fp64")):
         build(gumbel._gumbel_nm_kernel, {"logits_ptr": ptr, "out_ptr": ptr, **scalars},
               {"HARD": hard, "COMPUTE": compute, "M": 4, "BLOCK_G": 256})
         build(gumbel._gumbel_pattern_kernel, {"logits_ptr": ptr, "table_ptr": "*fp32", "out_ptr": ptr,
-              "groups": "i64", "num_patterns": "i32", "m": "i32", "tau": "fp32", "seed": "i64"},
+              "groups": "i64", "num_patterns": "i32", "m": "i32", "tau": "fp32", "seed": "i64", "offset": "i64"},
               {"HARD": hard, "COMPUTE": compute, "P": 8, "M": 4, "BLOCK_G": 64})
 build(gumbel._gumbel_nm_backward_kernel, {"grad_ptr": "*bf16", "logits_ptr": "*bf16", "out_ptr": "*bf16", **scalars},
       {"COMPUTE": tl.float32, "M": 8, "BLOCK_G": 128})
 build(gumbel._gumbel_pattern_backward_kernel, {"grad_ptr": "*fp32", "logits_ptr": "*fp32", "table_ptr": "*fp32",
-      "out_ptr": "*fp32", "groups": "i64", "num_patterns": "i32", "m": "i32", "tau": "fp32", "seed": "i64"},
+      "out_ptr": "*fp32", "groups": "i64", "num_patterns": "i32", "m": "i32", "tau": "fp32", "seed": "i64",
+      "offset": "i64"},
       {"COMPUTE": tl.float32, "P": 8, "M": 4, "BLOCK_G": 64})
 """
 

@@ -80,12 +80,15 @@ PRUNEDM_HD uint32_t philox_bits(uint64_t seed, uint64_t index) {
 }
 
 // Draws the bits of consecutive elements one Philox call per four, when a thread walks a run
-// of indices (a group of m elements). Same bits as philox_bits for every index.
+// of indices (a group of m elements). bits(i) is philox_bits(seed, offset + i): a slice that starts at
+// flat element `offset` of a larger tensor (a shard of sharded logits) draws that tensor's bits.
 class PhiloxStream {
  public:
-  PRUNEDM_HD explicit PhiloxStream(uint64_t seed) : seed_(seed), block_(~uint64_t{0}), words_{0u, 0u, 0u, 0u} {}
+  PRUNEDM_HD explicit PhiloxStream(uint64_t seed, uint64_t offset = 0)
+      : seed_(seed), offset_(offset), block_(~uint64_t{0}), words_{0u, 0u, 0u, 0u} {}
 
   PRUNEDM_HD uint32_t bits(uint64_t index) {
+    index += offset_;
     const uint64_t block = index / kPhiloxLanes;
     if (block != block_) {
       philox_block(seed_, block, words_);
@@ -96,6 +99,7 @@ class PhiloxStream {
 
  private:
   uint64_t seed_;
+  uint64_t offset_;
   uint64_t block_;
   uint32_t words_[4];
 };
