@@ -11,6 +11,15 @@ import torch
 from prunedm._atomic import atomic_file, write_text_atomic
 from prunedm.cli.config import ConfigError
 from prunedm.cli.models import load_model, training_images
+from prunedm.cli.pipeline import (
+    conditioned_data,
+    latent_space,
+    load_conditioning,
+    sampling_conditions,
+    scheduler_config,
+    training_dropout,
+    training_scheduler,
+)
 
 # The jobs' defaults and the checks of every key live in one table (prunedm.cli.schema).
 from prunedm.cli.schema import DEFAULTS, DEVICES, parse_pattern  # noqa: F401  (parse_pattern: re-exported)
@@ -144,8 +153,10 @@ def run_finetune(config: dict, out: Path, resume: bool) -> dict:
         remove_stale_temps(out)
     device = resolve_device(config["device"])
     model = _to(load_model(config["model"]), device)
-    images = training_images(config["data"], model)
-    result = finetune(model, images, out, finetune_config, resume=resume)
+    cond, data = conditioned_data(config, model, device)
+    scheduler = training_scheduler(config)
+    with training_dropout(model, cond, config["cond_dropout"]):
+        result = finetune(model, data, out, finetune_config, scheduler=scheduler, resume=resume)
     summary = {"final_loss": result.final_loss, "steps": result.steps}
     if rank == 0:
         save_pretrained(result.ema_model.cpu(), out / "model")
@@ -190,12 +201,19 @@ def run_sparsify(config: dict, out: Path, resume: bool) -> dict:
     return summary
 
 
-def _scheduler(name: str):
+def _scheduler(config: dict):
+    """The sampling scheduler config's scheduler= names, on the pipeline's noise schedule when there is one."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
+    name = config["scheduler"]
     if name not in ("ddim", "ddpm"):
         raise ConfigError(f"scheduler must be ddim or ddpm, got {name!r}")
-    return (DDIMScheduler if name == "ddim" else DDPMScheduler)(num_train_timesteps=1000)
+    cls = DDIMScheduler if name == "ddim" else DDPMScheduler
+    settings = scheduler_config(config)
+    if settings is None:
+        return cls(num_train_timesteps=1000)
+    # The variance is not predicted here (a DiT's learned half is dropped, as DiTPipeline does): fixed variance.
+    return cls.from_config({k: v for k, v in settings.items() if k != "variance_type"})
 
 
 def _positive(config: dict, *keys: str) -> None:
@@ -206,23 +224,21 @@ def _positive(config: dict, *keys: str) -> None:
 
 
 def _sample_from(config: dict) -> torch.Tensor:
-    """num_samples images in [-1, 1] from config's model (device, dtype, scheduler, steps, seed)."""
-    from diffusers import UNet2DModel
-
+    """num_samples images in [-1, 1] from config's model (device, dtype, scheduler, steps, seed), conditioned
+    on config's prompts or class_labels, with classifier-free guidance at guidance_scale."""
     from prunedm.eval.sampling import sample_images
 
-    scheduler = _scheduler(config["scheduler"])
+    scheduler = _scheduler(config)
     device, dtype = resolve_device(config["device"]), resolve_dtype(config["dtype"])
     model = load_model(config["model"], config["seed"]).eval()
-    if not isinstance(model, UNet2DModel):
-        # DiTs need class labels and conditional UNets text embeddings: sampling them without would crash.
-        raise ConfigError(
-            f"model={config['model']}: sampling supports unconditional UNet2DModel models; this is a "
-            f"{type(model).__name__}, which needs class labels or text conditioning: not yet supported"
-        )
+    cond = load_conditioning(config, model, device)
+    conditions, null, scale = sampling_conditions(config, cond)
+    latents = latent_space(config, device)  # a latent pipeline's VAE decodes the samples
     model = _to(model, device)
     with _autocast(device, dtype):
-        images = sample_images(model, scheduler, config["num_samples"], config["steps"], seed=config["seed"])
+        images = sample_images(model, scheduler, config["num_samples"], config["steps"], seed=config["seed"],
+                               conditions=conditions, null=null, guidance_scale=scale,
+                               decode=latents.decode if latents is not None else None)  # fmt: skip
     return images.float()
 
 
@@ -294,31 +310,22 @@ def run_eval(config: dict, out: Path, resume: bool) -> dict:
 
 
 def _denoising_loss(scheduler):
-    """loss(model, images): the noise-prediction loss at random timesteps (the global RNG, which the
-    mask learners replay when they compare masks on the same draw)."""
-    from prunedm.diffusion import diffusion_target, predict
+    """loss(model, batch): the noise-prediction loss at random timesteps of images (or a dict of images and
+    their conditioning), drawn from the global RNG, which the mask learners replay to compare masks."""
+    from prunedm.diffusion import denoising_loss
 
-    def loss(model, images):
-        noise = torch.randn_like(images)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],))
-        timesteps = timesteps.to(images.device)
-        noisy = scheduler.add_noise(images, noise, timesteps)
-        target = diffusion_target(scheduler, images, noise, timesteps)
-        return torch.nn.functional.mse_loss(predict(model, noisy, timesteps, {}), target)
-
-    return loss
+    return lambda model, batch: denoising_loss(model, scheduler, batch)
 
 
 def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
     """learn-mask: N:M masks (maskllm, maskpro or magnitude), with checkpointed learner state and --resume
     (several processes under torchrun); writes masks.safetensors and model/ (the masked model)."""
-    from diffusers import DDPMScheduler
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
     from prunedm import _atomic, save_pretrained
     from prunedm import masks as pm
-    from prunedm.train.finetune import StepSampler, metrics_up_to
+    from prunedm.train.finetune import metrics_up_to
+    from prunedm.train.mask_loop import learn_mask_steps
 
     method = config["method"]
     summary: dict = {"method": method, "pattern": config["pattern"]}
@@ -338,8 +345,9 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
         found = pm.magnitude_masks(targets, n, m)
         pm.apply_masks(model, found)
     else:
-        images = training_images(config["data"], model).to(device)
-        loss = _denoising_loss(DDPMScheduler(num_train_timesteps=1000))
+        cond, images = conditioned_data(config, model, device)
+        images = images.to(device)
+        loss = _denoising_loss(training_scheduler(config))
         learner = _learner(config, model, loss, n, m)
         state = out / "learner.safetensors"
         if resume and state.exists():
@@ -347,19 +355,21 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
                 learner.load(state)
             except ValueError as exc:
                 raise ConfigError(f"--resume: {exc}; delete {state} to learn afresh, or use a new --out") from None
-        sampler = StepSampler(len(images), config["batch_size"], config["seed"], rank, world)
         if rank == 0:  # lines of steps after the checkpoint are redone (and a line cut short by a kill dropped)
             metrics_up_to(out / "metrics.jsonl", learner.step_count)
         log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+
+        def after(done: int, info: dict) -> None:
+            if log is not None:
+                log.write(json.dumps({"step": done, **{k: v for k, v in info.items() if _scalar(v)}}) + "\n")
+                log.flush()
+            if rank == 0 and (done % config["checkpoint_every"] == 0 or done == config["steps"]):
+                learner.save(state)  # whole or not at all
+
         try:
-            for step in tqdm(range(learner.step_count, config["steps"]), desc="learn-mask", disable=rank != 0):
-                info = learner.step(images[sampler.indices(step).to(images.device)])
-                if log is not None:
-                    log.write(json.dumps({"step": step + 1, **{k: v for k, v in info.items() if _scalar(v)}}) + "\n")
-                    log.flush()
-                last = step + 1 == config["steps"]
-                if rank == 0 and ((step + 1) % config["checkpoint_every"] == 0 or last):
-                    learner.save(state)  # whole or not at all
+            with training_dropout(model, cond, config["cond_dropout"]):
+                learn_mask_steps(learner, images, config["steps"], config["batch_size"], config["seed"], rank=rank,
+                                 world_size=world, on_step=after, progress=rank == 0)  # fmt: skip
         finally:
             if log is not None:
                 log.close()

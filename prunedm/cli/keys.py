@@ -14,7 +14,7 @@ from prunedm.cli.config import ConfigError
 class Key:
     """One config key: what it holds (kind), its range or choices, and a one-line doc."""
 
-    kind: str  # int | number | bool | choice | text | pattern | pair | indices | any
+    kind: str  # int | number | bool | choice | text | texts | labels | pattern | pair | indices | any
     doc: str
     low: float | None = None
     high: float | None = None
@@ -33,6 +33,8 @@ class Key:
             "bool": "true or false",
             "choice": "one of " + ", ".join(map(str, self.choices)),
             "text": "a non-empty text",
+            "texts": "a non-empty list of texts",
+            "labels": "a non-empty list of class ids (integers >= 0) or class names",
             "pattern": "an N:M pattern with 0 < N < M, e.g. 2:4",
             "pair": f"a list of two numbers {span} ([start, end])",
             "indices": "a non-empty list of distinct integers >= 0",
@@ -125,6 +127,21 @@ def _check_indices(key: Key, value: Any):
     return _BAD if _BAD in ints or len(set(ints)) != len(ints) else ints
 
 
+def _check_texts(key: Key, value: Any):
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        return _BAD
+    return list(value) if all(isinstance(v, str) for v in value) else _BAD
+
+
+def _check_labels(key: Key, value: Any):
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        return _BAD
+    for v in value:
+        if not ((isinstance(v, str) and v.strip()) or (_real(v) is not None and _check_int(key, v) is not _BAD)):
+            return _BAD
+    return [v if isinstance(v, str) else int(v) for v in value]
+
+
 def _check_pattern(key: Key, value: Any):
     try:
         n, m = parse_pattern(value)
@@ -139,6 +156,8 @@ _CHECKS = {
     "bool": lambda key, v: v if isinstance(v, bool) else _BAD,
     "choice": lambda key, v: v if isinstance(v, str) and v in key.choices else _BAD,
     "text": lambda key, v: v if isinstance(v, str) and v.strip() else _BAD,
+    "texts": _check_texts,
+    "labels": _check_labels,
     "pattern": _check_pattern,
     "pair": _check_pair,
     "indices": _check_indices,

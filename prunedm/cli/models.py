@@ -37,22 +37,33 @@ def load_model(spec: str | None, seed: int = 0):
         if name not in SHIPPED_MODELS or not (ASSETS / name / "config.json").is_file():
             shipped = ", ".join(f"asset:{n}" for n in SHIPPED_MODELS)
             raise ConfigError(f"model={spec}: no such shipped model; shipped ones: {shipped}")
-        return _load_diffusers(ASSETS / name)
+        return load_diffusers(ASSETS / name)
     if spec.startswith("arch:"):
         name = spec.removeprefix("arch:")
         if name not in ARCHITECTURES:
             raise ConfigError(f"model={spec}: unknown architecture; built-in ones: {', '.join(ARCHITECTURES)}")
         return build(name, seed=seed)
     path = Path(spec)
+    denoiser = pipeline_denoiser(path)
+    if denoiser is not None:  # a pipeline dir: its unet/ or transformer/ (the other parts: prunedm.cli.pipeline)
+        return load_diffusers(denoiser)
     if (path / "structure.json").is_file():
         from prunedm.serialization import load_pretrained
 
         return load_pretrained(path)
     if (path / "config.json").is_file():
-        return _load_diffusers(path)
+        return load_diffusers(path)
     if path.exists():
         raise ConfigError(f"model={spec}: no model there (expected config.json from diffusers or structure.json)")
     return _load_from_hub_cache(spec)
+
+
+def pipeline_denoiser(path: Path) -> Path | None:
+    """The denoiser's dir of a diffusers pipeline dir (unet/ or transformer/ with a config.json), else None."""
+    for sub in ("unet", "transformer"):
+        if (path / sub / "config.json").is_file() and not (path / "config.json").is_file():
+            return path / sub
+    return None
 
 
 def _diffusers_class(name, where: Path):
@@ -104,6 +115,12 @@ def _check_against_weights(cls, config: dict, path: Path) -> None:
             model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     except Exception as exc:  # whatever the config makes the constructor raise is the config's fault
         raise ConfigError(f"{config_file}: a {cls.__name__} cannot be built from it: {_short(exc)}") from exc
+    check_weights(model, config_file, weights, header)
+
+
+def check_weights(model, config_file: Path, weights: Path, header: dict) -> None:
+    """Hold the shapes of `model` (built on the meta device from config_file) against the weights' safetensors
+    header: ConfigError when they differ, or when the config describes far more weights than the file holds."""
     numel = 0
     for key, tensor in model.state_dict().items():
         numel += tensor.numel()
@@ -122,7 +139,8 @@ def _short(exc: BaseException) -> str:
     return text[:300]
 
 
-def _load_diffusers(path: Path):
+def load_diffusers(path: Path):
+    """The diffusers model in `path`: safetensors only, its config checked against the weights first."""
     config = _read_config(path / "config.json")
     cls = _diffusers_class(config.get("_class_name"), path / "config.json")
     _check_against_weights(cls, config, path)
@@ -144,20 +162,26 @@ def _load_from_hub_cache(repo_id: str):
     config_path = next(iter(sorted(local.glob("**/config.json"))), None)
     if config_path is None:
         raise ConfigError(f"model={repo_id}: the cached copy at {local} has no config.json")
-    return _load_diffusers(config_path.parent)
+    return load_diffusers(config_path.parent)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def _folder_images(folder: Path, size: int, channels: int) -> torch.Tensor:
-    """Every image under `folder` (sorted by path), as [N, channels, size, size] in [-1, 1] (bicubic resize)."""
-    import numpy as np
-    from PIL import Image
-
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under `folder`, sorted by path (the order training data is read in)."""
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ConfigError(f"data={folder}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def folder_images(folder: Path, size: int, channels: int, files: list[Path] | None = None) -> torch.Tensor:
+    """The images under `folder` (or its `files`), as [N, channels, size, size] in [-1, 1] (bicubic resize)."""
+    import numpy as np
+    from PIL import Image
+
+    files = image_files(folder) if files is None else files
     if channels not in (1, 3):
         raise ConfigError(f"data={folder}: an image folder feeds models with 1 or 3 input channels, not {channels}")
     mode = "L" if channels == 1 else "RGB"
@@ -187,12 +211,12 @@ def _folder_images(folder: Path, size: int, channels: int) -> torch.Tensor:
     return (images / 127.5 - 1.0).clamp(-1, 1).contiguous()
 
 
-def training_images(data: str, model) -> torch.Tensor:
-    """Images in [-1, 1] shaped for `model`: data="digits" (shipped with scikit-learn), a folder of
-    images (PNG/JPG/..., resized to the model's sample_size; the real-scale path, e.g. CIFAR-10 as
-    PNGs), or a .safetensors file whose "images" tensor is [N, C, H, W]."""
+def training_images(data: str, model, size: int | None = None, channels: int | None = None) -> torch.Tensor:
+    """Images in [-1, 1] shaped for `model` (or `size` and `channels`, e.g. a VAE's input): data="digits"
+    (shipped with scikit-learn), a folder of images (PNG/JPG/..., resized to the model's sample_size; the
+    real-scale path, e.g. CIFAR-10 as PNGs), or a .safetensors file whose "images" tensor is [N, C, H, W]."""
     config = model.config
-    size, channels = config.sample_size, config.in_channels
+    size, channels = size or config.sample_size, channels or config.in_channels
     if data == "digits":
         from prunedm.data import DigitsDataset
 
@@ -200,7 +224,7 @@ def training_images(data: str, model) -> torch.Tensor:
         return images.expand(-1, channels, -1, -1).contiguous()
     path = Path(data)
     if path.is_dir():
-        return _folder_images(path, size, channels)
+        return folder_images(path, size, channels)
     if path.suffix != ".safetensors" or not path.is_file():
         raise ConfigError(
             f"data={data}: expected 'digits', a folder of images, "

@@ -37,6 +37,15 @@ MASKLLM_DEFAULTS = {"preset": "official", "hard": None, "mask_lr": None, "init_s
 MASKPRO_DEFAULTS = {"preset": "official", "samples": None, "baseline": None, "baseline_decay": None,
                     "normalize_advantage": None, "logit_init": None, "mask_lr": None, "model_lr": 0.0}  # fmt: skip
 
+# Conditioned models (prunedm.cli.pipeline): pipeline: the pipeline dir whose text_encoder/ + tokenizer/, vae/,
+# scheduler/ and id2label condition the model (null: model= itself when it is one). cond_dropout 0: diffusers'
+# train_text_to_image drops no captions by default (--proportion_empty_prompts 0), and a DiT drops its labels itself
+# in training mode (LabelEmbedding, class_dropout_prob 0.1 as in the official DiT); SD's pretraining dropped 10%.
+CONDITIONING_TRAIN = {"pipeline": None, "cond_dropout": 0.0}
+# guidance_scale null: the pipelines' defaults (text 7.5 as StableDiffusionPipeline, class 4.0 as DiTPipeline;
+# 1, no guidance, for a model without a null condition).
+CONDITIONING_SAMPLE = {"pipeline": None, "prompts": None, "class_labels": None, "guidance_scale": None}
+
 DEFAULTS = {
     "prune": {
         "model": None,
@@ -50,6 +59,7 @@ DEFAULTS = {
         "model": None,
         "data": "digits",
         "device": "auto",
+        **CONDITIONING_TRAIN,
         "finetune": {f.name: f.default for f in fields(FinetuneConfig)},
     },
     "learn-mask": {
@@ -57,6 +67,7 @@ DEFAULTS = {
         "data": "digits",
         "seed": 0,
         "device": "auto",
+        **CONDITIONING_TRAIN,
         "method": "maskllm",  # maskllm | maskpro | magnitude
         "pattern": "2:4",  # N:M; sparse tensor cores (and `prunedm sparsify`) run 2:4
         "steps": 100,
@@ -82,6 +93,7 @@ DEFAULTS = {
         "num_samples": 16,
         "steps": 50,
         "scheduler": "ddim",
+        **CONDITIONING_SAMPLE,
     },
     "eval": {
         "model": None,  # sample from this model ...
@@ -95,6 +107,7 @@ DEFAULTS = {
         "seed": 0,
         "device": "auto",
         "dtype": "float32",
+        **CONDITIONING_SAMPLE,
     },
 }
 
@@ -134,6 +147,19 @@ SCHEDULER = choice("the sampling scheduler", SCHEDULERS)
 LR = number("learning rate", 0, low_open=True)
 RATIO = number("fraction of channels removed", 0, 1, low_open=True, high_open=True)
 EMA_DECAY = number("EMA decay per step", 0, 1, high_open=True)
+
+PIPELINE = text("the diffusers pipeline dir conditioning the model (text_encoder/ + tokenizer/, vae/, scheduler/, "
+               "id2label; null: model= when it is a pipeline dir)", nullable=True)  # fmt: skip
+CONDITIONING_TRAIN_KEYS = {
+    "pipeline": PIPELINE,
+    "cond_dropout": number("chance a sample's caption or class is swapped for the null one", 0, 1, high_open=True),
+}
+CONDITIONING_SAMPLE_KEYS = {
+    "pipeline": PIPELINE,
+    "prompts": Key("texts", "prompts of a text-conditioned model, cycled over the samples", nullable=True),
+    "class_labels": Key("labels", "class ids or id2label names, cycled (null: every class in turn)", 0, nullable=True),
+    "guidance_scale": number("classifier-free guidance scale (1: none; null: 7.5 text, 4 class)", 0, nullable=True),
+}
 
 FINETUNE_KEYS = {
     "steps": TRAIN_STEPS,
@@ -178,7 +204,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "depth.keep": Key("indices", "block indices to keep (null: every `every`-th)", 0, nullable=True),
         "depth.every": integer("keep every k-th block when keep is null", 1),
     },
-    "finetune": {"model": MODEL, "data": DATA, "device": DEVICE}
+    "finetune": {"model": MODEL, "data": DATA, "device": DEVICE, **CONDITIONING_TRAIN_KEYS}
     | {f"finetune.{name}": key for name, key in FINETUNE_KEYS.items()},
     "learn-mask": {
         "model": MODEL,
@@ -190,6 +216,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "steps": TRAIN_STEPS,
         "batch_size": BATCH,
         "checkpoint_every": integer("steps between learner checkpoints", 1),
+        **CONDITIONING_TRAIN_KEYS,
         "maskllm.preset": choice(
             "official (NVlabs/MaskLLM) or short (hard masks, lr 5e-3); fills every null", MASKLLM_PRESETS
         ),
@@ -250,6 +277,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "num_samples": NUM_SAMPLES,
         "steps": SAMPLE_STEPS,
         "scheduler": SCHEDULER,
+        **CONDITIONING_SAMPLE_KEYS,
     },
     "eval": {
         "model": MODEL,
@@ -263,6 +291,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": SEED,
         "device": DEVICE,
         "dtype": DTYPE,
+        **CONDITIONING_SAMPLE_KEYS,
     },
     "demo": {
         "model": text("the dense model the pipeline starts from"),

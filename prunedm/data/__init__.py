@@ -1,5 +1,7 @@
-"""Datasets that ship with installed packages, so that everything runs offline."""
+"""Datasets that ship with installed packages, so that everything runs offline, and images with their
+conditioning."""
 
+from prunedm.data.conditioned import ConditionedImages
 from prunedm.data.digits import DigitsDataset
 
-__all__ = ["DigitsDataset"]
+__all__ = ["ConditionedImages", "DigitsDataset"]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunedm._optional import optional_import
+from prunedm.diffusion import predict, sample_noise
 
 if TYPE_CHECKING:
     import torch_pruning as tp
@@ -180,7 +181,7 @@ def accumulate_denoising_gradients(
     batch = images.shape[0]
     per_pass = max(1, samples_per_pass // batch)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.randn(images.shape, generator=generator).to(images)
+    noise = sample_noise(images, generator)
     if threads == "auto":
         threads = gradient_pass_threads(model, param.device)
     record = GradientPass()
@@ -198,8 +199,9 @@ def accumulate_denoising_gradients(
                 noise_pass = noise.repeat(repeats, *([1] * (noise.dim() - 1)))
                 noisy = scheduler.add_noise(images.repeat(repeats, *([1] * (images.dim() - 1))), noise_pass, t_batch)
                 kwargs = _expand_kwargs(model_kwargs, batch, repeats)
-                prediction = model(noisy, t_batch, **kwargs).sample
-                squared = F.mse_loss(prediction[:, : noise.shape[1]], noise_pass, reduction="none")
+                prediction = predict(model, noisy, t_batch, kwargs)
+                # The paper's epsilon loss, per timestep (summed below); its target is the noise whatever the scheduler.
+                squared = F.mse_loss(prediction, noise_pass, reduction="none")
                 losses = squared.reshape(repeats, -1).mean(dim=1)  # each row: F.mse_loss at one timestep
                 used = repeats
                 for i, value in enumerate(losses.detach().tolist()):  # one host read per pass

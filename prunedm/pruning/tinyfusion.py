@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunedm.diffusion import denoising_loss as shared_denoising_loss
+from prunedm.diffusion import sample_timesteps
 from prunedm.pruning.depth import _block_input, _block_output, transformer_blocks
 from prunedm.pruning.importance import optional_import
 
@@ -68,12 +70,10 @@ def denoising_loss(model: nn.Module, batch, scheduler=None, generator: torch.Gen
     n = latents.shape[0]
     if labels is None and getattr(getattr(model, "config", None), "num_embeds_ada_norm", None):
         labels = torch.zeros(n, dtype=torch.long, device=latents.device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(latents.device)
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
-    noisy = scheduler.add_noise(latents, noise, t)
-    kwargs = {"class_labels": labels} if labels is not None else {}
-    prediction = model(noisy, timestep=t, **kwargs).sample
-    return F.mse_loss(prediction[:, : latents.shape[1]], noise)
+    # Timesteps before noise (the order this loss has always drawn in, so seeded runs stay the same).
+    t = sample_timesteps(scheduler, n, latents.device, generator)
+    batch = {"images": latents, **({"class_labels": labels} if labels is not None else {})}
+    return shared_denoising_loss(model, scheduler, batch, generator, timesteps=t)
 
 
 # Where each constant comes from. "official": VainF/TinyFusion prune_by_learning.py (its defaults and the

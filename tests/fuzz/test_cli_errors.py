@@ -165,7 +165,7 @@ def test_empty_out_dir_stays_empty_after_a_failed_run(rejects, tmp_path):
     assert out.is_dir() and not any(out.iterdir())
 
 
-def test_sample_refuses_a_dit_and_writes_nothing(rejects, tmp_path):
+def test_sample_refuses_a_dit_class_it_does_not_have_and_writes_nothing(rejects, tmp_path):
     from diffusers import DiTTransformer2DModel
 
     dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
@@ -174,10 +174,9 @@ def test_sample_refuses_a_dit_and_writes_nothing(rejects, tmp_path):
     dit.save_pretrained(tmp_path / "dit")
     out = tmp_path / "out"
     rejects(
-        ["sample", f"model={tmp_path / 'dit'}", "steps=1", "num_samples=1", "--out", out],
-        "sampling supports unconditional UNet2DModel models",
-        "DiTTransformer2DModel",
-        "not yet supported",
+        ["sample", f"model={tmp_path / 'dit'}", "steps=1", "num_samples=1", "class_labels=[1000]", "--out", out],
+        "class_labels: 1000 is not a class of this DiTTransformer2DModel",
+        "ids 0..999",
         out=out,
     )
 
