@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunedm._atomic import write_text_atomic
-from prunedm.diffusion import diffusion_target, predict
+from prunedm.diffusion import denoising_loss as shared_denoising_loss
 
 from .common import environment, time_ms, write_results
 
@@ -107,13 +107,7 @@ def denoising_loss(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Noise-prediction MSE at random timesteps (global RNG, which the mask learners replay)."""
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    noise = torch.randn_like(images)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],))
-    noisy = scheduler.add_noise(images, noise, timesteps)
-    return nn.functional.mse_loss(
-        predict(model, noisy, timesteps, {}), diffusion_target(scheduler, images, noise, timesteps)
-    )
+    return shared_denoising_loss(model, DDPMScheduler(num_train_timesteps=1000), images)
 
 
 def prune_channels_variant(model: nn.Module, importance: str, images: torch.Tensor, budget: Budget) -> None:
@@ -138,7 +132,7 @@ def reinitialise(model: nn.Module, seed: int) -> None:
 def learn_masks(model: nn.Module, method: str, images: torch.Tensor, budget: Budget, progress: bool) -> None:
     """Put a 2:4 mask on every eligible Linear/Conv2d weight (zeros in place): by magnitude, or learned."""
     from prunedm import masks as pm
-    from prunedm.train.finetune import StepSampler
+    from prunedm.train.mask_loop import learn_mask_steps
 
     if method == "magnitude":
         targets, _ = pm.find_targets(model)
@@ -153,9 +147,8 @@ def learn_masks(model: nn.Module, method: str, images: torch.Tensor, budget: Bud
         learner = pm.MaskProLearner(model, denoising_loss, logit_init=10.0, mask_lr=50.0, seed=budget.seed)
     else:
         raise ValueError(f"mask method must be one of {MASK_METHODS}, got {method!r}")
-    sampler = StepSampler(len(images), budget.batch_size, budget.seed)
-    for step in tqdm(range(budget.mask_steps), desc=f"learn-mask {method}", disable=not progress, leave=False):
-        learner.step(images[sampler.indices(step)])
+    learn_mask_steps(learner, images, budget.mask_steps, budget.batch_size, budget.seed, progress=progress,
+                     desc=f"learn-mask {method}")  # fmt: skip
     learner.finalize()
 
 
