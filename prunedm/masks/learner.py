@@ -19,6 +19,8 @@ from prunedm._atomic import atomic_file
 from prunedm._integrity import check_optimizer_state, check_tensors
 from prunedm.masks import targets as _targets
 from prunedm.ops import _checks
+from prunedm.parallel import checkpoint as sharded_checkpoint
+from prunedm.parallel import fsdp
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 
@@ -174,7 +176,9 @@ class MaskLearner(StateFile):
     Under torch.distributed (any backend; one learner per rank, each with its own batches) the
     learners keep identical masks on every rank: sampling seeds depend only on (seed, step, target),
     and what the ranks' batches make differ (logit gradients, losses, and the trained weights'
-    gradients unless the model is wrapped in DistributedDataParallel) is averaged across ranks."""
+    gradients unless the model is wrapped in DistributedDataParallel) is averaged across ranks.
+    shard() (parallel: fsdp) shards the frozen model, the logits and their optimizer state across the
+    ranks instead; save_sharded()/load_sharded() checkpoint that state with torch.distributed.checkpoint."""
 
     def __init__(
         self,
@@ -196,6 +200,7 @@ class MaskLearner(StateFile):
         self.model, self.loss_fn, self.n, self.m = model, loss_fn, n, m
         self.seed, self.backend = int(seed), backend
         self.step_count = 0
+        self.sharded = False
         self.targets, self.skipped = _targets.find_targets(model, m, types=types, include=include, exclude=exclude)
         if not self.targets:
             raise ValueError(
@@ -323,8 +328,7 @@ class MaskLearner(StateFile):
         tensors = {f"learner.{k}": v.detach().cpu().contiguous() for k, v in self._state_tensors().items()}
         tensors.update({f"model.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self._trained_params())})
         tensors.update(rng_state_tensors())
-        meta = {"class": type(self).__name__, "n": self.n, "m": self.m, "seed": self.seed, "step": self.step_count,
-                "targets": list(self.targets), "extra": self._extra_state(), "optimizers": {}}  # fmt: skip
+        meta = self._meta()
         for prefix, optimizer in self._optimizers().items():
             optimizer_tensors, optimizer_meta = _flatten_optimizer(prefix, optimizer)
             tensors.update(optimizer_tensors)
@@ -336,15 +340,7 @@ class MaskLearner(StateFile):
         Everything is checked first: on ValueError (KeyError/TypeError for missing or mistyped metadata)
         the learner is unchanged."""
         what = type(self).__name__
-        if meta["class"] != what or (meta["n"], meta["m"]) != (self.n, self.m):
-            raise ValueError(
-                f"{what}: state is from a {meta['class']} with n:m = {meta['n']}:{meta['m']}, "
-                f"this learner is {self.n}:{self.m}"
-            )
-        if meta["targets"] != list(self.targets):
-            missing = sorted(set(meta["targets"]) ^ set(self.targets))
-            raise ValueError(f"{what}: state targets differ from this model's: {missing[:5]}")
-        check_step_meta(what, meta)
+        self._check_meta(meta)
         mine, _ = self.state_dict()
         optimizers = self._optimizers()
         own = ("learner.", "model.", "rng.")
@@ -374,6 +370,94 @@ class MaskLearner(StateFile):
 
     def _check_extra_state(self, state: dict) -> None:
         """ValueError when the subclass's metadata (from _extra_state) is malformed."""
+
+    def _meta(self) -> dict:
+        return {"class": type(self).__name__, "n": self.n, "m": self.m, "seed": self.seed, "step": self.step_count,
+                "targets": list(self.targets), "extra": self._extra_state(), "optimizers": {}}  # fmt: skip
+
+    def _check_meta(self, meta: dict) -> None:
+        what = type(self).__name__
+        if meta["class"] != what or (meta["n"], meta["m"]) != (self.n, self.m):
+            raise ValueError(
+                f"{what}: state is from a {meta['class']} with n:m = {meta['n']}:{meta['m']}, "
+                f"this learner is {self.n}:{self.m}"
+            )
+        if meta["targets"] != list(self.targets):
+            missing = sorted(set(meta["targets"]) ^ set(self.targets))
+            raise ValueError(f"{what}: state targets differ from this model's: {missing[:5]}")
+        check_step_meta(what, meta)
+
+    # FSDP (parallel: fsdp) -------------------------------------------------------------------------
+
+    def shard(self, blocks: Iterable[nn.Module] | None = None) -> None:
+        """Shard across the default process group (every rank calls it, before the first step): the frozen model
+        with FSDP2 per block (default: prunedm.parallel.fsdp.find_blocks) and the root, the logits and their
+        optimizer state by rows. Each rank then samples its rows at their global Philox offset and the masks
+        are gathered, so every step equals one process's on the joined batch."""
+        if self.model_optimizer is not None:
+            raise ValueError(
+                f"{type(self).__name__}: parallel 'fsdp' learns masks of a frozen model: model_lr must be 0"
+            )
+        if self.sharded or self.step_count:
+            raise ValueError(f"{type(self).__name__}: shard() once, before the first step")
+        mesh = fsdp.device_mesh(self._device)
+        fsdp.shard_model(self.model, mesh, blocks)
+        self.logits = {name: fsdp.shard_rows(logits, mesh) for name, logits in self.logits.items()}
+        fsdp.replace_params(self.mask_optimizer, list(self.logits.values()))
+        self.sharded = True
+
+    def _sharded_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"learner.{key}": value.detach() for key, value in self._state_tensors().items()}
+        for prefix, optimizer in self._optimizers().items():
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            for index, param in enumerate(params):
+                for key, value in optimizer.state.get(param, {}).items():
+                    tensors[f"{prefix}.{index}.{key}"] = value
+        return tensors
+
+    def save_sharded(self, path: str | os.PathLike) -> None:
+        """Write the learner's state as a torch.distributed.checkpoint directory (every rank calls it; a plain
+        learner in one process may too), complete or absent; load_sharded() reads it on any number of ranks."""
+        if self.model_optimizer is not None:
+            raise ValueError(f"{type(self).__name__}: sharded checkpoints hold frozen-model learners (model_lr 0)")
+        meta = self._meta()
+        for prefix, optimizer in self._optimizers().items():
+            meta["optimizers"][prefix] = optimizer.state_dict()["param_groups"]
+        meta = json.loads(json.dumps(meta, default=_json_default))
+        rng = rng_state_tensors()
+        sharded_checkpoint.save(path, self._sharded_tensors(), meta, lambda file: save_state_file(file, rng, {}))
+
+    def load_sharded(self, path: str | os.PathLike, restore_rng_state: bool = True) -> None:
+        """Resume from save_sharded()'s directory, on this learner's ranks (any number; sharded or not). The
+        global RNG streams continue where they stopped when the rank count is the one that saved. ValueError
+        naming the directory if it cannot be used; then the learner is unchanged."""
+        meta = sharded_checkpoint.read_meta(path)
+        try:
+            self._check_meta(meta)
+            self._check_extra_state(meta["extra"])
+            if sorted(meta["optimizers"]) != sorted(self._optimizers()):
+                raise ValueError(
+                    f"optimizers {sorted(meta['optimizers'])}, this learner has {sorted(self._optimizers())}"
+                )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {type(exc).__name__}: {exc}"[:300]) from exc
+        for optimizer in self._optimizers().values():
+            sharded_checkpoint.init_optimizer_state(optimizer)
+        live = self._sharded_tensors()
+        fresh = {key: torch.empty_like(value) for key, value in live.items()}
+        sharded_checkpoint.load(path, fresh)
+        rng = sharded_checkpoint.rank_file(path) if meta["world_size"] == fsdp.world_size() else None
+        rng_tensors = load_state_file(rng)[0] if rng is not None and restore_rng_state else None
+        with torch.no_grad():
+            for key, value in live.items():
+                value.copy_(fresh[key])
+        self.seed, self.step_count = meta["seed"], meta["step"]
+        self._load_extra_state(meta["extra"])
+        for prefix, optimizer in self._optimizers().items():
+            for group, saved in zip(optimizer.param_groups, meta["optimizers"][prefix]):
+                group.update({key: value for key, value in saved.items() if key != "params"})
+        if rng_tensors is not None:
+            restore_rng(rng_tensors)
 
 
 def is_finite_number(value) -> bool:

@@ -25,6 +25,7 @@ from prunedm import ops
 from prunedm.masks import targets as _targets
 from prunedm.masks.learner import LossFn, MaskLearner, is_finite_number
 from prunedm.masks.schedules import anneal
+from prunedm.parallel import fsdp
 
 WEIGHT_REGS = ("official", "normalized")
 
@@ -149,8 +150,9 @@ class MaskLLMLearner(MaskLearner):
         tau, scale = self.tau, self.scale
         matrices = {}
         for index, (name, logits) in enumerate(self.logits.items()):
-            matrices[name] = ops.gumbel_pattern_sample(
-                logits * scale, self.n, self.m, tau, self.hard, self._sample_seed(index), backend=self.backend
+            seed = self._sample_seed(index)
+            matrices[name] = fsdp.sample_rows(
+                ops.gumbel_pattern_sample, logits * scale, self.n, self.m, tau, self.hard, seed, backend=self.backend
             )
         self._set_matrix_masks(matrices)
         return matrices
@@ -158,15 +160,21 @@ class MaskLLMLearner(MaskLearner):
     def regularization(self, matrices: dict[str, torch.Tensor]) -> torch.Tensor:
         """The term added to the loss, times weight_reg (weights detached; low when masks keep large weights).
         official: -(1 - progress) * sum over layers of ||W (.) M||^2; normalized: mean over layers of
-        1 - ||W (.) M||^2 / ||W||^2."""
+        1 - ||W (.) M||^2 / ||W||^2. Where FSDP2 holds W sharded (by rows, as the logits), each rank takes its
+        rows times the rank count, so that the gradient averaged over ranks is the full term's (its value is not)."""
         terms = []
         for name, module in self.targets.items():
-            weight = _targets.weight_matrix(module).detach().float()
-            kept = (weight * matrices[name].float()).pow(2).sum()
+            raw = _targets.raw_weight(module)
+            local, first = fsdp.local_rows(raw)
+            weight = _targets.weight_matrix(module, local.detach()).float()
+            kept = (weight * matrices[name][first : first + weight.shape[0]].float()).pow(2).sum()
+            total = weight.pow(2).sum()
+            if local is not raw:
+                kept, total = kept * fsdp.world_size(), fsdp.sum_over_ranks(total)
             if self.weight_reg_kind == "official":
                 terms.append(kept)
             else:
-                terms.append(1 - kept / weight.pow(2).sum().clamp_min(1e-30))
+                terms.append(1 - kept / total.clamp_min(1e-30))
         if self.weight_reg_kind == "official":
             return -(1 - self.progress) * torch.stack(terms).sum()
         return torch.stack(terms).mean()
@@ -183,7 +191,8 @@ class MaskLLMLearner(MaskLearner):
         if self.model_optimizer is not None:
             self.model_optimizer.zero_grad(set_to_none=True)
         total.backward()
-        self._average_across_ranks([logits.grad for logits in self.logits.values() if logits.grad is not None])
+        if not self.sharded:  # sharded: fsdp.sample_rows' backward averaged the gradient already
+            self._average_across_ranks([logits.grad for logits in self.logits.values() if logits.grad is not None])
         self._average_model_grads()
         self.mask_optimizer.step()
         if self.model_optimizer is not None:
@@ -198,7 +207,7 @@ class MaskLLMLearner(MaskLearner):
     def masks(self) -> dict[str, torch.Tensor]:
         result = {}
         for name, module in self.targets.items():
-            index = self.logits[name].argmax(-1)
+            index = fsdp.full_rows(self.logits[name], lambda rows: rows.argmax(-1))
             result[name] = _targets.matrix_to_weight(module, ops.patterns_to_mask(index, self.n, self.m))
         return result
 

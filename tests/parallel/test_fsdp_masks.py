@@ -1,0 +1,159 @@
+"""MaskLLM under FSDP2 (parallel: fsdp) on 2 gloo processes (CPU): the frozen model sharded per block, the
+logits and their Adam state by rows; each rank samples its rows at their global Philox offset. The sampled
+and final masks equal, bit for bit, those of one process learning on the joined batch; a run stopped
+mid-way resumes from its sharded checkpoint in one process with the same result."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend"),
+    pytest.mark.skipif(sys.platform == "win32", reason="file:// rendezvous"),
+]
+
+WORLD = 2
+STEPS = 4
+PRESETS = ("official", "short")
+PRESET_LR = {"official": 5e-4, "short": 5e-3}
+
+
+class TinyTransformer(nn.Module):
+    """Blocks where diffusers keeps them (transformer_blocks), and an output layer of 7 rows (uneven shards)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(16, 32)
+        self.transformer_blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32)) for _ in range(2)
+        )
+        self.proj_out = nn.Linear(32, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj_in(x)
+        for block in self.transformer_blocks:
+            h = h + block(h)
+        return self.proj_out(h)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyTransformer()
+
+
+def _batch(rank: int, step: int):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(32, 16, generator=g) * torch.logspace(-1, 1, 16)
+    return x, torch.randn(32, 7, generator=g)
+
+
+def _joined(step: int, world: int = WORLD):
+    parts = [_batch(rank, step) for rank in range(world)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _mse(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y)
+
+
+def _learner(preset: str):
+    from prunedm.masks import MaskLLMLearner
+
+    # weight_reg on in both, so the sharded regulariser is exercised.
+    return MaskLLMLearner(_model(), _mse, preset=preset, total_steps=STEPS, weight_reg=1e-3)
+
+
+def _results(learner, prefix: str) -> dict[str, torch.Tensor]:
+    from prunedm.parallel import fsdp
+
+    out = {f"{prefix}mask.{k}": v.contiguous() for k, v in learner.masks().items()}
+    out.update({f"{prefix}logits.{k}": fsdp.full_rows(v).detach().contiguous() for k, v in learner.logits.items()})
+    return out
+
+
+def _worker(rank: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for preset in PRESETS:
+            learner = _learner(preset)
+            learner.shard()
+            sampled = learner.sample()
+            learner._set_matrix_masks(None)
+            results.update({f"{preset}.sample.{k}": v.detach().contiguous() for k, v in sampled.items()})
+            for step in range(STEPS):
+                if step == STEPS // 2:
+                    learner.save_sharded(f"{out}/ckpt-{preset}")
+                    results.update(_results(learner, f"{preset}.half."))
+                learner.step(_batch(rank, step))
+            results.update(_results(learner, f"{preset}."))
+        if rank == 0:
+            save_file(results, f"{out}/rank0.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """One 2-rank run of both presets (spawning costs seconds): its results and its mid-way checkpoints."""
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
+    return out, load_file(out / "rank0.safetensors")
+
+
+def _one_process(preset: str, steps: range, learner=None):
+    learner = learner or _learner(preset)
+    for step in steps:
+        learner.step(_joined(step))
+    return learner
+
+
+def _assert_logits_close(actual, expected, preset):
+    # Adam turns a gradient's rounding into a +-lr step where the gradient is ~0: allow that, per step.
+    tolerance = 2 * PRESET_LR[preset] * STEPS
+    torch.testing.assert_close(actual, expected, rtol=0, atol=tolerance)
+
+
+def test_sharded_masks_equal_one_process_on_the_joined_batch(sharded):
+    _, results = sharded
+    for preset in PRESETS:
+        single = _learner(preset)
+        sampled = single.sample()
+        single._set_matrix_masks(None)
+        for name, matrix in sampled.items():
+            assert torch.equal(results[f"{preset}.sample.{name}"], matrix.detach()), (preset, name)
+        _one_process(preset, range(STEPS), single)
+        for name, mask in single.masks().items():
+            assert torch.equal(results[f"{preset}.mask.{name}"], mask), (preset, name)
+        for name, logits in single.logits.items():
+            _assert_logits_close(results[f"{preset}.logits.{name}"], logits.detach(), preset)
+        moved = any(not torch.equal(logits.detach(), _learner(preset).logits[k]) for k, logits in single.logits.items())
+        assert moved, "the learner did not learn: the comparison would be vacuous"
+
+
+def test_stopped_sharded_run_resumes_in_one_process(sharded):
+    out, results = sharded
+    half = STEPS // 2
+    for preset in PRESETS:
+        checkpoint = out / f"ckpt-{preset}"
+        assert (checkpoint / "prunedm.json").exists() and not list(out.glob(".ckpt-*"))
+        resumed = _learner(preset)
+        resumed.load_sharded(checkpoint)
+        assert resumed.step_count == half
+        for name, logits in resumed.logits.items():
+            assert torch.equal(logits.detach(), results[f"{preset}.half.logits.{name}"]), (preset, name)
+        _one_process(preset, range(half, STEPS), resumed)
+        for name, mask in resumed.masks().items():
+            assert torch.equal(mask, results[f"{preset}.mask.{name}"]), (preset, name)
+        reference = _one_process(preset, range(STEPS))
+        for name, logits in reference.logits.items():
+            _assert_logits_close(resumed.logits[name].detach(), logits.detach(), preset)
