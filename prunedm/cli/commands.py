@@ -349,10 +349,15 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
         images = images.to(device)
         loss = _denoising_loss(training_scheduler(config))
         learner = _learner(config, model, loss, n, m)
-        state = out / "learner.safetensors"
+        sharded = config["parallel"] == "fsdp"
+        if sharded and method != "maskllm":
+            raise ConfigError(f"parallel: fsdp learns maskllm masks; method {method} runs with parallel: ddp")
+        if sharded and world > 1:  # FSDP2: model, logits and Adam state sharded across ranks (prunedm.parallel)
+            learner.shard()
+        state = out / ("learner-sharded" if sharded else "learner.safetensors")
         if resume and state.exists():
             try:
-                learner.load(state)
+                learner.load_sharded(state) if sharded else learner.load(state)
             except ValueError as exc:
                 raise ConfigError(f"--resume: {exc}; delete {state} to learn afresh, or use a new --out") from None
         if rank == 0:  # lines of steps after the checkpoint are redone (and a line cut short by a kill dropped)
@@ -363,8 +368,11 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
             if log is not None:
                 log.write(json.dumps({"step": done, **{k: v for k, v in info.items() if _scalar(v)}}) + "\n")
                 log.flush()
-            if rank == 0 and (done % config["checkpoint_every"] == 0 or done == config["steps"]):
-                learner.save(state)  # whole or not at all
+            if done % config["checkpoint_every"] == 0 or done == config["steps"]:
+                if sharded:  # every rank writes its shards; the directory appears whole or not at all
+                    learner.save_sharded(state)
+                elif rank == 0:
+                    learner.save(state)  # whole or not at all
 
         try:
             with training_dropout(model, cond, config["cond_dropout"]):
@@ -377,7 +385,12 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
             if rank == 0:  # forward passes only, no collectives: the other ranks need not wait on it
                 summary["maskpro"] = learner.report(images[:REPORT_IMAGES])
                 print(_maskpro_line(summary["maskpro"]))
-        found = learner.finalize()
+        if sharded:  # the model stayed frozen: rank 0 masks a fresh copy rather than gathering the shards
+            found = learner.masks()
+            model = load_model(config["model"], config["seed"])
+            pm.apply_masks(model, found)
+        else:
+            found = learner.finalize()
     summary["masks"] = len(found)
     if rank == 0:
         with _atomic.atomic_file(out / "masks.safetensors") as tmp:

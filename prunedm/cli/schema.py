@@ -15,6 +15,7 @@ from prunedm.masks.maskllm import WEIGHT_REGS
 from prunedm.masks.maskpro import BASELINES
 from prunedm.masks.maskpro import PRESETS as MASKPRO_PRESETS
 from prunedm.nn import BACKENDS
+from prunedm.parallel import PARALLEL_MODES
 from prunedm.pruning.channels import ROUNDINGS
 from prunedm.pruning.importance import IMPORTANCES, MAX_TIMESTEPS
 from prunedm.train import FinetuneConfig
@@ -73,6 +74,7 @@ DEFAULTS = {
         "steps": 100,
         "batch_size": 16,
         "checkpoint_every": 25,
+        "parallel": "ddp",  # ddp: every rank holds everything; fsdp: sharded (FSDP2, maskllm)
         "maskllm": MASKLLM_DEFAULTS,
         "maskpro": MASKPRO_DEFAULTS,
     },
@@ -216,6 +218,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "steps": TRAIN_STEPS,
         "batch_size": BATCH,
         "checkpoint_every": integer("steps between learner checkpoints", 1),
+        "parallel": choice("ddp: every rank holds model and logits; fsdp: both sharded across ranks", PARALLEL_MODES),
         **CONDITIONING_TRAIN_KEYS,
         "maskllm.preset": choice(
             "official (NVlabs/MaskLLM) or short (hard masks, lr 5e-3); fills every null", MASKLLM_PRESETS

@@ -1,0 +1,87 @@
+"""`prunedm learn-mask parallel=fsdp` as torchrun runs it (2 gloo ranks, the env:// variables torchrun sets) on the
+tiny UNet: it writes 2:4 masks and a sharded checkpoint that one process resumes from and continues; the
+parallel key takes ddp or fsdp only, and fsdp only with maskllm."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from prunedm.cli import main
+
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend"),
+    pytest.mark.skipif(sys.platform == "win32", reason="gloo on loopback"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+WORLD = 2
+ARGS = ["learn-mask", "model=arch:tiny-unet", "method=maskllm", "parallel=fsdp", "batch_size=4", "checkpoint_every=1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Killed(BaseException):
+    """Stands for a kill right after a checkpoint."""
+
+
+def _torchrun_worker(rank: int, port: int, argv: list[str]) -> None:
+    from prunedm.parallel import checkpoint
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
+    save = checkpoint.save
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise _Killed
+
+    checkpoint.save = save_then_die
+    try:
+        main(argv)
+    except _Killed:
+        return
+    raise AssertionError("the run was not stopped at its first checkpoint")
+
+
+@pytest.mark.slow  # two processes importing diffusers, then a third run: ~60 s on 2 shared cores
+def test_learn_mask_fsdp_two_ranks_then_resume_in_one_process(tmp_path):
+    from prunedm import load_pretrained, ops
+
+    out = tmp_path / "out"
+    argv = [*ARGS, "steps=2", "device=cpu", "--out", str(out)]
+    mp.spawn(_torchrun_worker, args=(_free_port(), argv), nprocs=WORLD, join=True)  # killed after step 1
+    assert json.loads((out / "learner-sharded" / "prunedm.json").read_text())["world_size"] == WORLD
+    assert not (out / "masks.safetensors").exists()
+    # One process continues the 2-rank run from its sharded checkpoint.
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((out / "learner-sharded" / "prunedm.json").read_text())["step"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    masks = load_file(str(out / "masks.safetensors"))
+    modules = dict(load_pretrained(out / "model").named_modules())
+    for name, mask in masks.items():
+        weight = modules[name].weight
+        matrix = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1) if weight.dim() == 4 else weight
+        assert ops.nm_violations(matrix, 2, 4) == 0, name
+        assert int((mask != 0).sum()) == mask.numel() // 2, name
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("parallel=zero", "one of ddp, fsdp"), ("method=maskpro", "parallel: fsdp learns maskllm masks")],
+)
+def test_parallel_key_is_checked(tmp_path, capsys, override, message):
+    argv = [*ARGS, "steps=1", "device=cpu", override, "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
