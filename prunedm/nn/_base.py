@@ -102,6 +102,10 @@ class _SparseWeight(_PackedStorage):
             return self._forward_prunedm(x)
         return self._forward_dense(x)
 
+    def _run_checked(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        """_run, with the prunedm kernel's arguments checked (prunedm.ops): for an input not run before."""
+        return self._prunedm_checked(x) if path == "prunedm" else self._run(path, x)
+
     # -- the forward ----------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +120,8 @@ class _SparseWeight(_PackedStorage):
         call = runtime.calls.get(signature)
         if call is None:
             return self._first_call(x, signature)
-        self.last_run = call[1]
+        if self.last_run is not call[1]:  # nn.Module.__setattr__ costs microseconds: only when it changes
+            self.last_run = call[1]
         return call[0](x)
 
     def _first_call(self, x: torch.Tensor, signature: tuple) -> torch.Tensor:
@@ -129,7 +134,7 @@ class _SparseWeight(_PackedStorage):
         capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if path != "dense":
             try:
-                out = self._prunedm_checked(x) if path == "prunedm" else self._run(path, x)
+                out = self._run_checked(path, x)
             except FALLBACK_ERRORS as exc:  # a kernel that refuses this GPU or shape: run dense instead
                 runtime.drop_path(path, f"{type(exc).__name__}: {exc}")
                 path, why, warn_key = "dense", runtime.dense_problem, None

@@ -213,7 +213,7 @@ class _Runtime:
             # Dense is timed as auto would run it: from a kept dense weight, not decompressed per call.
             self.dense_cache = layer._dense_weight_uncached()
             fns = {"dense": lambda: layer._forward_dense(x)}
-            fns.update({path: (lambda p=path: layer._run(p, x)) for path in self.paths})
+            fns.update({path: (lambda p=path: layer._run_checked(p, x)) for path in self.paths})
             times, errors = _autotune.time_candidates(fns, x.device)
             if "dense" in errors:
                 layer._forward_dense(x)  # raises the real error

@@ -8,21 +8,10 @@ from prunedm.ops import _backends, _checks, reference
 
 # Pure layout changes: the extension's are views (CompositeImplicitAutograd), on every device.
 _ANY_DEVICE = {"*": ("extension", "reference")}
-_backends.declare(
-    "conv_weight_to_matrix",
-    reference=reference.conv_weight_to_matrix_ref,
-    extension="conv_weight_to_matrix",
-    accepted=("auto",),
-    auto=_ANY_DEVICE,
-)
-_backends.declare(
-    "matrix_to_conv_weight",
-    reference=reference.matrix_to_conv_weight_ref,
-    extension="matrix_to_conv_weight",
-    accepted=("auto",),
-    auto=_ANY_DEVICE,
-)
 for _op in ("conv_weight_to_matrix", "matrix_to_conv_weight"):
+    _backends.declare(
+        _op, reference=getattr(reference, f"{_op}_ref"), extension=_op, accepted=("auto",), auto=_ANY_DEVICE
+    )
     _backends.set_available(_op, "extension", lambda device, dtype: _backends.extension_problem(torch.device("cpu")))
 
 
