@@ -175,3 +175,22 @@ def test_no_source_file_over_500_lines():
     }
     assert not set(long) - KNOWN_LONG, f"source files over {MAX_LINES} lines: {long}"
     assert not KNOWN_LONG - set(long), f"KNOWN_LONG entries now at most {MAX_LINES} lines: {KNOWN_LONG - set(long)}"
+
+
+def _imports_under(graph: dict[str, set[str]], package: str) -> dict[str, set[str]]:
+    return {name: targets for name, targets in graph.items() if name == package or name.startswith(package + ".")}
+
+
+def test_ops_ext_and_kernels_have_no_back_arrows():
+    """_ext imports nothing of prunedm; ops imports only itself, _ext and the foundation (never kernels: the backend
+    table loads that package by name, and it registers itself); kernels import only the table and the spec."""
+    graph = import_graph()
+    assert graph["prunedm._ext"] <= {"prunedm._C"}, graph["prunedm._ext"]
+    foundation = {"prunedm._ext", "prunedm._C", "prunedm._atomic"}
+    for name, targets in _imports_under(graph, "prunedm.ops").items():
+        above = {t for t in targets if not t.startswith("prunedm.ops") and t not in foundation}
+        assert not above, f"{name} imports {sorted(above)}"
+    spec = {"prunedm.ops._backends", "prunedm.ops._checks", "prunedm.ops.reference"}
+    for name, targets in _imports_under(graph, "prunedm.kernels").items():
+        outside = {t for t in targets if not t.startswith("prunedm.kernels") and t not in spec}
+        assert not outside, f"{name} imports {sorted(outside)}"

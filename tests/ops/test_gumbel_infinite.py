@@ -177,10 +177,18 @@ def test_auto_never_picks_triton_for_a_pattern_table_it_refuses(monkeypatch):
     # As on a GPU without the extension, "auto" resolves to triton; m = 16, n = 8 (12870 patterns) must
     # then run on the reference instead of the triton kernel, which refuses it.
     pytest.importorskip("triton")
-    from prunedm.ops import gumbel as gumbel_ops
+    from prunedm.ops import _backends
 
-    monkeypatch.setattr(gumbel_ops, "pick_backend", lambda op, backend, tensor: "triton")
+    entry = _backends._OPS["gumbel_pattern_sample"]
+    monkeypatch.setitem(entry.auto, "cpu", ("triton", "reference"))
+    monkeypatch.setitem(entry.available, "triton", lambda device, dtype: "")
+    _backends.clear_cache()
+    assert _backends.pick("gumbel_pattern_sample", "auto", torch.empty(1)).name == "triton"
     logits = torch.randn(1, 2, math.comb(16, 8), generator=torch.Generator().manual_seed(0))
-    mask = ops.gumbel_pattern_sample(logits, 8, 16, seed=3)
+    try:
+        mask = ops.gumbel_pattern_sample(logits, 8, 16, seed=3)
+    finally:
+        monkeypatch.undo()
+        _backends.clear_cache()
     assert torch.equal(mask, reference.gumbel_pattern_sample_ref(logits, 8, 16, seed=3))
     assert_exact_nm(mask, 8, 16)
