@@ -122,41 +122,41 @@ def hottest_loop(instrs: list[tuple[int, str]]) -> dict | None:
     }
 
 
-def parse_res_usage(text: str) -> dict[str, dict[str, int]]:
-    """cuobjdump -res-usage -> {function: {'registers', 'stack', 'shared', 'local'}}."""
+def _per_function(text: str, header: re.Pattern, fields_of) -> dict[str, dict[str, int]]:
+    """{function: fields_of(line)} for the first line after each header line (group 1: the function) where
+    fields_of returns a dict."""
     out: dict[str, dict[str, int]] = {}
     current = None
     for line in text.splitlines():
-        header = _RES.match(line)
-        if header:
-            current = header.group(1)
-            continue
-        if current and "REG:" in line:
-            fields = dict(re.findall(r"([A-Z_\[\]0-9]+):(\d+)", line))
-            out[current] = {
-                "registers": int(fields.get("REG", 0)),
-                "stack": int(fields.get("STACK", 0)),
-                "shared": int(fields.get("SHARED", 0)),
-                "local": int(fields.get("LOCAL", 0)),
-            }
-            current = None
+        match = header.search(line)
+        if match:
+            current = match.group(1)
+        elif current and (fields := fields_of(line)) is not None:
+            out[current], current = fields, None
     return out
+
+
+def _resources(line: str) -> dict[str, int] | None:
+    if "REG:" not in line:
+        return None
+    fields = dict(re.findall(r"([A-Z_\[\]0-9]+):(\d+)", line))
+    return {name: int(fields.get(key, 0)) for name, key in
+            (("registers", "REG"), ("stack", "STACK"), ("shared", "SHARED"), ("local", "LOCAL"))}  # fmt: skip
+
+
+def _spills(line: str) -> dict[str, int] | None:
+    match = _SPILLS.search(line)
+    return None if match is None else {"spill_stores": int(match.group(2)), "spill_loads": int(match.group(3))}
+
+
+def parse_res_usage(text: str) -> dict[str, dict[str, int]]:
+    """cuobjdump -res-usage -> {function: {'registers', 'stack', 'shared', 'local'}}."""
+    return _per_function(text, _RES, _resources)
 
 
 def parse_ptxas_spills(text: str) -> dict[str, dict[str, int]]:
     """ptxas -v output -> {function: {'spill_stores', 'spill_loads'}} (bytes)."""
-    out: dict[str, dict[str, int]] = {}
-    current = None
-    for line in text.splitlines():
-        entry = _PTXAS_ENTRY.search(line)
-        if entry:
-            current = entry.group(1)
-            continue
-        spills = _SPILLS.search(line)
-        if spills and current:
-            out[current] = {"spill_stores": int(spills.group(2)), "spill_loads": int(spills.group(3))}
-            current = None
-    return out
+    return _per_function(text, _PTXAS_ENTRY, _spills)
 
 
 def kernel_label(mangled: str) -> str:
