@@ -143,12 +143,8 @@ def _dense_layer(layer: Layer, dtype: torch.dtype, device: torch.device, seed: i
 
 
 def _backends(device: torch.device) -> list[str]:
-    from prunedm.nn._backends import prunedm_sparse_ops
-
     names = ["dense", "torch"] if device.type == "cuda" else ["dense"]
-    if prunedm_sparse_ops() is not None:
-        names.append("prunedm")
-    return [*names, "auto"]
+    return [*names, "prunedm", "auto"]
 
 
 def bench_layer(layer: Layer, batch: int, dtype, device, min_run_time: float, seed: int = 0) -> list[dict]:

@@ -5,8 +5,8 @@ call: Linear 64->64 at batch 8, Conv2d 16->16 (and 32->32, which prunedm's conv 
 2, float32, one thread, no autograd, all in one run. Each sparse layer is timed on every path reachable on
 CPU: `cache_dense` (cache_dense=True: the masked dense weight kept), `decompress` (the default: the weight
 decompressed per call), `prunedm` (prunedm's own kernel, its CPU twin) and `prunedm-stub` (the same path
-with the kernel call replaced by one returning a preallocated output: the Python the path adds around the
-kernel). Target (issue 14): cache_dense at most 1.15x dense.
+with the kernel replaced, in prunedm.ops' backend table, by one returning a preallocated output: the Python
+the path adds around the kernel). Target (issue 14): cache_dense at most 1.15x dense.
 
     python -m bench.overhead [--out FILE] [--min-run-time SECONDS]"""
 
@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from prunedm._atomic import write_text_atomic
 from prunedm.nn import SparseConv2d, SparseLinear
-from prunedm.ops import reference
+from prunedm.ops import _backends
 
 from .common import environment, time_ms
 
@@ -44,24 +44,11 @@ def _shapes() -> list[tuple[str, nn.Module, torch.Tensor, type]]:
 
 @contextlib.contextmanager
 def _stubbed_kernel(op: str, output: torch.Tensor):
-    """The op the prunedm backend ends in (torch.ops.prunedm.<op>, or <op>_ref without the extension) returns
-    `output` at once while inside; everything the layer and prunedm.ops do around it still runs."""
-    namespace = torch.ops.prunedm
+    """op's implementations in prunedm.ops' backend table (the extension's, and the reference the prunedm path
+    runs without it) return `output` at once while inside; everything the layer does around them still runs."""
     stub = lambda *args, **kwargs: output  # noqa: E731
-    saved_ref = getattr(reference, f"{op}_ref")
-    try:
-        saved_op = getattr(namespace, op)
-    except (AttributeError, RuntimeError):  # no compiled extension: the reference is what runs
-        saved_op = None
-    try:
-        setattr(reference, f"{op}_ref", stub)
-        if saved_op is not None:
-            setattr(namespace, op, stub)
+    with _backends.replaced(op, "extension", stub), _backends.replaced(op, "reference", stub):
         yield
-    finally:
-        setattr(reference, f"{op}_ref", saved_ref)
-        if saved_op is not None:
-            setattr(namespace, op, saved_op)
 
 
 def _sparse_layer(variant: str, dense: nn.Module, cls: type) -> nn.Module:

@@ -46,9 +46,9 @@ def test_paths_are_the_ones_named(result):
 def test_stub_is_undone(one_thread_module):
     import torch
 
-    from prunedm.ops import reference
+    from prunedm.ops import _backends, reference
 
-    before = (reference.sparse_linear_2to4_ref, torch.ops.prunedm.sparse_linear_2to4)
-    with overhead._stubbed_kernel("sparse_linear_2to4", torch.zeros(1)):
-        assert torch.ops.prunedm.sparse_linear_2to4(1, 2) is not before[1]
-    assert (reference.sparse_linear_2to4_ref, torch.ops.prunedm.sparse_linear_2to4) == before
+    cpu, out = torch.device("cpu"), torch.zeros(1)
+    with overhead._stubbed_kernel("sparse_linear_2to4", out):
+        assert _backends.resolve("sparse_linear_2to4", "reference", cpu).fn(1, 2) is out
+    assert _backends.resolve("sparse_linear_2to4", "reference", cpu).fn is reference.sparse_linear_2to4_ref
