@@ -4,9 +4,9 @@ Structural pruning, learned N:M (2:4) masks, and sparse inference on sparse tens
 op has a reference implementation in prunedm.ops.reference and fast C++/CUDA/Triton paths."""
 
 from prunedm import nn, ops, pruning
-from prunedm._ext import extension_info
 from prunedm._version import __version__
 from prunedm.nn import SparseConv2d, SparseLinear, SparsifyReport, sparsify
+from prunedm.ops import extension_info
 from prunedm.pruning import learn_depth_keep, prune_channels, prune_depth
 from prunedm.serialization import load_pretrained, register_structure_hook, save_pretrained
 
