@@ -1,4 +1,5 @@
-"""What every benchmark row records: device, versions, git commit; timing; atomic JSON/CSV output."""
+"""What every benchmark row records: device, versions, git commit; atomic JSON/CSV output and plots. The timer
+is prunedm.measure.time_ms."""
 
 from __future__ import annotations
 
@@ -161,25 +162,6 @@ def peak_bandwidth_gbps(device: torch.device) -> float | None:
     if clock_khz and bus_bits:
         return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9  # double data rate
     return next((bw for name, bw in KNOWN_BANDWIDTH_GBPS.items() if name in props.name), None)
-
-
-def time_ms(fn, device: torch.device, min_run_time: float = 0.2) -> dict:
-    """Median and 20/80% quantiles of fn's latency in ms (CUDA: do_bench with warm-up; CPU: torch.utils.benchmark)."""
-    if device.type == "cuda":
-        import triton.testing
-
-        fn()
-        median, q20, q80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        return {"median_ms": median, "q20_ms": q20, "q80_ms": q80}
-    import torch.utils.benchmark as benchmark
-
-    fn()
-    # Timer runs at 1 thread unless told; time at the process's thread count, which environment() records.
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    times = sorted(m.times)
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] * 1e3  # noqa: E731
-    return {"median_ms": m.median * 1e3, "q20_ms": pick(0.2), "q80_ms": pick(0.8)}
 
 
 def write_results(out_dir: str | os.PathLike, name: str, env: dict, rows: list[dict]) -> tuple[Path, Path]:

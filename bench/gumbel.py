@@ -15,9 +15,10 @@ import torch
 
 import prunedm
 from prunedm import ops
+from prunedm.measure import time_ms
 from prunedm.ops import reference
 
-from .common import WEIGHT_SHAPES, environment, peak_bandwidth_gbps, time_ms, write_results
+from .common import WEIGHT_SHAPES, environment, peak_bandwidth_gbps, write_results
 
 SHAPES = {name: WEIGHT_SHAPES[name] for name in ("dit-xl2.qkv", "dit-xl2.mlp_in", "sd15.attn_640", "sd15.conv3x3_320")}
 QUICK_SHAPES = ["sd15.attn_640", "sd15.conv3x3_320"]

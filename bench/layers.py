@@ -23,10 +23,11 @@ import torch.nn as nn
 
 from prunedm import ops
 from prunedm.architectures import build
+from prunedm.measure import time_ms
 from prunedm.nn import SparseConv2d, SparseLinear
 from prunedm.nn.sparsify import VERIFY_TOLERANCES, ineligible_reason
 
-from .common import environment, plot_speedups, time_ms, write_results
+from .common import environment, plot_speedups, write_results
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # One representative layer per model for --quick: a 3x3 conv, a cross-attention UNet linear, a DiT linear.

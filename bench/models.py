@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from prunedm.architectures import build
+from prunedm.measure import layer_macs, time_ms
 from prunedm.nn import sparsify
 from prunedm.pruning import count_macs_and_params, keep_every, prune_channels, prune_depth
 
-from .common import environment, time_ms, write_results
+from .common import environment, write_results
 
 VARIANTS = ("dense", "pruned", "2:4", "pruned+2:4")
 # name -> (kind, per-sample input shape): the models the full run measures; --quick takes QUICK_MODELS.
@@ -59,33 +58,6 @@ def _prune(model: nn.Module, name: str) -> nn.Module:
     else:
         prune_depth(pruned, keep_every(len(pruned.transformer_blocks), 2))
     return pruned
-
-
-def _layer_macs(model: nn.Module, inputs: dict) -> dict[str, int]:
-    """Per Linear/Conv2d MACs of one sample (forward hooks on a batch-1 run)."""
-    macs: dict[str, int] = {}
-
-    def hook(name):
-        def record(module, args, output):
-            per_sample = output.numel() // output.shape[0] if output.dim() > 1 else output.numel()
-            if isinstance(module, nn.Linear):
-                macs[name] = macs.get(name, 0) + per_sample * module.in_features
-            else:
-                kh, kw = module.kernel_size
-                macs[name] = macs.get(name, 0) + per_sample * module.in_channels // module.groups * kh * kw
-
-        return record
-
-    handles = [
-        m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-    ]
-    try:
-        with torch.inference_mode():
-            model(**{k: v[:1] for k, v in inputs.items()})
-    finally:
-        for h in handles:
-            h.remove()
-    return macs
 
 
 def peak_memory(fn, device: torch.device) -> tuple[float | None, float | None, str]:
@@ -146,22 +118,6 @@ def _sampler(model: nn.Module, name: str, inputs: dict, steps: int):
     return sample
 
 
-def _time_rounds(fn, device: torch.device, rounds: int) -> dict:
-    fn()  # warm-up (auto's timing happens here)
-    times = []
-    for _ in range(rounds):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
-    return {"median_ms": statistics.median(times), "q20_ms": pick(0.2), "q80_ms": pick(0.8)}
-
-
 def bench_model(
     name: str,
     device: torch.device,
@@ -190,14 +146,14 @@ def bench_model(
     for variant in variants:
         structural = pruned if variant.startswith("pruned") else dense
         macs, params = count_macs_and_params(structural, count_inputs)
-        layer_macs = _layer_macs(structural, count_inputs)
+        per_layer = layer_macs(structural, count_inputs)
         model = copy.deepcopy(structural).to(device=device, dtype=dtype).eval()
         sparse_macs = nonzero_saved = 0
         note, sparse_layers, fallback = "", 0, 0
         if variant.endswith("2:4"):
             report = sparsify(model)
             converted = {c.name for c in report.converted}
-            sparse_macs = sum(m for n, m in layer_macs.items() if n in converted)
+            sparse_macs = sum(m for n, m in per_layer.items() if n in converted)
             nonzero_saved = sum(torch.Size(c.weight_shape).numel() // 2 for c in report.converted)
             note = f"{len(report.converted)} layers 2:4, {len(report.skipped)} skipped"
         step = lambda m=model: m(**inputs)  # noqa: E731
@@ -205,7 +161,7 @@ def bench_model(
             step()
             step_time = time_ms(lambda: step(), device, min_run_time)
         loop = _sampler(model, name, inputs, steps)
-        loop_time = _time_rounds(loop, device, rounds)
+        loop_time = time_ms(loop, device, repeats=rounds)  # warm-up first: auto's timing happens there
         peak_mib, peak_total_mib, method = peak_memory(loop, device)
         if variant.endswith("2:4"):
             sparse_layers, fallback = len(report.sparse_kernel_layers), len(report.dense_fallback_layers)

@@ -15,6 +15,7 @@ from torch.sparse._semi_structured_conversions import sparse_semi_structured_fro
 
 import prunedm
 from prunedm import ops
+from prunedm.measure import time_ms
 
 from .common import (
     WEIGHT_SHAPES,
@@ -22,7 +23,6 @@ from .common import (
     peak_bandwidth_gbps,
     plot_speedups,
     resolve_device,
-    time_ms,
     write_results,
 )
 

@@ -22,10 +22,11 @@ import torch
 import torch.nn as nn
 
 from prunedm._atomic import write_text_atomic
+from prunedm.measure import time_ms
 from prunedm.nn import SparseConv2d, SparseLinear
 from prunedm.ops import _backends
 
-from .common import environment, time_ms
+from .common import environment
 
 TARGET_CACHE_DENSE_RATIO = 1.15
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "cpu"

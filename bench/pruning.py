@@ -16,9 +16,10 @@ import statistics
 import torch
 
 from prunedm.architectures import DIT_SIZES, build
+from prunedm.measure import time_ms
 from prunedm.pruning import count_macs_and_params, keep_every, prune_channels, prune_depth
 
-from .common import environment, time_ms, write_results
+from .common import environment, write_results
 
 
 def ddpm_cifar10():

@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from prunedm._atomic import write_text_atomic
 from prunedm.diffusion import denoising_loss as shared_denoising_loss
+from prunedm.measure import layer_macs, time_ms
 
-from .common import environment, time_ms, write_results
+from .common import environment, write_results
 
 ASSETS = Path(__file__).resolve().parents[1] / "prunedm" / "assets"
 DENSE_DIR = ASSETS / "digits-ddpm"
@@ -184,20 +185,10 @@ def example_inputs(model: nn.Module, batch: int) -> dict:
 @torch.no_grad()
 def effective_macs(model: nn.Module, macs: int) -> int:
     """MACs with the zero weights of Linear/Conv2d layers skipped (what 2:4 sparse tensor cores save)."""
-    saved = []
-
-    def hook(module, inputs, output):
-        # each output element of a Linear/Conv2d takes weight[0].numel() MACs (batch 1)
-        layer_macs = output.numel() * module.weight[0].numel()
-        saved.append(layer_macs * float((module.weight == 0).float().mean()))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    try:
-        model.eval()(**example_inputs(model, 1))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return int(round(macs - sum(saved)))
+    modules = dict(model.named_modules())
+    per_layer = layer_macs(model.eval(), example_inputs(model, 1))
+    saved = sum(macs_of * float((modules[name].weight == 0).float().mean()) for name, macs_of in per_layer.items())
+    return int(round(macs - saved))
 
 
 def count_model(model: nn.Module) -> dict:

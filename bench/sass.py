@@ -209,7 +209,7 @@ def measure(archs=ARCHS, nvcc: str | None = None, cuobjdump: str | None = None) 
     cuobjdump = cuobjdump or find_cuobjdump()
     if nvcc is None or cuobjdump is None:
         raise RuntimeError("bench.sass needs nvcc and cuobjdump (PATH, the CUDA toolkit or triton's wheel)")
-    from bench.common import git_commit
+    from .common import git_commit
 
     env = {
         "nvcc": nvcc_version(nvcc),

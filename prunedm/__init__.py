@@ -3,7 +3,7 @@
 Structural pruning, learned N:M (2:4) masks, and sparse inference on sparse tensor cores; every
 op has a reference implementation in prunedm.ops.reference and fast C++/CUDA/Triton paths."""
 
-from prunedm import nn, ops, pruning
+from prunedm import nn, ops, pruning, structural
 from prunedm._version import __version__
 from prunedm.nn import SparseConv2d, SparseLinear, SparsifyReport, sparsify
 from prunedm.ops import extension_info
@@ -26,6 +26,7 @@ __all__ = [
     "register_structure_hook",
     "save_pretrained",
     "sparsify",
+    "structural",
 ]
 
 # Load the compiled ops now, so torch.ops.prunedm.* exist after `import prunedm` (when built).

@@ -51,7 +51,7 @@ def test_remove_stale_temps(tmp_path):
 def test_bench_ops_resolves_device_auto_on_a_cpu_machine(monkeypatch):
     import torch
 
-    from bench import ops
+    from prunedm.bench import ops
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     seen = {}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from bench import models  # noqa: E402
+from prunedm.bench import models  # noqa: E402
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bench import ops as bench_ops
+from prunedm.bench import ops as bench_ops
 
 
 def test_quick_ops_bench_writes_json_csv_png(tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench import overhead
+from prunedm.bench import overhead
 
 
 @pytest.fixture(scope="module")

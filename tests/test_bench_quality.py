@@ -18,7 +18,7 @@ pytestmark = [
 
 
 def test_quick_quality_table_writes_every_file(tmp_path, capsys):
-    from bench.quality import main, variant_names
+    from prunedm.bench.quality import main, variant_names
 
     out = tmp_path / "quality"
     assert main(["--quick", "--out", str(out), "--no-progress"]) == 0

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from bench.common import write_results
-from bench.regress import compare, load_rows, main, speedup
+from prunedm.bench.common import write_results
+from prunedm.bench.regress import compare, load_rows, main, speedup
 
 
 def op_row(op, backend, speedup_value, shape="dit-xl2.qkv 3456x1152", dtype="float16"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("diffusers")
-from bench import run  # noqa: E402
+from prunedm.bench import run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

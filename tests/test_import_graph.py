@@ -140,7 +140,7 @@ def _names(cycle: frozenset[str]) -> str:
 def test_graph_sees_every_kind_of_import():
     """Imports in functions, relative ones and importlib calls count; bench is the same file as prunedm.bench."""
     graph = import_graph()
-    assert "prunedm.pruning.heads_norms" in graph["prunedm.pruning.heads"]  # module level
+    assert "prunedm.structural.norms" in graph["prunedm.structural.heads"]  # module level
     assert "prunedm.ops" in graph["prunedm.nn._selftest"]  # only inside functions there
     assert "prunedm.bench.run" in graph["prunedm.cli"]  # importlib.import_module("prunedm.bench.run")
     assert {"prunedm.bench", "prunedm.kernels", "prunedm._C"} <= set(graph)
@@ -161,7 +161,7 @@ def test_the_cycles_issue_14_named_are_broken():
     graph = import_graph()
     for low, high in [
         ("prunedm.cli.demo", "prunedm.cli.commands"),
-        ("prunedm.pruning.heads_norms", "prunedm.pruning.heads"),
+        ("prunedm.structural.norms", "prunedm.structural.heads"),
         ("prunedm.train.distill", "prunedm.train.finetune"),
     ]:
         assert high not in graph[low], f"{low} imports {high}"

@@ -19,6 +19,7 @@ from prunedm import ops
 from prunedm._atomic import write_text_atomic
 from prunedm.cli.config import merge_config, prepare_out_dir
 from prunedm.cli.schema import DEFAULTS, DEMO_DEFAULTS, validate_config  # noqa: F401  (DEMO_DEFAULTS: re-exported)
+from prunedm.measure import layer_macs, time_ms
 
 # `prunedm demo --quick`: every stage, a few steps each (tests; about half a minute on 2 CPU cores). These
 # replace the defaults only: a --config file, key=value overrides and flags still win over them.
@@ -141,28 +142,6 @@ def _job(runner, command: str, stage_config: dict):
     return work
 
 
-def _linear_and_conv_macs(model, inputs: dict, names: set[str]) -> int:
-    """MACs per sample of the named Linear/Conv2d layers (forward hooks on one batch-1 forward)."""
-    macs = [0]
-    modules = dict(model.named_modules())
-
-    def hook(module, args, output):
-        if isinstance(module, torch.nn.Conv2d):
-            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-        else:
-            per_output = module.in_features
-        macs[0] += output.numel() // output.shape[0] * per_output
-
-    handles = [modules[name].register_forward_hook(hook) for name in names if name in modules]
-    try:
-        with torch.inference_mode():
-            model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return macs[0]
-
-
 def _model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
@@ -180,7 +159,7 @@ def bench_models(config: dict, out: Path, device: torch.device, converted: list[
     inputs = default_example_inputs(dense)
     dense_macs, dense_params = count_macs_and_params(dense, inputs)
     pruned_macs, pruned_params = count_macs_and_params(pruned, inputs)
-    converted_macs = _linear_and_conv_macs(pruned, inputs, set(converted))
+    converted_macs = sum(layer_macs(pruned, inputs, set(converted)).values())
     nonzero = sum(int((p != 0).sum()) for p in pruned.parameters())
     batch, gen = config["bench"]["batch_size"], torch.Generator().manual_seed(0)
     sample = torch.randn(batch, dense.config.in_channels, dense.config.sample_size, dense.config.sample_size,
@@ -196,16 +175,8 @@ def bench_models(config: dict, out: Path, device: torch.device, converted: list[
             model(x, t)  # warm-up
         for _ in range(config["bench"]["rounds"]):
             for key, model in models.items():
-                runs = []
-                for _ in range(config["bench"]["repeats"]):
-                    if gpu:
-                        torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    model(x, t)
-                    if gpu:
-                        torch.cuda.synchronize()
-                    runs.append((time.perf_counter() - start) * 1e3)
-                timings[key].append(statistics.median(runs))
+                timing = time_ms(lambda m=model: m(x, t), device, repeats=config["bench"]["repeats"], warmup=False)
+                timings[key].append(timing["median_ms"])
     ratios = [d / p for d, p in zip(timings["dense"], timings["pruned"])]
     where = torch.cuda.get_device_name(device) if gpu else f"cpu, {torch.get_num_threads()} threads"
     return {

@@ -13,7 +13,6 @@ from prunedm.masks.maskpro import (
     top_n_mask,
 )
 from prunedm.masks.schedules import anneal
-from prunedm.masks.structural import StructuralGateLearner
 from prunedm.masks.targets import (
     apply_masks,
     find_targets,
@@ -31,7 +30,6 @@ __all__ = [
     "MaskLearner",
     "MaskProLearner",
     "MaskedWeight",
-    "StructuralGateLearner",
     "anneal",
     "apply_masks",
     "find_targets",

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunedm import ops
+from prunedm.nn.sparsify import nm_shape_problem
 
 DEFAULT_TYPES = (nn.Linear, nn.Conv2d)
 
@@ -18,7 +19,8 @@ DEFAULT_TYPES = (nn.Linear, nn.Conv2d)
 ModuleFilter = str | Callable[[str, nn.Module], bool] | None
 
 
-def _matches(rule: ModuleFilter, name: str, module: nn.Module) -> bool:
+def matches_filter(rule: ModuleFilter, name: str, module: nn.Module) -> bool:
+    """Whether a module filter selects the module: a regex searched in its name, or a predicate of (name, module)."""
     if rule is None:
         return False
     if isinstance(rule, str):
@@ -48,18 +50,6 @@ def matrix_to_weight(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
     return matrix
 
 
-def _eligible(module: nn.Module, m: int) -> tuple[bool, str]:
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):
-        return False, "no 2-D or 4-D weight"
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
-        return False, f"grouped convolution (groups={module.groups})"
-    columns = weight.shape[1] * (weight.shape[2] * weight.shape[3] if weight.dim() == 4 else 1)
-    if columns % m:
-        return False, f"GEMM K = {columns} is not a multiple of m = {m}"
-    return True, ""
-
-
 def find_targets(
     model: nn.Module,
     m: int = 4,
@@ -72,18 +62,18 @@ def find_targets(
 
     include: only modules whose name matches (regex searched in the name, or a predicate of
     (name, module)); exclude: drop modules that match. skipped maps each excluded-for-shape
-    module to the reason (grouped conv, K not a multiple of m)."""
+    module to the reason (prunedm.nn.sparsify.nm_shape_problem: grouped conv, input not a multiple of m)."""
     types = tuple(types)
     targets, skipped = {}, {}
     for name, module in model.named_modules():
         if not isinstance(module, types):
             continue
-        if include is not None and not _matches(include, name, module):
+        if include is not None and not matches_filter(include, name, module):
             continue
-        if _matches(exclude, name, module):
+        if matches_filter(exclude, name, module):
             continue
-        ok, reason = _eligible(module, m)
-        if ok:
+        reason = nm_shape_problem(module, m)
+        if reason is None:
             targets[name] = module
         else:
             skipped[name] = reason

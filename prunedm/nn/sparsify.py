@@ -156,6 +156,22 @@ def _kind(module: nn.Module) -> str:
 WIDTH_ORIGIN_ATTR = "prunedm_width_origin"
 
 
+def nm_shape_problem(module: nn.Module, m: int = _packing.GROUP) -> str | None:
+    """Why N:M groups of m cannot run along the module's input, or None: the one rule of which layers are N:M
+    targets (the mask learners, finetune's keep_sparsity, sparsify). It needs a 2-D or 4-D weight, groups=1, and
+    in_features (a conv's Cin, the innermost of its [Cout, kh*kw*Cin] GEMM K) a multiple of m."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):
+        return "no 2-D or 4-D weight"
+    groups = getattr(module, "groups", 1)
+    if groups != 1:
+        return f"grouped convolution (groups={groups}; N:M groups run along a groups=1 conv's Cin)"
+    if weight.shape[1] % m:
+        what, where = ("in_channels", "Cin") if weight.dim() == 4 else ("in_features", "the input")
+        return f"shape rule: {what}={weight.shape[1]} is not a multiple of m = {m} (N:M groups run along {where})"
+    return None
+
+
 def ineligible_reason(module: nn.Module) -> str | None:
     """Why `module` cannot be converted (shape rule, dtype, groups, ...), or None; a shape rule broken by a
     width an earlier step chose names that step."""
@@ -175,15 +191,12 @@ def _ineligible(module: nn.Module) -> str | None:
         return "weights on the meta device (nothing to pack)"
     if weight.dtype not in _packing.PACKABLE_DTYPES:
         return f"dtype {weight.dtype} (2:4 packing takes float16, bfloat16, float32, float64)"
+    problem = nm_shape_problem(module)
+    if problem is not None:
+        return problem
     if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            return f"groups={module.groups} (only groups=1 convs are converted)"
-        if module.in_channels % _packing.GROUP:
-            return f"shape rule: in_channels={module.in_channels} is not a multiple of 4 (2:4 runs along Cin)"
         rows, cols = module.out_channels, module.in_channels * module.kernel_size[0] * module.kernel_size[1]
     else:
-        if module.in_features % _packing.GROUP:
-            return f"shape rule: in_features={module.in_features} is not a multiple of 4 (2:4 runs along the input)"
         rows, cols = module.out_features, module.in_features
     dense = rows * cols * weight.element_size()
     packed = _packing.packed_nbytes(rows, cols, weight.dtype)

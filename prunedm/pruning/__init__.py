@@ -21,7 +21,6 @@ from prunedm.pruning.depth import (
     prune_depth,
 )
 from prunedm.pruning.fixups import sync_diffusers_attributes
-from prunedm.pruning.heads import StructuralPruningReport, apply_structural_masks
 from prunedm.pruning.importance import IMPORTANCES, GradientPass, accumulate_denoising_gradients, make_importance
 from prunedm.pruning.tinyfusion import (
     TINYFUSION_PRESETS,
@@ -36,8 +35,6 @@ __all__ = [
     "TINYFUSION_PRESETS",
     "TWO_FOUR_WIDTH_MULTIPLE",
     "WIDTH_ORIGIN_ATTR",
-    "StructuralPruningReport",
-    "apply_structural_masks",
     "IMPORTANCES",
     "ChannelPruningReport",
     "DepthPruningReport",

@@ -25,6 +25,7 @@ from prunedm._atomic import remove_stale_temps, write_text_atomic
 from prunedm._optional import optional_import
 from prunedm.diffusion import diffusion_target, predict
 from prunedm.nn.modules import SparseConv2d, SparseLinear
+from prunedm.nn.sparsify import nm_shape_problem
 from prunedm.train import checkpoint as ckpt
 from prunedm.train.distill import DistillConfig, DistillLoss
 
@@ -162,21 +163,17 @@ def _collate(data, indices: torch.Tensor) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def nm_sparse_masks(model: nn.Module, n: int = 2, m: int = 4) -> dict[str, torch.Tensor]:
     """Weight-shaped bool masks (True = non-zero) of the model's Linear/Conv2d weights that are exactly
-    n:m sparse along the input dim (convs in the [Cout, kh*kw*Cin] GEMM layout), keyed by module name."""
+    n:m sparse along the input dim (convs in the [Cout, kh*kw*Cin] GEMM layout), keyed by module name;
+    only layers that can be N:M targets (prunedm.nn.sparsify.nm_shape_problem) are looked at."""
     from prunedm import ops
 
     masks = {}
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or getattr(module, "weight", None) is None:
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or nm_shape_problem(module, m) is not None:
             continue
         weight = module.weight.detach()
-        if isinstance(module, nn.Conv2d):
-            if module.groups != 1:
-                continue
-            matrix = ops.conv_weight_to_matrix(weight)
-        else:
-            matrix = weight
-        if matrix.shape[-1] % m or not matrix.dtype.is_floating_point:
+        matrix = ops.conv_weight_to_matrix(weight) if isinstance(module, nn.Conv2d) else weight
+        if not matrix.dtype.is_floating_point:
             continue
         if ops.is_nm_sparse(matrix.float().cpu(), n, m):
             masks[name] = weight != 0

@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 from _common import Deadline, device_for, max_errors, parse_args, synchronize, write_json
 
-from bench.common import time_ms
 from prunedm import ops
 from prunedm.architectures import build
+from prunedm.measure import time_ms
 from prunedm.nn import sparsify
 from prunedm.nn.sparsify import ineligible_reason
 

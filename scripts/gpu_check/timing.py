@@ -12,8 +12,9 @@ from _common import Deadline, device_for, max_errors, parse_args, write_json
 
 from bench import layers as layers_bench
 from bench import ops as ops_bench
-from bench.common import time_ms, write_results
+from bench.common import write_results
 from prunedm import ops
+from prunedm.measure import time_ms
 from prunedm.ops import reference
 
 # (label, tokens M, K, out): the GEMMs of DiT-XL/2 at batch 8 (256 tokens a sample) and SD-1.5 at batch 2.

@@ -94,7 +94,7 @@ def test_bench_resolves_auto_before_the_suites(monkeypatch, tmp_path):
 
 
 def test_bench_run_device_resolution():
-    from bench.run import resolve_device
+    from prunedm.bench.run import resolve_device
 
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")

@@ -128,7 +128,7 @@ def test_damaged_learner_state_is_one_clear_error(tampering, runs, tmp_path, rej
 def test_damaged_gate_state_names_the_file(tmp_path):
     import diffusers
 
-    from prunedm.masks import StructuralGateLearner
+    from prunedm.structural import StructuralGateLearner
 
     torch.manual_seed(0)
     dit = diffusers.DiTTransformer2DModel(

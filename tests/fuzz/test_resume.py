@@ -21,7 +21,7 @@ from torch import nn
 from prunedm import masks as pm
 from prunedm._atomic import TEMP_MARK
 from prunedm.cli import main
-from prunedm.masks.structural import StructuralGateLearner, denoiser_output
+from prunedm.structural import StructuralGateLearner, denoiser_output
 
 pytestmark = [pytest.mark.usefixtures("one_thread_module"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 

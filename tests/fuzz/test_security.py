@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import prunedm
-from bench import common
 from prunedm.architectures import build
+from prunedm.bench import common
 from prunedm.cli.models import load_model
 
 pytestmark = [pytest.mark.usefixtures("one_thread_module"), pytest.mark.filterwarnings("ignore::FutureWarning")]

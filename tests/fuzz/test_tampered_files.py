@@ -20,7 +20,6 @@ from prunedm._integrity import file_sha256
 from prunedm.architectures import build
 from prunedm.cli import models as cli_models
 from prunedm.nn import SparseConv2d, SparseLinear
-from prunedm.pruning import heads_norms  # noqa: F401  (registers the ChannelSelectedNorm structure hook)
 
 pytestmark = [pytest.mark.usefixtures("one_thread_module"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 RESNET = "down_blocks.0.resnets.0"
@@ -171,7 +170,7 @@ def test_real_channel_selected_norm_with_a_tampered_kept_count(tmp_path):
     """A save holding a real ChannelSelectedNorm: its claimed buffer size must be the file's, and its count sane."""
     from tiny_models import build as build_tiny
 
-    from prunedm.pruning.heads_norms import norm_layout, prune_norm_channels
+    from prunedm.structural import norm_layout, prune_norm_channels
 
     model = build_tiny("UNet2DConditionModel")
     name = "down_blocks.0.attentions.0.transformer_blocks.0.norm1"

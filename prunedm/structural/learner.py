@@ -5,7 +5,7 @@ Gates scale the input of each attention's output projection per head (`to_out[0]
 for joint attention) and of each FFN's output layer per hidden unit (`ff.net[2]`), through forward
 pre-hooks; in a Flux single-stream block, the attention's and proj_mlp's column ranges of proj_out.
 Optional norm gates (`norms=`) scale LayerNorm/GroupNorm/RMSNorm output channels through forward hooks.
-prunedm.pruning.heads.apply_structural_masks then removes what they closed."""
+prunedm.structural.apply_structural_masks then removes what they closed."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from prunedm.masks import learner as _state
 from prunedm.masks.schedules import anneal
-from prunedm.masks.structural_gates import (
+from prunedm.masks.targets import ModuleFilter
+from prunedm.structural.gates import (
     HARD_CONCRETE_BETA,
     HARD_CONCRETE_GAMMA,
     HARD_CONCRETE_ZETA,
@@ -27,72 +28,16 @@ from prunedm.masks.structural_gates import (
     hard_concrete_l0,
     hard_concrete_sample,
 )
-from prunedm.masks.targets import ModuleFilter, _matches
-from prunedm.pruning.heads import (
-    StructuralLayout,
-    StructuralPruningReport,
-    apply_structural_masks,
-    structural_layouts,
-)
-from prunedm.pruning.heads_norms import is_gateable_norm, norm_layout
+from prunedm.structural.heads import StructuralPruningReport, apply_structural_masks
+from prunedm.structural.layout import StructuralLayout
+from prunedm.structural.targets import find_structural_targets
 
 GATE_TYPES = ("hard_concrete", "sigmoid", "gumbel_softmax")
 
 # forward_fn(model, batch, noisy_latents, timesteps) -> the denoiser's output tensor.
 ForwardFn = Callable[[nn.Module, object, torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["GATE_TYPES", "StructuralGateLearner", "StructuralPruningReport", "apply_structural_masks",
-           "denoiser_output", "find_structural_targets", "hard_concrete_eval", "hard_concrete_l0",
-           "hard_concrete_sample"]  # fmt: skip
-
-
-# ---- targets ----
-
-
-def find_structural_targets(
-    model: nn.Module,
-    include: ModuleFilter = None,
-    exclude: ModuleFilter = None,
-    heads: bool = True,
-    ffn: bool = True,
-    norms: ModuleFilter = None,
-) -> tuple[dict[str, StructuralLayout], dict[str, str]]:
-    """(targets, skipped): gate layouts of the model's attentions (heads), FeedForwards and Flux single-
-    stream MLPs (hidden units) by module name, filtered like the N:M learners' targets (regex searched in
-    the name, or a predicate of (name, module)); with `norms` (a regex or predicate), also the output
-    channels of the LayerNorm/GroupNorm/RMSNorm modules it selects (`exclude` applies to them too).
-    skipped maps a matching module that cannot take gates to the reason. Raises ValueError naming
-    `include` (`norms`) when it matches no attention or FeedForward (no norm) at all."""
-    modules = dict(model.named_modules())
-    targets, skipped, matched = {}, {}, 0
-    for name, layout in structural_layouts(model).items():
-        module = modules[name]
-        if include is not None and not _matches(include, name, module):
-            continue
-        matched += 1
-        if _matches(exclude, name, module):
-            continue
-        if isinstance(layout, str):
-            skipped[name] = layout
-        elif (layout.kind == "heads" and heads) or (layout.kind == "ffn" and ffn):
-            targets[name] = layout
-    if include is not None and not matched:
-        raise ValueError(f"include pattern {include!r} matches no attention or FeedForward module of the model")
-    if norms is not None:
-        matched = 0
-        for name, module in modules.items():
-            if not name or not _matches(norms, name, module) or _matches(exclude, name, module):
-                continue
-            if is_gateable_norm(module):
-                matched += 1
-                targets[name] = norm_layout(model, name)
-            elif "Norm" in type(module).__name__:
-                skipped[name] = (
-                    f"{type(module).__name__} is not a LayerNorm, GroupNorm or RMSNorm (gate its inner norm)"
-                )
-        if not matched:
-            raise ValueError(f"norms pattern {norms!r} matches no LayerNorm, GroupNorm or RMSNorm of the model")
-    return targets, skipped
+__all__ = ["FLUX_DEFAULT_GUIDANCE", "GATE_TYPES", "StructuralGateLearner", "denoiser_output"]
 
 
 # ---- the denoiser call ----
@@ -176,7 +121,7 @@ class StructuralGateLearner(_state.StateFile):
     fraction of gated parameters kept). Only the gates train. With gradient_checkpointing each
     timestep's gated forward is recomputed in backward, so activations of one timestep are held at a
     time. `norms` (regex or predicate) adds a gate per output channel of the LayerNorm/GroupNorm/
-    RMSNorm modules it selects (see prunedm.pruning.heads_norms for which can be removed); a channel
+    RMSNorm modules it selects (see prunedm.structural.norms for which can be removed); a channel
     weighs in the sparsity term as the reader columns it removes, or as 1 where it is only a mask.
 
     Distributed: with a torch.distributed process group of more than one rank, the gates are sampled

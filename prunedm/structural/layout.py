@@ -1,5 +1,5 @@
 """Where head, FFN-unit and norm-channel gates attach (StructuralLayout) and the slicing both removals use:
-the shared base of pruning.heads and pruning.heads_norms, so neither imports the other's definitions."""
+the shared base of structural.heads and structural.norms, so neither imports the other's definitions."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class StructuralLayout:
     layer in `in_layers` (a GLU projection holds each unit twice: `glu`); `params_per_unit` is what
     removing one unit saves. Norm layouts ("norm") gate the norm's output channels (`channel_dim`):
     their `out_layers` are the Linear layers reading that output directly, empty when the channel
-    cannot be removed and the gate is only folded into the norm (prunedm.pruning.heads_norms)."""
+    cannot be removed and the gate is only folded into the norm (prunedm.structural.norms)."""
 
     kind: str  # "heads", "ffn" or "norm"
     units: int

@@ -15,9 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 import prunedm
-from prunedm.masks import StructuralGateLearner
-from prunedm.masks import structural as sg
-from prunedm.pruning import heads as ph
+from prunedm import structural as st
+from prunedm.structural import StructuralGateLearner
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -45,7 +44,7 @@ def flux_batch(n: int = 2, seed: int = 1) -> dict:
 
 def flux_forward(model, batch, noisy, timesteps):
     """The default forward_fn: Flux gets timesteps / 1000 (checked in test_flux_timestep_scale)."""
-    return sg.denoiser_output(model, batch, noisy, timesteps)
+    return st.denoiser_output(model, batch, noisy, timesteps)
 
 
 @torch.no_grad()
@@ -56,7 +55,7 @@ def test_flux_timestep_scale():
     t = torch.tensor([7, 640])[: latents.shape[0]]
     kwargs = {k: v for k, v in batch.items() if k != "latents"}
     expected = model(latents, timestep=t.float() / 1000, **kwargs).sample
-    torch.testing.assert_close(sg.denoiser_output(model, batch, latents, t), expected, rtol=0, atol=0)
+    torch.testing.assert_close(st.denoiser_output(model, batch, latents, t), expected, rtol=0, atol=0)
     assert not torch.allclose(expected, model(latents, timestep=t.float(), **kwargs).sample)
 
 
@@ -71,7 +70,7 @@ def output(model, batch):
 
 def test_single_stream_targets_and_layouts():
     model = tiny_flux()
-    targets, skipped = sg.find_structural_targets(model)
+    targets, skipped = st.find_structural_targets(model)
     expected = {"transformer_blocks.0.attn", "transformer_blocks.0.ff", "transformer_blocks.0.ff_context"}
     expected |= {f"{b}.{p}" for b in SINGLE for p in ("attn", "proj_mlp")}
     assert set(targets) == expected and not skipped
@@ -89,7 +88,7 @@ def test_single_stream_targets_and_layouts():
     double = model.transformer_blocks[0].attn
     assert {double.add_q_proj, double.add_k_proj, double.add_v_proj} <= set(joint.in_layers)
     assert joint.out_layers == [double.to_out[0], double.to_add_out]
-    only_single, _ = sg.find_structural_targets(model, include=r"^single_.*proj_mlp$")
+    only_single, _ = st.find_structural_targets(model, include=r"^single_.*proj_mlp$")
     assert set(only_single) == {f"{b}.proj_mlp" for b in SINGLE}
 
 
@@ -162,7 +161,7 @@ def test_flux_removal_computes_what_the_gated_model_did(case, hard):
     learner.remove()
     assert not torch.allclose(gated, output(model, batch), atol=1e-4)
     params = sum(p.numel() for p in model.parameters())
-    report = ph.apply_structural_masks(model, masks)
+    report = st.apply_structural_masks(model, masks)
     torch.testing.assert_close(output(model, batch), gated, rtol=1e-5, atol=1e-5)
     assert report.params_before == params and report.params_after < params
     assert sorted(report.emptied) == sorted(CASES[case])
@@ -178,7 +177,7 @@ def test_flux_removal_computes_what_the_gated_model_did(case, hard):
             assert block.attn.to_q.out_features == block.attn.to_v.out_features == heads * HEAD_DIM
             assert block.attn.norm_q.weight.shape == (HEAD_DIM,)  # per head_dim: stays
         else:
-            assert isinstance(block.attn, ph.PrunedAttention)
+            assert isinstance(block.attn, st.PrunedAttention)
     double = model.transformer_blocks[0].attn
     heads = kept["transformer_blocks.0.attn"]
     if heads:
@@ -186,7 +185,7 @@ def test_flux_removal_computes_what_the_gated_model_did(case, hard):
             assert layer.out_features == heads * HEAD_DIM
         assert double.to_add_out.in_features == double.to_out[0].in_features == heads * HEAD_DIM
     else:
-        assert isinstance(double, ph.PrunedAttention)
+        assert isinstance(double, st.PrunedAttention)
     assert report.heads_after == sum(kept[n] for n in learner.targets if learner.targets[n].kind == "heads")
     assert report.ffn_units_after == sum(kept[n] for n in learner.targets if learner.targets[n].kind == "ffn")
 
@@ -199,7 +198,7 @@ def test_pruned_flux_saves_and_loads_in_a_fresh_process(tmp_path):
     learner.use_gates(gates)
     gated = output(model, flux_batch())
     learner.remove()
-    report = ph.apply_structural_masks(model, gates)
+    report = st.apply_structural_masks(model, gates)
     out = output(model, flux_batch())
     torch.testing.assert_close(out, gated, rtol=1e-5, atol=1e-5)
     # Flux's norm2 is modulated and norm_q is per head_dim: their gates are only masks, folded in.
@@ -210,14 +209,14 @@ def test_pruned_flux_saves_and_loads_in_a_fresh_process(tmp_path):
     script = textwrap.dedent(f"""
         import torch, prunedm
         torch.set_num_threads(1)
-        from prunedm.masks import structural as sg
+        from prunedm import structural as st
         model = prunedm.load_pretrained({str(tmp_path / "flux")!r})
         from safetensors.torch import load_file
         # clone: fresh, aligned buffers, as the parent process had (alignment can change SIMD rounding)
         batch = {{k: v.clone() for k, v in load_file({str(tmp_path / "flux.safetensors")!r}).items()}}
         expected = batch.pop("out")
         with torch.no_grad():
-            out = sg.denoiser_output(model, batch, batch["latents"], torch.tensor([7, 640]))
+            out = st.denoiser_output(model, batch, batch["latents"], torch.tensor([7, 640]))
         assert torch.equal(out, expected), (out - expected).abs().max()
         blocks = model.single_transformer_blocks
         assert type(blocks[0].attn).__name__ == "PrunedAttention" and blocks[0].proj_out.in_features == 0

@@ -16,9 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 import prunedm
-from prunedm.masks import StructuralGateLearner
-from prunedm.masks import structural as sg
-from prunedm.pruning import heads as ph
+from prunedm import structural as st
+from prunedm.structural import StructuralGateLearner
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -91,8 +90,8 @@ MODELS = {"dit": tiny_dit, "unet": tiny_unet, "sd3": tiny_sd3, "flux": tiny_flux
 
 @torch.no_grad()
 def output(model, batch):
-    latents = sg._split_batch(batch)[0]
-    return sg.denoiser_output(model, batch, latents, torch.linspace(7, 640, latents.shape[0]).long())
+    latents = st.learner._split_batch(batch)[0]
+    return st.denoiser_output(model, batch, latents, torch.linspace(7, 640, latents.shape[0]).long())
 
 
 # ---- gate math ----
@@ -100,14 +99,14 @@ def output(model, batch):
 
 def test_hard_concrete_gate_math():
     log_alpha = torch.tensor([-10.0, -2.0, 0.0, math.log(11.0), 10.0])
-    evals = sg.hard_concrete_eval(log_alpha)
+    evals = st.hard_concrete_eval(log_alpha)
     # sigmoid(la) * 1.2 - 0.1, clamped: 0 below la = -log 11, 1 above la = log 11.
     expected = (torch.sigmoid(log_alpha) * 1.2 - 0.1).clamp(0, 1)
     torch.testing.assert_close(evals, expected)
     assert evals[0] == 0 and evals[2] == pytest.approx(0.5) and evals[3] == pytest.approx(1.0) and evals[4] == 1
 
     grid = torch.linspace(-8, 8, 101)
-    l0 = sg.hard_concrete_l0(grid)
+    l0 = st.hard_concrete_l0(grid)
     assert bool((l0.diff() > 0).all()) and 0 < float(l0[0]) < 0.01 and float(l0[-1]) > 0.99
     torch.testing.assert_close(l0, torch.sigmoid(grid - 0.83 * math.log(0.1 / 1.1)))
 
@@ -115,16 +114,16 @@ def test_hard_concrete_gate_math():
     g = torch.Generator().manual_seed(0)
     u = torch.rand(200_000, generator=g).clamp(1e-6, 1 - 1e-6)
     for la in (-1.0, 0.5, 2.0):
-        gates = sg.hard_concrete_sample(torch.full_like(u, la), u)
+        gates = st.hard_concrete_sample(torch.full_like(u, la), u)
         assert float(gates.min()) == 0.0 and float(gates.max()) == 1.0
-        l0 = float(sg.hard_concrete_l0(torch.tensor(la)))
+        l0 = float(st.hard_concrete_l0(torch.tensor(la)))
         assert float((gates > 0).float().mean()) == pytest.approx(l0, abs=5e-3)
 
 
 def test_gumbel_and_sigmoid_gates():
     logits = torch.tensor([-2.0, 0.0, 1.5], requires_grad=True)
     u = torch.rand(50_000, 3, generator=torch.Generator().manual_seed(0)).clamp(1e-6, 1 - 1e-6)
-    gates = sg._gumbel_two_class(logits.expand_as(u), u, tau=0.5)
+    gates = st.gates._gumbel_two_class(logits.expand_as(u), u, tau=0.5)
     assert set(gates.detach().unique().tolist()) <= {0.0, 1.0}
     torch.testing.assert_close(gates.detach().mean(0), torch.sigmoid(logits.detach()), atol=1e-2, rtol=0)
     gates.sum().backward()  # straight-through: the soft relaxation's gradient
@@ -173,10 +172,10 @@ def test_learning_closes_gates_and_keeps_output_close():
             keep = torch.zeros(mask.numel(), dtype=torch.bool)
             keep[torch.randperm(mask.numel(), generator=g)[: int(mask.sum())]] = True
             random_masks[name] = keep
-        ph.apply_structural_masks(randomly, random_masks)
+        st.apply_structural_masks(randomly, random_masks)
         random_distances.append(_relative_distance(randomly, reference, held_out))
     emptied = copy.deepcopy(original)
-    ph.apply_structural_masks(emptied, {name: torch.zeros_like(mask) for name, mask in masks.items()})
+    st.apply_structural_masks(emptied, {name: torch.zeros_like(mask) for name, mask in masks.items()})
     everything = _relative_distance(emptied, reference, held_out)
     print(f"\nstructural gates: kept {sum(kept.values())}/{total} {kept}, params {report.params_ratio:.3f}, "
           f"relative output distance {learned:.4f} (same counts removed at random: best of 3 "
@@ -198,7 +197,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
         calls.append(1)
         return torch.utils.checkpoint.checkpoint(*args, **kwargs)
 
-    monkeypatch.setattr(sg, "checkpoint", counted)
+    monkeypatch.setattr(st.learner, "checkpoint", counted)
     grads = []
     for flag in (False, True):
         learner = StructuralGateLearner(tiny_unet(), gradient_checkpointing=flag, timesteps_per_step=3, seed=3)
@@ -278,7 +277,7 @@ def test_removal_computes_what_the_gated_model_did(name, hard):
     learner.remove()
     assert not torch.allclose(gated, output(model, batch))  # the gates did something
     params = sum(p.numel() for p in model.parameters())
-    report = ph.apply_structural_masks(model, masks)
+    report = st.apply_structural_masks(model, masks)
     torch.testing.assert_close(output(model, batch), gated, rtol=1e-5, atol=1e-5)
     assert report.params_before == params and report.params_after < params
     assert sorted(report.emptied) == sorted(EMPTY[name])
@@ -297,7 +296,7 @@ def test_removal_computes_what_the_gated_model_did(name, hard):
                 assert module.to_out[0].in_features == width
     if name in ("dit", "unet"):
         assert len(report.residual_blocks) == 1
-        assert isinstance(model.get_submodule(report.residual_blocks[0]), ph.ResidualBlock)
+        assert isinstance(model.get_submodule(report.residual_blocks[0]), st.ResidualBlock)
 
 
 def test_residual_block_is_identity_without_biases():
@@ -308,7 +307,7 @@ def test_residual_block_is_identity_without_biases():
             block.ff.net[2].bias.zero_()
     batch = batch_for("dit")
     masks = {f"transformer_blocks.1.{p}": torch.zeros(u, dtype=torch.bool) for p, u in (("attn1", 2), ("ff", 128))}
-    report = ph.apply_structural_masks(model, masks)
+    report = st.apply_structural_masks(model, masks)
     assert report.residual_blocks == ["transformer_blocks.1"]
     block, seen = model.transformer_blocks[1], {}
     block.register_forward_hook(lambda m, a, kw, out: seen.update(x=a[0], y=out), with_kwargs=True)
@@ -332,22 +331,22 @@ def test_pruned_models_save_and_load_in_a_fresh_process(tmp_path):
         learner = StructuralGateLearner(model, norms=SAVED_NORMS[name])
         gates = _test_gates(learner, EMPTY[name], seed=1)
         learner.remove()
-        report = ph.apply_structural_masks(model, gates)
+        report = st.apply_structural_masks(model, gates)
         assert report.residual_blocks and (report.channel_selected_norms if name == "unet" else report.masked_norms)
         prunedm.save_pretrained(model, tmp_path / name)
         batch = _as_dict(batch_for(name))
         save_file({**batch, "out": output(model, batch)}, tmp_path / f"{name}.safetensors")
     script = textwrap.dedent(f"""
-        import torch, prunedm, prunedm.masks
+        import torch, prunedm
         from safetensors.torch import load_file
         torch.set_num_threads(1)
-        from prunedm.masks import structural as sg
+        from prunedm import structural as st
         for name in ("dit", "unet"):
             model = prunedm.load_pretrained({str(tmp_path)!r} + "/" + name)
             batch = load_file({str(tmp_path)!r} + f"/{{name}}.safetensors")
             expected = batch.pop("out")
             with torch.no_grad():
-                out = sg.denoiser_output(model, batch, batch["latents"], torch.tensor([7, 640]))
+                out = st.denoiser_output(model, batch, batch["latents"], torch.tensor([7, 640]))
             assert torch.equal(out, expected), (name, (out - expected).abs().max())
             kinds = {{type(m).__name__ for m in model.modules()}}
             assert {{"ResidualBlock", "PrunedAttention"}} & kinds, kinds
@@ -396,11 +395,11 @@ def test_norm_gates_remove_channels_where_only_linear_layers_read_them():
     )
     handle.remove()
     learner.remove()
-    report = ph.apply_structural_masks(model, gates)
+    report = st.apply_structural_masks(model, gates)
     torch.testing.assert_close(output(model, batch), gated, rtol=1e-5, atol=1e-5)
     assert sorted(report.channel_selected_norms) == sorted(names) and not report.masked_norms
     kept = {a: int((gates[f"{prefix}.{a}"] > 0).sum()) for a in ("norm1", "norm2", "norm3")}
-    assert isinstance(block.norm3, ph.heads_norms.ChannelSelectedNorm) and block.norm3.kept.numel() == kept["norm3"]
+    assert isinstance(block.norm3, st.norms.ChannelSelectedNorm) and block.norm3.kept.numel() == kept["norm3"]
     assert block.ff.net[0].proj.in_features == kept["norm3"] and block.attn2.to_q.in_features == kept["norm2"]
     assert block.attn1.to_k.in_features == kept["norm1"] and block.attn2.to_k.in_features == 16  # context: stays
     assert report.norm_channels_before == 3 * (32 + 64 + 2 * 32)  # down, mid, 2 up (widths 32, 64, 32)
@@ -423,7 +422,7 @@ def test_norm_gates_are_folded_in_where_channels_cannot_go():
     learner.remove()
     assert model.transformer_blocks[0].norm3.weight is None
     params = sum(p.numel() for p in model.parameters())
-    report = ph.apply_structural_masks(model, gates)
+    report = st.apply_structural_masks(model, gates)
     torch.testing.assert_close(output(model, batch), gated, rtol=1e-5, atol=1e-5)
     assert report.masked_norms == names and not report.channel_selected_norms
     assert torch.equal(model.transformer_blocks[0].norm3.weight.detach(), gates[names[0]])
@@ -442,7 +441,7 @@ def test_norm_gates_are_folded_in_where_channels_cannot_go():
     learner.remove()
     norm = unet2d.get_submodule(name)
     weight, bias = norm.weight.detach().clone(), norm.bias.detach().clone()
-    report = ph.apply_structural_masks(unet2d, gates)
+    report = st.apply_structural_masks(unet2d, gates)
     torch.testing.assert_close(output(unet2d, batch_for("unet2d")), gated, rtol=1e-5, atol=1e-5)
     assert report.masked_norms == [name]
     torch.testing.assert_close(norm.weight.detach(), weight * gates[name])
@@ -453,16 +452,16 @@ def test_norm_gates_are_folded_in_where_channels_cannot_go():
 
 
 def test_targets_and_filters():
-    targets, skipped = sg.find_structural_targets(tiny_flux())
+    targets, skipped = st.find_structural_targets(tiny_flux())
     assert set(targets) == {"transformer_blocks.0.attn", "transformer_blocks.0.ff", "transformer_blocks.0.ff_context",
                             "single_transformer_blocks.0.attn", "single_transformer_blocks.0.proj_mlp"}  # fmt: skip
     assert not skipped
     # A pre-only attention on its own (outside a single-stream block) has nowhere to put gates.
-    assert "pre_only" in ph.structural_layout(tiny_flux().single_transformer_blocks[0].attn)
+    assert "pre_only" in st.structural_layout(tiny_flux().single_transformer_blocks[0].attn)
     unet = tiny_unet()
-    only_cross, _ = sg.find_structural_targets(unet, include=r"attn2$")
+    only_cross, _ = st.find_structural_targets(unet, include=r"attn2$")
     assert only_cross and all(n.endswith("attn2") for n in only_cross)
-    heads_only, _ = sg.find_structural_targets(unet, ffn=False, exclude=r"^mid_block")
+    heads_only, _ = st.find_structural_targets(unet, ffn=False, exclude=r"^mid_block")
     assert heads_only and all(t.kind == "heads" and not n.startswith("mid") for n, t in heads_only.items())
     learner = StructuralGateLearner(unet, include=r"\.ff$")
     assert all(layout.kind == "ffn" for layout in learner.targets.values())
@@ -477,15 +476,15 @@ def test_errors():
     with pytest.raises(ValueError, match="total_steps"):
         StructuralGateLearner(model, gate_type="gumbel_softmax", temperature=(2.0, 0.1))
     with pytest.raises(ValueError, match="no module named"):
-        ph.apply_structural_masks(model, {"transformer_blocks.9.attn1": torch.ones(2, dtype=torch.bool)})
+        st.apply_structural_masks(model, {"transformer_blocks.9.attn1": torch.ones(2, dtype=torch.bool)})
     with pytest.raises(ValueError, match="1-D tensor of 2"):
-        ph.apply_structural_masks(model, {"transformer_blocks.0.attn1": torch.ones(3, dtype=torch.bool)})
+        st.apply_structural_masks(model, {"transformer_blocks.0.attn1": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        ph.apply_structural_masks(model, {"transformer_blocks.0.ff": torch.full((128,), 2.0)})
+        st.apply_structural_masks(model, {"transformer_blocks.0.ff": torch.full((128,), 2.0)})
     with pytest.raises(ValueError, match="cannot be pruned"):
-        ph.apply_structural_masks(model, {"transformer_blocks.0.norm1": torch.ones(2, dtype=torch.bool)})
+        st.apply_structural_masks(model, {"transformer_blocks.0.norm1": torch.ones(2, dtype=torch.bool)})
     with pytest.raises(ValueError, match="1-D tensor of 32"):
-        ph.apply_structural_masks(model, {"transformer_blocks.0.norm3": torch.ones(2, dtype=torch.bool)})
+        st.apply_structural_masks(model, {"transformer_blocks.0.norm3": torch.ones(2, dtype=torch.bool)})
     with pytest.raises(ValueError, match="norms pattern"):
         StructuralGateLearner(model, norms=r"no_such_norm")
     # adaLN modules are not plain norms: their inner LayerNorm is what takes gates.

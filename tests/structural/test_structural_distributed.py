@@ -41,7 +41,7 @@ def _batch(rank: int, step: int):
 
 
 def _learner(model, gradient_checkpointing: bool = False):
-    from prunedm.masks import StructuralGateLearner
+    from prunedm.structural import StructuralGateLearner
 
     # Gates start near closing (eval gate 0 below -2.4), so that some close and some open within STEPS.
     return StructuralGateLearner(

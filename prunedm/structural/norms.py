@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from prunedm import serialization
-from prunedm.pruning.heads_layout import (
+from prunedm.structural.layout import (
     StructuralLayout,
     _is_attention,
     _is_feed_forward,

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunedm.masks.structural import StructuralGateLearner, _split_batch, _world_size
-from prunedm.masks.structural_gates import hard_concrete_sample
-from prunedm.pruning.heads import StructuralPruningReport, apply_structural_masks
+from prunedm.structural.gates import hard_concrete_sample
+from prunedm.structural.heads import StructuralPruningReport, apply_structural_masks
+from prunedm.structural.learner import StructuralGateLearner, _split_batch, _world_size
 
 OBJECTIVES = ("end_to_end", "timestep")
 PENALTIES = ("l1", "l0")

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from prunedm import serialization
-from prunedm.pruning import heads_norms
-from prunedm.pruning.heads_layout import (
+from prunedm.structural import norms
+from prunedm.structural.layout import (
     StructuralLayout,
     _is_attention,
     _is_feed_forward,
@@ -396,7 +396,7 @@ def apply_structural_masks(
     with `heads`/`inner_dim` updated; units as rows of the FFN's first projection (both halves of a
     GEGLU/SwiGLU one) and columns of its output layer. A Flux single-stream block's heads and MLP units
     go as rows of to_q/to_k/to_v and proj_mlp and as the matching columns of proj_out, which reads
-    [attention ; MLP]. Norm channels go as heads_norms says (removed where sound, else folded in).
+    [attention ; MLP]. Norm channels go as prunedm.structural.norms says (removed where sound, else folded in).
     Parts left empty are replaced as the module doc says; with replace_blocks, so are
     BasicTransformerBlocks left with nothing but their residual."""
     modules = dict(model.named_modules())
@@ -407,8 +407,8 @@ def apply_structural_masks(
         if name not in modules:
             raise ValueError(f"apply_structural_masks: the model has no module named {name!r}")
         layout = layouts.get(name, "neither an attention (to_q, heads), a FeedForward nor a norm")
-        if isinstance(layout, str) and heads_norms.is_gateable_norm(modules[name]):
-            layout = heads_norms.norm_layout(model, name)
+        if isinstance(layout, str) and norms.is_gateable_norm(modules[name]):
+            layout = norms.norm_layout(model, name)
         if isinstance(layout, str):
             raise ValueError(f"apply_structural_masks: {name!r} cannot be pruned by heads/units: {layout}")
         plans.append((name, layout, _check_mask(name, mask, layout.units)))
@@ -420,7 +420,7 @@ def apply_structural_masks(
         if layout.kind == "norm":
             report.norm_channels_before += layout.units
             report.norm_channels_after += kept
-            if heads_norms.prune_norm_channels(model, name, layout, mask):
+            if norms.prune_norm_channels(model, name, layout, mask):
                 report.channel_selected_norms.append(name)
             elif not layout.out_layers and not bool((mask == 1).all()):
                 report.masked_norms.append(name)

@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from prunedm.masks.ecodiff import DDIMChain, EcoDiffLearner, binarize_keep_ratio
-from prunedm.masks.structural_gates import hard_concrete_sample
+from prunedm.structural import DDIMChain, EcoDiffLearner, binarize_keep_ratio, hard_concrete_sample
 
 diffusers = pytest.importorskip("diffusers")
 
