@@ -179,16 +179,28 @@ def write_results(out_dir: str | os.PathLike, name: str, env: dict, rows: list[d
     return json_path, csv_path
 
 
+def op_row(
+    op: str, shape: str, dtype: torch.dtype, backend: str, timing: dict, baseline: dict | None, moved_bytes: float,
+    device: torch.device, bandwidth_gbps: float | None,
+) -> dict:  # fmt: skip
+    """One op-benchmark row: the timing, the speedup over the baseline row (1.0 for the baseline itself) and,
+    on CUDA, peak memory, achieved GB/s for `moved_bytes` and its fraction of the peak bandwidth."""
+    r = {"op": op, "shape": shape, "dtype": str(dtype).removeprefix("torch."), "backend": backend, **timing}
+    r["speedup_vs_baseline"] = baseline["median_ms"] / timing["median_ms"] if baseline else 1.0
+    r["baseline"] = baseline["backend"] if baseline else backend
+    if device.type == "cuda":
+        r["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        r["achieved_gbps"] = moved_bytes / (timing["median_ms"] * 1e-3) / 1e9
+        r["bandwidth_fraction"] = r["achieved_gbps"] / bandwidth_gbps if bandwidth_gbps else None
+    return r
+
+
 def plot_speedups(rows: list[dict], path: str | os.PathLike, value: str, label: str, title: str) -> Path | None:
     """Horizontal bars of rows[value] (a speedup, 1.0 = baseline) per (label, backend), saved as PNG.
 
     Returns None when matplotlib is missing (the JSON/CSV still hold every number)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     shown = [r for r in rows if r.get(value) is not None]
     if not shown:
@@ -202,14 +214,7 @@ def plot_speedups(rows: list[dict], path: str | os.PathLike, value: str, label: 
     ax.invert_yaxis()
     ax.set_xlabel(f"{value} (1.0 = baseline, same run)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_file(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _pyplot():

@@ -18,7 +18,7 @@ from prunedm import ops
 from prunedm.measure import time_ms
 from prunedm.ops import reference
 
-from .common import WEIGHT_SHAPES, environment, peak_bandwidth_gbps, write_results
+from .common import WEIGHT_SHAPES, environment, op_row, peak_bandwidth_gbps, write_results
 
 SHAPES = {name: WEIGHT_SHAPES[name] for name in ("dit-xl2.qkv", "dit-xl2.mlp_in", "sd15.attn_640", "sd15.conv3x3_320")}
 QUICK_SHAPES = ["sd15.attn_640", "sd15.conv3x3_320"]
@@ -73,14 +73,7 @@ def bench_shape(label: str, shape: tuple[int, int], dtype: torch.dtype, device: 
 
     def row(op: str, backend: str, fn, moved_bytes: float, baseline: dict | None) -> dict:
         timing = time_ms(fn, device)
-        r = {"op": op, "shape": f"{label} {rows_out}x{cols}", "dtype": str(dtype).removeprefix("torch."),
-             "backend": backend, **timing}  # fmt: skip
-        r["speedup_vs_baseline"] = baseline["median_ms"] / timing["median_ms"] if baseline else 1.0
-        r["baseline"] = baseline["backend"] if baseline else backend
-        if device.type == "cuda":
-            gbps = moved_bytes / (timing["median_ms"] * 1e-3) / 1e9
-            r["achieved_gbps"] = gbps
-            r["bandwidth_fraction"] = gbps / bandwidth if bandwidth else None
+        r = op_row(op, f"{label} {rows_out}x{cols}", dtype, backend, timing, baseline, moved_bytes, device, bandwidth)
         rows.append(r)
         return r
 

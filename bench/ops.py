@@ -20,6 +20,7 @@ from prunedm.measure import time_ms
 from .common import (
     WEIGHT_SHAPES,
     environment,
+    op_row,
     peak_bandwidth_gbps,
     plot_speedups,
     resolve_device,
@@ -49,16 +50,8 @@ def bench_shape(label: str, shape: tuple[int, int], dtype: torch.dtype, device: 
     rows = []
 
     def row(op: str, backend: str, fn, moved_bytes: int, baseline: dict | None) -> dict:
-        timing = time_ms(fn, device)
-        r = {"op": op, "shape": f"{label} {shape[0]}x{shape[1]}", "dtype": str(dtype).removeprefix("torch."),
-             "backend": backend, **timing}  # fmt: skip
-        r["speedup_vs_baseline"] = baseline["median_ms"] / timing["median_ms"] if baseline else 1.0
-        r["baseline"] = baseline["backend"] if baseline else backend
-        if device.type == "cuda":
-            r["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-            gbps = moved_bytes / (timing["median_ms"] * 1e-3) / 1e9
-            r["achieved_gbps"] = gbps
-            r["bandwidth_fraction"] = gbps / bandwidth if bandwidth else None
+        size = f"{label} {shape[0]}x{shape[1]}"
+        r = op_row(op, size, dtype, backend, time_ms(fn, device), baseline, moved_bytes, device, bandwidth)
         rows.append(r)
         return r
 
