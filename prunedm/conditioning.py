@@ -92,9 +92,11 @@ def condition_dropout(model: nn.Module, key: str, null: torch.Tensor, probabilit
         yield
         return
 
+    active = [True]  # copies of the model (an EMA's deepcopy) share this hook: it goes inert with the block
+
     def drop(module, args, kwargs):
         value = kwargs.get(key)
-        if value is None:
+        if value is None or not active[0]:
             return None
         dropped = (torch.rand(value.shape[0]) < probability).to(value.device)
         fill = null.to(value.device, value.dtype)  # [1, L, D] or a 0-dim class id: broadcast over the batch
@@ -105,4 +107,5 @@ def condition_dropout(model: nn.Module, key: str, null: torch.Tensor, probabilit
     try:
         yield
     finally:
+        active[0] = False
         handle.remove()

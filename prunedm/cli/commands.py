@@ -10,7 +10,7 @@ import torch
 
 from prunedm._atomic import atomic_file, write_text_atomic
 from prunedm.cli.config import ConfigError
-from prunedm.cli.models import load_model, training_images
+from prunedm.cli.models import load_model
 from prunedm.cli.pipeline import (
     conditioned_data,
     latent_space,
@@ -98,11 +98,14 @@ def run_prune(config: dict, out: Path, resume: bool) -> dict:
         c = config["channels"]
         model = _to(model, device)
         data = None
-        if c["importance"] in ("taylor", "diff-pruning"):
-            data = [training_images(c["data"], model)[:32].to(device)]
+        if c["importance"] in ("taylor", "diff-pruning"):  # the gradient pass: images with their conditioning
+            _, images = conditioned_data({**config, "data": c["data"], "cond_dropout": 0.0}, model, device)
+            batch = images[:32]
+            data = [{k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device)]
         report = prunedm.prune_channels(
             model, importance=c["importance"], ratio=c["ratio"], data=data, rounding=c["rounding"],
             round_to=c["round_to"], max_timesteps=c["max_timesteps"], seed=config["seed"],
+            scheduler=training_scheduler(config),
         )  # fmt: skip
         summary = {
             "params_before": report.params_before, "params_after": report.params_after,

@@ -52,6 +52,7 @@ DEFAULTS = {
         "model": None,
         "seed": 0,
         "device": "auto",
+        "pipeline": None,  # conditioning for the gradient pass (CONDITIONING_TRAIN)
         "method": "channels",  # channels | depth
         "channels": CHANNELS_DEFAULTS,
         "depth": {"keep": None, "every": 2},
@@ -186,6 +187,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "model": MODEL,
         "seed": SEED,
         "device": DEVICE,
+        "pipeline": PIPELINE,
         "method": choice("channels (UNets, torch-pruning) or depth (DiT blocks)", ("channels", "depth")),
         "channels.importance": choice("channel importance", IMPORTANCES),
         "channels.ratio": RATIO,

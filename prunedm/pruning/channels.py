@@ -248,10 +248,13 @@ def prune_channels(
     with torch.enable_grad():
         gradient_pass = None
         if isinstance(importance, str) and importance in GRADIENT_IMPORTANCES:
+            batch = data if isinstance(data, torch.Tensor) else next(iter(data), None)
             extra = {k: v for k, v in example_inputs.items() if k not in ("sample", "timestep")}
+            if isinstance(batch, Mapping):  # the batch's own conditioning (captions' embeddings, class labels)
+                extra.update({k: v for k, v in batch.items() if k not in ("images", "sample", "pixel_values")})
             gradient_pass = accumulate_denoising_gradients(
                 model,
-                first_image_batch(data),
+                first_image_batch([batch]),
                 scheduler=scheduler,
                 threshold=threshold if importance == "diff-pruning" else None,
                 timesteps=timesteps,

@@ -5,6 +5,7 @@ on captioned images or class folders; classifier-free guidance checked by hand; 
 from __future__ import annotations
 
 import json
+from copy import deepcopy
 
 import numpy as np
 import pytest
@@ -172,12 +173,14 @@ def test_condition_dropout_swaps_samples_for_the_null_condition():
     torch.manual_seed(0)
     with condition_dropout(model, "encoder_hidden_states", null, 0.25):
         model(torch.zeros(64), 0, encoder_hidden_states=states)
+        copy = deepcopy(model)  # as finetune's EMA copies the model
     torch.manual_seed(0)
     dropped = torch.rand(64) < 0.25
     assert torch.equal(seen[0][dropped], torch.zeros(int(dropped.sum()), 2, 3))
     assert torch.equal(seen[0][~dropped], torch.ones(int((~dropped).sum()), 2, 3))
     model(torch.zeros(64), 0, encoder_hidden_states=states)  # the hook is gone after the block
-    assert torch.equal(seen[1], states)
+    copy(torch.zeros(64), 0, encoder_hidden_states=states)  # and inert in copies
+    assert torch.equal(seen[1], states) and torch.equal(seen[2], states)
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +220,25 @@ def test_bad_inputs_give_one_clear_error_before_out_is_written(sd_pipeline, dit_
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], (args, err)
         assert not out.exists(), args
+
+
+def test_prune_gradient_pass_sees_each_images_caption(sd_pipeline, captioned, tmp_path, monkeypatch):
+    import prunedm.pruning.channels as channels
+
+    seen = {}
+    real = channels.accumulate_denoising_gradients
+
+    def spy(model, images, **kwargs):
+        seen.update(images=images, **kwargs["model_kwargs"])
+        return real(model, images, **kwargs)
+
+    monkeypatch.setattr(channels, "accumulate_denoising_gradients", spy)
+    assert _run("prune", f"model={sd_pipeline}", f"channels.data={captioned}", "channels.importance=taylor",
+                "channels.max_timesteps=2", "channels.round_to=null", out=tmp_path / "p") == 0  # fmt: skip
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(sd_pipeline / "tokenizer")
+    encoder = transformers.CLIPTextModel.from_pretrained(sd_pipeline / "text_encoder")
+    captions = ["a red cat", "a blue dog", "a red cat", "a dog"]  # 0.txt .. 3.txt
+    ids = tokenizer(captions, padding="max_length", max_length=TOKENS, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(seen["encoder_hidden_states"], encoder(ids)[0])
+    assert seen["images"].shape == (4, 4, SIZE, SIZE)  # the VAE's latents
