@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from prunedm._atomic import write_text_atomic
 from prunedm.cli import main as prunedm_main
 from prunedm.data import DigitsDataset
 from prunedm.eval import train_classifier
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         "sample_classes": torch.bincount(labels, minlength=10).tolist(),
         "sample_mean_confidence": float(confidence),
     }  # fmt: skip
-    (ASSETS / "digits-ddpm" / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+    write_text_atomic(ASSETS / "digits-ddpm" / "training.json", json.dumps(info, indent=1) + "\n")
     print(json.dumps(info, indent=1))
     return 0
 

@@ -12,6 +12,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from prunedm._atomic import atomic_dir
+
 FEATURE_DIM = 64
 
 
@@ -34,10 +36,10 @@ class DigitsClassifier(nn.Module):
         return self.head(self.features(images))
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
-        (path / "config.json").write_text(json.dumps(self.config))
+        """Write path/{model.safetensors, config.json}, the directory whole or not at all."""
+        with atomic_dir(path) as tmp:
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp / "model.safetensors"))
+            (tmp / "config.json").write_text(json.dumps(self.config))
 
     @classmethod
     def load(cls, path: str | Path) -> DigitsClassifier:
