@@ -242,3 +242,52 @@ def test_prune_gradient_pass_sees_each_images_caption(sd_pipeline, captioned, tm
     with torch.no_grad():
         torch.testing.assert_close(seen["encoder_hidden_states"], encoder(ids)[0])
     assert seen["images"].shape == (4, 4, SIZE, SIZE)  # the VAE's latents
+
+
+class _Stop(KeyboardInterrupt):
+    """Stands for a kill (not caught as a user error)."""
+
+
+def test_condition_dropout_resumes_bit_exactly(sd_pipeline, captioned, tmp_path, monkeypatch):
+    from prunedm.masks import MaskLLMLearner
+
+    common = [f"model={sd_pipeline}", f"data={captioned}", "cond_dropout=0.5"]
+    finetune = [*common, "finetune.steps=3", "finetune.batch_size=2", "finetune.checkpoint_every=1",
+                "finetune.log_every=1", "finetune.progress=false"]  # fmt: skip
+    learn = [*common, "steps=3", "batch_size=2", "checkpoint_every=1", "maskllm.preset=short"]
+    for job, args in (("finetune", finetune), ("learn-mask", learn)):
+        assert _run(job, *args, out=tmp_path / f"{job}-straight") == 0
+    original = MaskLLMLearner.step
+
+    def dying_step(self, batch):
+        if self.step_count == 2:
+            raise _Stop
+        return original(self, batch)
+
+    monkeypatch.setattr(MaskLLMLearner, "step", dying_step)
+    assert _run("learn-mask", *learn, out=tmp_path / "learn-mask") == 130
+    monkeypatch.setattr(MaskLLMLearner, "step", original)
+    from prunedm.train import checkpoint
+
+    save = checkpoint.save_checkpoint
+
+    def dying_save(root, step, tensors, state, keep=2):
+        if step > 1:
+            raise _Stop
+        return save(root, step, tensors, state, keep)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", dying_save)
+    assert _run("finetune", *finetune, out=tmp_path / "finetune") == 130
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    for job, args in (("finetune", finetune), ("learn-mask", learn)):
+        assert main([job, *args, "device=cpu", "--out", str(tmp_path / job), "--resume"]) == 0
+        straight, resumed = tmp_path / f"{job}-straight", tmp_path / job
+        files = sorted(p.relative_to(straight) for p in straight.rglob("*.safetensors") if "checkpoints" not in p.parts)
+        assert files and files == sorted(p.relative_to(resumed) for p in resumed.rglob("*.safetensors")
+                                         if "checkpoints" not in p.parts)  # fmt: skip
+        for file in files:
+            expected, got = load_file(str(straight / file)), load_file(str(resumed / file))
+            assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), file
+        losses = [[(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+                  for out in (straight, resumed)]  # fmt: skip
+        assert losses[0] == losses[1] and len(losses[0]) == 3, job
