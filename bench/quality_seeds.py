@@ -1,0 +1,334 @@
+"""The quality table over several seeds: mean, spread, and which differences to a baseline exceed the spread.
+
+Each (variant, seed, budget) is one run of bench.quality's pipeline (build, finetune, DDIM samples, FID on the
+digits classifier's features) with that seed as the finetune / mask / sampling seed and that many finetune
+steps. Runs are resumable: out/runs/steps-B/seed-S/variants/<variant>.json is skipped when it exists.
+
+    python -m bench.quality_seeds --out bench/results/quality-seeds [--variants a,b] [--seeds 0,1,2]
+        [--budgets 100,400] [--samples 1000] [--readme README.md]
+
+Spread rule: a variant's FID differs from its baseline (magnitude 2:4 for masks, magnitude channels for
+channel pruning, every-k for depth) beyond the seed spread when |mean difference| > std(variant) + std(baseline),
+with at least 2 seeds on each side (sample standard deviations)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from prunedm._atomic import write_text_atomic
+
+from . import quality
+from .common import environment, write_results
+
+DEFAULT_VARIANTS = (
+    "dense", "channels-magnitude", "channels-taylor", "channels-random", "channels-diff-pruning",
+    "2to4-magnitude", "2to4-maskllm", "2to4-maskllm-short", "2to4-maskpro", "2to4-maskpro-short",
+)  # fmt: skip
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_BUDGETS = (100, 400)
+DEFAULT_SAMPLES = 1000
+METRICS = ("fid", "classifier_accuracy")
+BEGIN, END = "<!-- quality-seeds:begin -->", "<!-- quality-seeds:end -->"
+# Variants beyond bench.quality's: the learners' "short" presets (prunedm's, for tens to hundreds of steps).
+EXTRA_DESCRIPTIONS = {
+    "2to4-maskllm-short": "2:4 learned by MaskLLM, its 'short' preset, then finetuned",
+    "2to4-maskpro-short": "2:4 learned by MaskPro, its 'short' preset (K=4, leave-one-out), then finetuned",
+}
+
+
+def baseline_of(variant: str) -> str | None:
+    """The variant a row is compared against: magnitude 2:4, magnitude channels or every-k depth."""
+    if variant.startswith("2to4-"):
+        base = "2to4-magnitude"
+    elif variant.startswith(("channels-", "scratch-")) and "+" not in variant:
+        base = "channels-magnitude"
+    elif variant.startswith("depth-"):
+        base = "depth-every-k"
+    else:
+        return None
+    return None if base == variant else base
+
+
+def _learn_short(model, method: str, images: torch.Tensor, budget) -> None:
+    """MaskLLM / MaskPro with their 'short' presets (the rest as bench.quality's learn_masks)."""
+    from prunedm import masks as pm
+    from prunedm.train.mask_loop import learn_mask_steps
+
+    torch.manual_seed(budget.seed)
+    cls = {"maskllm": pm.MaskLLMLearner, "maskpro": pm.MaskProLearner}[method]
+    learner = cls(model, quality.denoising_loss, preset="short", total_steps=budget.mask_steps, seed=budget.seed)
+    learn_mask_steps(learner, images, budget.mask_steps, budget.batch_size, budget.seed, progress=False,
+                     desc=f"learn-mask {method} short")  # fmt: skip
+    learner.finalize()
+
+
+@contextmanager
+def _extra_variants():
+    """bench.quality's run_variant, taught this module's extra variants for the duration."""
+    original = quality.build_variant
+
+    def build(name, images, budget, progress):
+        if name in EXTRA_DESCRIPTIONS:
+            model = quality.load_dense()
+            _learn_short(model, name.split("-")[1], images, budget)
+            return model
+        return original(name, images, budget, progress)
+
+    quality.build_variant = build
+    added = {k: v for k, v in EXTRA_DESCRIPTIONS.items() if k not in quality.DESCRIPTIONS}
+    quality.DESCRIPTIONS.update(added)
+    try:
+        yield
+    finally:
+        quality.build_variant = original
+        for key in added:
+            quality.DESCRIPTIONS.pop(key, None)
+
+
+def run_path(out: Path, variant: str, seed: int, steps: int) -> Path:
+    return out / "runs" / f"steps-{steps}" / f"seed-{seed}" / "variants" / f"{variant}.json"
+
+
+def run_all(variants, seeds, budgets, base: quality.Budget, out: Path, work: Path, runner=None) -> list[dict]:
+    """Every (variant, seed, budget) row, run or read back (resume); runner(name, budget, out, work) -> row."""
+    rows = []
+    images = reference = None
+    for steps in budgets:
+        for seed in seeds:
+            budget = replace(base, steps=steps, seed=seed)
+            run_out, run_work = run_path(out, "x", seed, steps).parents[1], work / f"steps-{steps}" / f"seed-{seed}"
+            for variant in variants:
+                path = run_path(out, variant, seed, steps)
+                if path.exists():
+                    rows.append(json.loads(path.read_text()))
+                    continue
+                if runner is None:
+                    if images is None:
+                        from prunedm.data import DigitsDataset
+
+                        size = quality.load_dense().config.sample_size
+                        images = DigitsDataset("train", size=size).images
+                        reference = quality.reference_images(base, size)
+                    torch.manual_seed(seed)
+                    with _extra_variants():
+                        row = quality.run_variant(variant, images, reference, budget, run_work, run_out, False)
+                    if variant in EXTRA_DESCRIPTIONS:
+                        row["mask_steps"] = budget.mask_steps
+                        write_text_atomic(path, json.dumps(row, indent=1) + "\n")
+                else:
+                    row = runner(variant, budget, run_out, run_work)
+                    write_text_atomic(path, json.dumps(row, indent=1) + "\n")
+                print(f"{variant} seed {seed} steps {steps}: FID {row['fid']:.2f}", flush=True)
+                rows.append(row)
+    return rows
+
+
+def _stats(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per (variant, finetune steps): n, seeds, mean/std/min/max of FID and accuracy, and the
+    comparison with the baseline at the same steps (difference of means, and whether it exceeds the spread)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["variant"], int(row["finetune_steps"])), []).append(row)
+    out = []
+    for (variant, steps), members in groups.items():
+        seeds = sorted(int(m["budget"]["seed"]) for m in members)
+        agg = {"variant": variant, "finetune_steps": steps, "n": len(members), "seeds": seeds,
+               "num_samples": members[0].get("num_samples"), "mask_steps": members[0].get("mask_steps", 0)}  # fmt: skip
+        for metric in METRICS:
+            for key, value in _stats([float(m[metric]) for m in members]).items():
+                agg[f"{metric}_{key}"] = value
+        out.append(agg)
+    index = {(r["variant"], r["finetune_steps"]): r for r in out}
+    for row in out:
+        base = index.get((baseline_of(row["variant"]), row["finetune_steps"]))
+        row["baseline"] = base["variant"] if base else None
+        row["fid_diff"] = row["fid_mean"] - base["fid_mean"] if base else None
+        row["beyond_spread"] = beyond_spread(row, base) if base else None
+    order = {name: i for i, name in enumerate(list(DEFAULT_VARIANTS))}
+    out.sort(key=lambda r: (r["finetune_steps"], order.get(r["variant"], len(order)), r["variant"]))
+    return out
+
+
+def beyond_spread(row: dict, base: dict, metric: str = "fid") -> bool | None:
+    """|mean difference| > std + std of the baseline; None when either side has fewer than 2 seeds."""
+    if row["n"] < 2 or base["n"] < 2:
+        return None
+    diff = abs(row[f"{metric}_mean"] - base[f"{metric}_mean"])
+    return diff > row[f"{metric}_std"] + base[f"{metric}_std"]
+
+
+def _fmt(value, spec="{:.2f}") -> str:
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else spec.format(value)
+
+
+def table(agg: list[dict]) -> list[str]:
+    lines = [
+        "| variant | finetune steps | seeds | FID mean ± std | FID min-max | clf. acc. mean ± std "
+        "| FID − baseline | beyond seed spread |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in agg:
+        mark = {True: "**yes**", False: "no", None: "-"}[r["beyond_spread"]]
+        diff = f"{_fmt(r['fid_diff'], '{:+.2f}')} vs {r['baseline']}" if r["baseline"] else "-"
+        lines.append(
+            f"| {r['variant']} | {r['finetune_steps']} | {r['n']} | {r['fid_mean']:.2f} ± {r['fid_std']:.2f} | "
+            f"{r['fid_min']:.2f}-{r['fid_max']:.2f} | {r['classifier_accuracy_mean']:.3f} ± "
+            f"{r['classifier_accuracy_std']:.3f} | {diff} | {mark} |"
+        )
+    return lines
+
+
+def coverage(agg: list[dict]) -> str:
+    """Which parts of the issue-15 protocol (every variant x >= 3 seeds x 100 and 400 steps) this run covers."""
+    ran = {(r["variant"], r["finetune_steps"]): r["n"] for r in agg}
+    missing = [f"{v} @ {b}" for b in DEFAULT_BUDGETS for v in DEFAULT_VARIANTS if ran.get((v, b), 0) < 3]
+    samples = sorted({r["num_samples"] for r in agg if r["num_samples"]})
+    lines = [f"Ran: {len(agg)} (variant, budget) cells; FID on {samples} samples per run."]
+    if missing:
+        lines.append(f"Not run (or fewer than 3 seeds) of the full protocol: {', '.join(missing)}.")
+    return " ".join(lines)
+
+
+FULL_COMMAND = "python -m bench.quality_seeds --out bench/results/quality-seeds --readme README.md"
+
+
+def markdown(agg: list[dict], meta: dict) -> str:
+    budget = meta["budget"]
+    return "\n".join([
+        "# Quality over seeds (digits DDPM)", "", *table(agg), "",
+        f"Per run: bench.quality's pipeline, batch {budget['batch_size']}, lr {budget['lr']}, EMA "
+        f"{budget['ema_decay']} (with warm-up), {budget['mask_steps']} mask-learning steps for learned masks, "
+        f"{budget['samples']} DDIM samples ({budget['sample_steps']} steps), FID against "
+        f"{'all 1,797' if not budget['reference'] else budget['reference']} digits on the digits classifier's "
+        "features. The seed sets the finetune, mask and sampling seeds. std: sample standard deviation over seeds.",
+        "", "Beyond seed spread: |FID mean − baseline FID mean| > std + baseline std (2+ seeds each side).", "",
+        coverage(agg), "", f"Environment: {meta.get('device')}, torch {meta.get('torch')}, commit "
+        f"{meta.get('commit')}, {meta.get('date')}.", "", f"Full protocol: `{FULL_COMMAND}`.",
+    ]) + "\n"  # fmt: skip
+
+
+def readme_section(agg: list[dict], meta: dict, results: str = "bench/results/quality-seeds") -> str:
+    """The README's generated block (between BEGIN and END)."""
+    return "\n".join([
+        BEGIN, "", "#### Over seeds, with spread (generated by `bench.quality_seeds`)", "", *table(agg), "",
+        coverage(agg), "Beyond seed spread: |FID mean − baseline FID mean| > std + baseline std. "
+        f"Details: [{results}/quality-seeds.md]({results}/quality-seeds.md), plot "
+        f"[quality-seeds.png]({results}/quality-seeds.png). Full protocol: `{FULL_COMMAND}`.", "", END,
+    ])  # fmt: skip
+
+
+def update_readme(path: Path, section: str) -> bool:
+    """Replace the block between the markers in `path`; returns whether the file changed."""
+    text = path.read_text()
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"readme: {path} has no {BEGIN} ... {END} block to regenerate")
+    new = pattern.sub(lambda _: section, text, count=1)
+    if new != text:
+        write_text_atomic(path, new)
+    return new != text
+
+
+def plot(agg: list[dict], path: Path) -> Path | None:
+    """FID mean with std error bars (and min-max as thin bars), one panel per finetune budget."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    budgets = sorted({r["finetune_steps"] for r in agg})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 0.4 * len(agg) + 2), squeeze=False)
+    for ax, steps in zip(axes[0], budgets):
+        rows = [r for r in agg if r["finetune_steps"] == steps]
+        y = range(len(rows))
+        means = [r["fid_mean"] for r in rows]
+        ranges = [[m - r["fid_min"] for m, r in zip(means, rows)], [r["fid_max"] - m for m, r in zip(means, rows)]]
+        ax.errorbar(means, y, xerr=ranges, fmt="none", ecolor="lightgray", elinewidth=6)
+        ax.errorbar(means, y, xerr=[r["fid_std"] for r in rows], fmt="o", capsize=4)
+        ax.set_yticks(list(y), [f"{r['variant']} (n={r['n']})" for r in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"{steps} finetune steps: FID mean ± std (gray: min-max)", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_all(agg: list[dict], meta: dict, out: Path, readme: Path | None) -> None:
+    write_results(out, "quality-seeds", meta, agg)
+    write_text_atomic(out / "quality-seeds.md", markdown(agg, meta))
+    plot(agg, out / "quality-seeds.png")
+    if readme is not None:
+        update_readme(readme, readme_section(agg, meta))
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} expects comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{flag} expects at least one integer, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/results/quality-seeds")
+    parser.add_argument("--work", default="runs/quality-seeds", help="models and finetune checkpoints")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)))
+    parser.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)), help="finetune steps")
+    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples per run for FID")
+    parser.add_argument("--mask-steps", type=int, default=100)
+    parser.add_argument("--sample-steps", type=int, default=50)
+    parser.add_argument("--readme", default=None, help="README whose quality-seeds block is regenerated")
+    parser.add_argument("--aggregate-only", action="store_true", help="only re-aggregate the runs on disk")
+    args = parser.parse_args(argv)
+    try:
+        seeds, budgets = _ints(args.seeds, "--seeds"), _ints(args.budgets, "--budgets")
+    except ValueError as exc:
+        parser.error(str(exc))
+    known = set(quality.variant_names()) | set(EXTRA_DESCRIPTIONS)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if set(variants) - known:
+        parser.error(f"--variants: unknown {sorted(set(variants) - known)}; known: {sorted(known)}")
+    if args.samples < 2:
+        parser.error(f"--samples must be >= 2 (FID needs a covariance), got {args.samples}")
+    base = replace(quality.Budget(), samples=args.samples, mask_steps=args.mask_steps, sample_steps=args.sample_steps)
+    out = Path(args.out)
+    if args.aggregate_only:
+        rows = [json.loads(p.read_text()) for p in sorted(out.glob("runs/steps-*/seed-*/variants/*.json"))]
+    else:
+        rows = run_all(variants, seeds, budgets, base, out, Path(args.work))
+    agg = aggregate(rows)
+    meta = {**environment(torch.device("cpu")), "budget": asdict(base)}
+    write_all(agg, meta, out, Path(args.readme) if args.readme else None)
+    print("\n".join(table(agg)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""bench.quality_seeds: aggregation over seeds, the spread rule, resume, and the README block it regenerates."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from prunedm.bench import quality_seeds as qs
+from prunedm.bench.quality import Budget
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _row(variant: str, seed: int, fid: float, steps: int = 100, acc: float = 0.5) -> dict:
+    return {"variant": variant, "finetune_steps": steps, "fid": fid, "classifier_accuracy": acc,
+            "num_samples": 8, "mask_steps": 0, "budget": {"seed": seed}}  # fmt: skip
+
+
+def test_aggregate_mean_std_min_max():
+    rows = [_row("2to4-magnitude", s, f) for s, f in enumerate((10.0, 12.0, 14.0))]
+    (agg,) = qs.aggregate(rows)
+    assert agg["n"] == 3 and agg["seeds"] == [0, 1, 2]
+    assert agg["fid_mean"] == pytest.approx(12.0)
+    assert agg["fid_std"] == pytest.approx(2.0)  # sample std of 10, 12, 14
+    assert (agg["fid_min"], agg["fid_max"]) == (10.0, 14.0)
+    assert agg["baseline"] is None and agg["beyond_spread"] is None
+
+
+def test_spread_marking_against_the_baseline():
+    rows = [_row("2to4-magnitude", s, f) for s, f in enumerate((100.0, 102.0, 104.0))]  # mean 102, std 2
+    rows += [_row("2to4-maskllm", s, f) for s, f in enumerate((90.0, 91.0, 92.0))]  # 91, std 1: 11 > 3
+    rows += [_row("2to4-maskpro", s, f) for s, f in enumerate((99.0, 100.0, 101.0))]  # 100, std 1: 2 < 3
+    rows += [_row("channels-taylor", 0, 50.0), _row("channels-magnitude", 0, 60.0)]  # 1 seed: undecided
+    rows += [_row("2to4-maskllm", 0, 40.0, steps=400)]  # no baseline at 400 steps
+    agg = {(r["variant"], r["finetune_steps"]): r for r in qs.aggregate(rows)}
+    assert agg["2to4-maskllm", 100]["fid_diff"] == pytest.approx(-11.0)
+    assert agg["2to4-maskllm", 100]["beyond_spread"] is True
+    assert agg["2to4-maskpro", 100]["beyond_spread"] is False
+    assert agg["channels-taylor", 100]["baseline"] == "channels-magnitude"
+    assert agg["channels-taylor", 100]["beyond_spread"] is None
+    assert agg["2to4-maskllm", 400]["baseline"] is None
+    assert qs.baseline_of("depth-tinyfusion") == "depth-every-k" and qs.baseline_of("dense") is None
+    text = "\n".join(qs.table(list(agg.values())))
+    assert "**yes**" in text and "-11.00 vs 2to4-magnitude" in text
+
+
+def test_resume_skips_finished_runs(tmp_path):
+    calls = []
+
+    def runner(variant, budget, out, work):
+        calls.append((variant, budget.seed, budget.steps))
+        return {**_row(variant, budget.seed, 10.0 + budget.seed, budget.steps), "budget": {"seed": budget.seed}}
+
+    rows = qs.run_all(["dense", "2to4-magnitude"], [0, 1], [3], Budget(), tmp_path, tmp_path / "work", runner)
+    assert len(calls) == 4 and len(rows) == 4
+    assert qs.run_path(tmp_path, "dense", 1, 3).is_file()
+
+    def fail(*_):
+        raise AssertionError("a finished run was run again")
+
+    again = qs.run_all(["dense", "2to4-magnitude"], [0, 1], [3], Budget(), tmp_path, tmp_path / "work", fail)
+    assert again == rows
+
+
+def test_readme_block_regenerated(tmp_path):
+    agg = qs.aggregate([_row("2to4-magnitude", s, 10.0 + s) for s in range(2)])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{qs.BEGIN}\nold\n{qs.END}\nafter\n")
+    section = qs.readme_section(agg, {"budget": {}})
+    assert qs.update_readme(readme, section) is True
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+    assert "| 2to4-magnitude | 100 | 2 | 10.50 ± 0.71 |" in text
+    assert qs.update_readme(readme, section) is False  # idempotent
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="quality-seeds:begin"):
+        qs.update_readme(readme, section)
+
+
+def test_committed_results_match_the_readme():
+    results = ROOT / "bench" / "results" / "quality-seeds" / "quality-seeds.json"
+    if not results.is_file():
+        pytest.skip("no committed quality-seeds results yet")
+    data = json.loads(results.read_text())
+    rows = data["rows"]
+    assert all(math.isfinite(r["fid_mean"]) and r["n"] >= 1 for r in rows)
+    readme = (ROOT / "README.md").read_text()
+    assert qs.readme_section(rows, data["environment"]) in readme, "run `python -m bench.quality_seeds "
+    "--aggregate-only --readme README.md` to regenerate the README block"
