@@ -57,19 +57,15 @@ class BenchTransformer(nn.Module):
 
 
 class OfficialFormulation(MaskLLMLearner):
-    """MaskLLM's soft masks as its official code computes them: Gumbel noise from torch.rand, a softmax over the
-    C(m, n) patterns and a matmul with the pattern table, each step kept by autograd."""
+    """MaskLLM's soft masks as its official code computes them, in each layer's forward: Gumbel noise from
+    torch.rand, a softmax over the C(m, n) patterns and a matmul with the pattern table, each kept by autograd."""
 
-    def sample(self) -> dict[str, torch.Tensor]:
-        tau, scale = self.tau, self.scale
+    def _sample_one(self, index: int, name: str, tau: float, scale: float) -> torch.Tensor:
+        logits = self.logits[name]
         patterns = ops.nm_patterns(self.n, self.m, dtype=torch.float32)
-        matrices = {}
-        for name, logits in self.logits.items():
-            noise = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-10, 1 - 1e-7)))
-            soft = torch.softmax((logits * scale + noise) / tau, dim=-1)
-            matrices[name] = (soft @ patterns).reshape(logits.shape[0], -1)
-        self._set_matrix_masks(matrices)
-        return matrices
+        noise = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-10, 1 - 1e-7)))
+        soft = torch.softmax((logits * scale + noise) / tau, dim=-1)
+        return (soft @ patterns).reshape(logits.shape[0], -1)
 
 
 def _loss(model: nn.Module, batch) -> torch.Tensor:

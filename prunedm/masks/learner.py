@@ -28,17 +28,19 @@ _SEED_MODULUS = 2**63
 
 
 class MaskedWeight(nn.Module):
-    """Parametrization of a target's weight: weight * mask, with `mask` (weight-shaped, or None for the
-    dense weight) set by the learner before each forward."""
+    """Parametrization of a target's weight: weight * mask, with `mask` (weight-shaped; a callable giving one
+    when the layer runs, so that no layer's mask outlives its use; or None for the dense weight) set by the
+    learner before each forward."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.mask: torch.Tensor | None = None
+        self.mask: torch.Tensor | Callable[[], torch.Tensor] | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.mask is None:
             return weight
-        return weight * self.mask.to(weight.dtype)
+        mask = self.mask() if callable(self.mask) else self.mask
+        return weight * mask.to(weight.dtype)
 
 
 def _flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

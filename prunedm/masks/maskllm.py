@@ -15,6 +15,7 @@ weight_reg * (1 - it/T) * sum ||W (.) M||^2 with weight_reg 1e-5; mask lr 5e-5 x
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -145,17 +146,30 @@ class MaskLLMLearner(MaskLearner):
 
     # Learning ------------------------------------------------------------------------------------
 
+    def _sample_one(self, index: int, name: str, tau: float, scale: float) -> torch.Tensor:
+        """Target `name`'s (the index-th) mask at this step, GEMM layout, differentiable in its logits."""
+        logits, seed = self.logits[name] * scale, self._sample_seed(index)
+        return fsdp.sample_rows(
+            ops.gumbel_pattern_sample, logits, self.n, self.m, tau, self.hard, seed, backend=self.backend
+        )
+
+    def _mask_when_run(self, index: int, name: str, tau: float, scale: float) -> torch.Tensor:
+        return _targets.matrix_to_weight(self.targets[name], self._sample_one(index, name, tau, scale))
+
     def sample(self) -> dict[str, torch.Tensor]:
         """Draw this step's masks (GEMM layout, differentiable in the logits) and put them on the model."""
         tau, scale = self.tau, self.scale
-        matrices = {}
-        for index, (name, logits) in enumerate(self.logits.items()):
-            seed = self._sample_seed(index)
-            matrices[name] = fsdp.sample_rows(
-                ops.gumbel_pattern_sample, logits * scale, self.n, self.m, tau, self.hard, seed, backend=self.backend
-            )
+        matrices = {name: self._sample_one(index, name, tau, scale) for index, name in enumerate(self.logits)}
         self._set_matrix_masks(matrices)
         return matrices
+
+    def sample_when_run(self) -> None:
+        """Put this step's masks on the model as sample() does, each drawn when its layer runs: autograd keeps the
+        frozen weight, not the mask, so no full mask outlives its layer (sharded: one layer's gathered mask at a
+        time, not every layer's)."""
+        tau, scale = self.tau, self.scale
+        for index, name in enumerate(self.logits):
+            self._hooks[name].mask = functools.partial(self._mask_when_run, index, name, tau, scale)
 
     def regularization(self, matrices: dict[str, torch.Tensor]) -> torch.Tensor:
         """The term added to the loss, times weight_reg (weights detached; low when masks keep large weights).
@@ -182,7 +196,10 @@ class MaskLLMLearner(MaskLearner):
     def step(self, batch) -> dict:
         """One learning step on a batch: sample masks, loss (+ regularizer), backward, update, anneal."""
         tau, scale = self.tau, self.scale
-        matrices = self.sample()
+        if self.weight_reg:  # the regulariser reads every mask after the forward
+            matrices = self.sample()
+        else:
+            self.sample_when_run()
         loss = self.loss_fn(self.model, batch)
         total = loss
         if self.weight_reg:
