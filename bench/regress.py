@@ -9,6 +9,9 @@ batch, device). The compared number is a speedup, higher = faster: speedup_vs_de
 speedup_vs_baseline as written, else 1 / ratio_to_dense or 1 / latency_ratio (time ratios). Ratios
 measured within one run cancel most machine-to-machine differences; absolute times are not compared.
 
+Quality rows (bench.quality_seeds: fid_mean and fid_std over seeds) match by (variant, finetune_steps) and
+fail when the current FID mean exceeds the baseline's by more than the two seed spreads (std + std).
+
 Exit status: 0 no regression; 1 some speedup dropped by more than --max-drop (relative); 2 an input
 could not be read. Rows present on only one side are listed, and do not fail the check."""
 
@@ -151,6 +154,23 @@ def format_report(report: dict, max_drop: float) -> str:
     return "\n".join(lines)
 
 
+def compare_quality(baseline: list[dict], current: list[dict]) -> list[dict]:
+    """Quality rows (with fid_mean, fid_std) matched by (variant, finetune_steps); each entry says whether the
+    current FID mean is worse than the baseline's by more than std + std (the seed-spread rule)."""
+
+    def index(rows):
+        return {(r.get("variant"), r.get("finetune_steps")): r for r in rows if "fid_mean" in r and "fid_std" in r}
+
+    base, cur = index(baseline), index(current)
+    entries = []
+    for key in base.keys() & cur.keys():
+        b, c = base[key], cur[key]
+        allowed = float(b["fid_std"]) + float(c["fid_std"])
+        worse = float(c["fid_mean"]) - float(b["fid_mean"])
+        entries.append({"key": key, "baseline": b["fid_mean"], "current": c["fid_mean"], "regressed": worse > allowed})
+    return sorted(entries, key=lambda e: (str(e["key"][1]), str(e["key"][0])))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", required=True, help="results JSON (or directory) to compare against")
@@ -166,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = compare(baseline, current, args.max_drop)
     print(format_report(report, args.max_drop))
-    return 1 if report["regressions"] else 0
+    quality = compare_quality(baseline, current)
+    for entry in quality:
+        status = "REGRESSION (beyond the seed spread)" if entry["regressed"] else "ok"
+        print(f"quality {entry['key'][0]} @ {entry['key'][1]} steps: FID {entry['baseline']:.2f} -> "
+              f"{entry['current']:.2f}  {status}")  # fmt: skip
+    return 1 if report["regressions"] or any(e["regressed"] for e in quality) else 0
 
 
 if __name__ == "__main__":

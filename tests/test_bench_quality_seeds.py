@@ -90,3 +90,19 @@ def test_committed_results_match_the_readme():
     readme = (ROOT / "README.md").read_text()
     assert qs.readme_section(rows, data["environment"]) in readme, "run `python -m bench.quality_seeds "
     "--aggregate-only --readme README.md` to regenerate the README block"
+
+
+def test_regress_guards_quality_by_the_seed_spread(tmp_path, capsys):
+    from prunedm.bench.regress import main as regress_main
+
+    def write(name, rows):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"environment": {"device": "cpu"}, "rows": qs.aggregate(rows)}))
+        return str(path)
+
+    base = write("base", [_row("2to4-maskllm", s, 100.0 + s) for s in range(3)])  # mean 101, std 1
+    close = write("close", [_row("2to4-maskllm", s, 102.0 + s) for s in range(3)])  # +1 <= 2: ok
+    worse = write("worse", [_row("2to4-maskllm", s, 104.0 + s) for s in range(3)])  # +3 > 2: regression
+    assert regress_main(["--baseline", base, "--current", close]) == 0
+    assert regress_main(["--baseline", base, "--current", worse]) == 1
+    assert "REGRESSION (beyond the seed spread)" in capsys.readouterr().out
