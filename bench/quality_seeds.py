@@ -132,6 +132,11 @@ def run_all(variants, seeds, budgets, base: quality.Budget, out: Path, work: Pat
     return rows
 
 
+def runs_on_disk(out: Path) -> list[dict]:
+    """Every finished (variant, seed, budget) row under out/runs."""
+    return [json.loads(p.read_text()) for p in sorted(out.glob("runs/steps-*/seed-*/variants/*.json"))]
+
+
 def _stats(values: list[float]) -> dict:
     return {
         "mean": statistics.fmean(values),
@@ -319,11 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--samples must be >= 2 (FID needs a covariance), got {args.samples}")
     base = replace(quality.Budget(), samples=args.samples, mask_steps=args.mask_steps, sample_steps=args.sample_steps)
     out = Path(args.out)
-    if args.aggregate_only:
-        rows = [json.loads(p.read_text()) for p in sorted(out.glob("runs/steps-*/seed-*/variants/*.json"))]
-    else:
-        rows = run_all(variants, seeds, budgets, base, out, Path(args.work))
-    agg = aggregate(rows)
+    if not args.aggregate_only:
+        run_all(variants, seeds, budgets, base, out, Path(args.work))
+    agg = aggregate(runs_on_disk(out))  # every run so far, this invocation's and earlier ones
     meta = {**environment(torch.device("cpu")), "budget": asdict(base)}
     write_all(agg, meta, out, Path(args.readme) if args.readme else None)
     print("\n".join(table(agg)))

@@ -63,6 +63,7 @@ def test_resume_skips_finished_runs(tmp_path):
 
     again = qs.run_all(["dense", "2to4-magnitude"], [0, 1], [3], Budget(), tmp_path, tmp_path / "work", fail)
     assert again == rows
+    assert sorted(r["variant"] for r in qs.runs_on_disk(tmp_path)) == ["2to4-magnitude"] * 2 + ["dense"] * 2
 
 
 def test_readme_block_regenerated(tmp_path):
