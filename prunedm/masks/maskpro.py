@@ -262,6 +262,10 @@ class MaskProLearner(MaskLearner):
             info["initial_loss"] = initial_loss
         return info
 
+    def shard(self, blocks=None) -> None:
+        """Not yet: the REINFORCE step reads every logit whole (parallel: fsdp learns MaskLLM masks)."""
+        raise ValueError("MaskProLearner: parallel 'fsdp' is not supported yet (MaskLLMLearner is); use ddp")
+
     @torch.no_grad()
     def masks(self) -> dict[str, torch.Tensor]:
         return {

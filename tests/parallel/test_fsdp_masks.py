@@ -159,3 +159,12 @@ def test_stopped_sharded_run_resumes_in_one_process(sharded):
         reference = _one_process(preset, range(STEPS))
         for name, logits in reference.logits.items():
             _assert_logits_close(resumed.logits[name].detach(), logits.detach(), preset)
+
+
+def test_maskpro_and_trained_weights_refuse_fsdp():
+    from prunedm.masks import MaskLLMLearner, MaskProLearner
+
+    with pytest.raises(ValueError, match="MaskProLearner: parallel 'fsdp' is not supported yet"):
+        MaskProLearner(_model(), _mse).shard()
+    with pytest.raises(ValueError, match="model_lr must be 0"):
+        MaskLLMLearner(_model(), _mse, model_lr=1e-3).shard()
