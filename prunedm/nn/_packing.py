@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from prunedm import _ext, ops
-from prunedm.ops import reference, sparse24
+from prunedm.ops import _backends as op_table
+from prunedm.ops import sparse24
 from prunedm.ops._checks import COL_TILE, ROW_TILE
 from prunedm.ops._checks import SIXTEEN_BIT_FLOATS as SIXTEEN_BIT
 
@@ -19,15 +20,14 @@ PACKABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The metadata of an all-zero matrix: every 4-group gets the nibble 0b1110 (indices 2, 3), so 0xEEEE.
 EMPTY_META = -4370
 
-# Resolved once, outside any torch.compile trace (the ops' own dispatch goes through an lru_cache
-# that dynamo warns about).
-_CPU_EXTENSION = _ext.extension_loaded()
-_CUDA_EXTENSION = _ext.cuda_kernels_built()
-# Per forward the metadata is never checked (a host sync per layer, and an error under CUDA graph
-# capture): meta_problem() checks it once when a layer's buffers are packed or loaded.
-_CUDA_DECOMPRESS = (
-    (sparse24._unchecked_extension_op() or torch.ops.prunedm.decompress_2to4) if _CUDA_EXTENSION else None
-)
+# Per forward the metadata is never checked (a host sync per layer, and an error under CUDA graph capture):
+# meta_problem() checks it once when a layer's buffers are packed or loaded. The unchecked decompress per device
+# type, from prunedm.ops' backend table, resolved here once, outside any torch.compile trace (CUDA: when the
+# extension has CUDA kernels; otherwise per call through prunedm.ops, Triton or the reference).
+_DECOMPRESS = {"cpu": op_table.resolve("decompress_2to4_unchecked", "auto", torch.device("cpu")).fn}
+_DECOMPRESS["meta"] = _DECOMPRESS["cpu"]  # the extension's CPU op has a meta kernel; the reference runs on meta
+if _ext.cuda_kernels_built():
+    _DECOMPRESS["cuda"] = op_table.resolve("decompress_2to4_unchecked", "auto", torch.device("cuda")).fn
 
 
 def round_up(n: int, multiple: int = TILE) -> int:
@@ -47,14 +47,10 @@ def packed_nbytes(rows: int, cols: int, dtype: torch.dtype) -> int:
 
 
 def _decompress16(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    device = values.device.type
-    if device in ("cpu", "meta") and _CPU_EXTENSION:
-        return torch.ops.prunedm.decompress_2to4(values, meta)  # its check is C++ on the host: no sync
-    if device == "cuda" and _CUDA_DECOMPRESS is not None:
-        return _CUDA_DECOMPRESS(values, meta)
-    if device == "cuda":
-        return sparse24.decompress_2to4_unchecked(values, meta)  # Triton, or the reference
-    return reference.decompress_2to4_ref(values, meta)
+    decompress = _DECOMPRESS.get(values.device.type)
+    if decompress is not None:
+        return decompress(values, meta)
+    return sparse24.decompress_2to4_unchecked(values, meta)
 
 
 def meta_problem(meta: torch.Tensor) -> str | None:

@@ -15,7 +15,10 @@ from prunedm import ops
 from prunedm.nn import _autotune, _cusparselt, _packing
 from prunedm.nn._base import _any_autocast, _SparseWeight
 from prunedm.nn._storage import _conv_matrix, _keep_mask
-from prunedm.ops import reference
+from prunedm.ops import _backends as op_table
+
+# A layout op, the same implementation on every device: resolved once, outside any torch.compile trace.
+_MATRIX_TO_CONV = op_table.resolve("matrix_to_conv_weight", "auto", torch.device("cpu")).fn
 
 
 class SparseLinear(_SparseWeight):
@@ -282,9 +285,7 @@ class SparseConv2d(_SparseWeight):
             # A view with NCHW strides: the permuted layout would read as channels_last for 1x1 kernels
             # and pick another conv algorithm than the dense layer's.
             return matrix.reshape(self.weight_shape)
-        if _packing._CPU_EXTENSION:
-            return torch.ops.prunedm.matrix_to_conv_weight(matrix, list(self.weight_shape))
-        return reference.matrix_to_conv_weight_ref(matrix, self.weight_shape)
+        return _MATRIX_TO_CONV(matrix, list(self.weight_shape))
 
     def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._dense_weight()

@@ -73,9 +73,9 @@ _UNCHECKED_OP = None  # torch.ops.prunedm.decompress_2to4_unchecked once its fak
 
 
 def _unchecked_extension_op():
-    """The extension's CUDA decompress without the metadata count, or None when this build has none (an
-    optional op, not in prunedm._ext.REQUIRED_OPS: csrc/ops.cpp does not define it today). Its fake is
-    registered here, once, outside any torch.compile trace."""
+    """The extension's CUDA decompress without the metadata count, or None when this build has none (a CUDA
+    build's op, csrc/cuda/sparse24.cu, so not in prunedm._ext.REQUIRED_OPS). Its fake is registered here,
+    once, outside any torch.compile trace."""
     global _UNCHECKED_OP
     if _UNCHECKED_OP is None:
         _UNCHECKED_OP = False

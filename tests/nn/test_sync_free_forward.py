@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from prunedm import ops
+from prunedm import _ext, ops
 from prunedm.nn import SparseConv2d, SparseLinear, _backends
 from prunedm.nn import _packing as packing
 from prunedm.ops import _backends as op_table
-from prunedm.ops import _nvrtc, sparse24, sparse_mm
+from prunedm.ops import _nvrtc, reference, sparse24, sparse_mm
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -91,14 +91,14 @@ def test_dense_path_with_cached_weight(make, monkeypatch):
 @pytest.mark.parametrize("make", [_linear, _conv])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dense_path_decompressing_per_call_extension(make, dtype, monkeypatch):
-    if not packing._CPU_EXTENSION:
+    if not _ext.extension_loaded():
         pytest.skip("prunedm._C is not built")
     _forwards_read_nothing(make(dtype, backend="dense"), monkeypatch, "dense")
 
 
 @pytest.mark.parametrize("make", [_linear, _conv])
 def test_dense_path_decompressing_per_call_reference(make, monkeypatch):
-    monkeypatch.setattr(packing, "_CPU_EXTENSION", False)
+    monkeypatch.setitem(packing._DECOMPRESS, "cpu", reference.decompress_2to4_ref)
     layer = make(backend="dense")
     _forwards_read_nothing(layer, monkeypatch, "dense")
     expected = make(backend="dense", cache_dense=True)(_inputs(layer))
@@ -119,14 +119,12 @@ def test_dense_path_decompressing_per_call_triton_interpreter(make, monkeypatch)
 
 
 def _triton_runs_on_cpu() -> bool:
-    from prunedm import _ext
-
     return _ext.triton_usable_on(torch.device("cpu"))[0]
 
 
 @pytest.mark.parametrize("make", [_linear, _conv])
 def test_prunedm_path_extension_cpu(make, monkeypatch):
-    if not packing._CPU_EXTENSION:
+    if not _ext.extension_loaded():
         pytest.skip("prunedm._C is not built")
     layer = make(backend="prunedm")
     _forwards_read_nothing(layer, monkeypatch, "prunedm")
@@ -175,7 +173,7 @@ def test_unchecked_decompress_decodes_like_the_reference():
     from conftest import random_2to4
 
     values, meta = ops.compress_2to4(random_2to4(64, 64, torch.float16))
-    for backend in ("reference", "extension") if packing._CPU_EXTENSION else ("reference",):
+    for backend in ("reference", "extension") if _ext.extension_loaded() else ("reference",):
         got = sparse24.decompress_2to4_unchecked(values, meta, backend=backend)
         assert torch.equal(got, ops.decompress_2to4(values, meta, backend="reference"))
     assert sparse24.invalid_meta_count(meta) == 0
@@ -187,12 +185,10 @@ def test_unchecked_decompress_decodes_like_the_reference():
 
 
 def test_a_cuda_build_registers_the_unchecked_decompress_with_its_fake():
-    from prunedm import _ext
-
     if not _ext.cuda_kernels_built():
         pytest.skip("prunedm._C was built without CUDA")
     op = sparse24._unchecked_extension_op()
-    assert op is not None and packing._CUDA_DECOMPRESS is op
+    assert op is not None and packing._DECOMPRESS["cuda"] is sparse24._decompress_extension_unchecked
     values = torch.empty(64, 32, dtype=torch.float16, device="meta")
     meta = torch.empty(64, 4, dtype=torch.int16, device="meta")
     out = op(values, meta)  # the fake registered by prunedm.ops.sparse24, as torch.compile traces it
