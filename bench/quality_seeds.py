@@ -26,12 +26,13 @@ import torch
 
 from prunedm._atomic import write_text_atomic
 
-from . import quality
+from . import quality, quality_dit
 from .common import environment, write_results
 
 DEFAULT_VARIANTS = (
     "dense", "channels-magnitude", "channels-taylor", "channels-random", "channels-diff-pruning",
     "2to4-magnitude", "2to4-maskllm", "2to4-maskllm-short", "2to4-maskpro", "2to4-maskpro-short",
+    *quality_dit.DIT_VARIANTS,
 )  # fmt: skip
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_BUDGETS = (100, 400)
@@ -111,7 +112,12 @@ def run_all(variants, seeds, budgets, base: quality.Budget, out: Path, work: Pat
                 if path.exists():
                     rows.append(json.loads(path.read_text()))
                     continue
-                if runner is None:
+                if runner is None and variant in quality_dit.DIT_VARIANTS:
+                    if not (quality_dit.DIT_DIR / "config.json").is_file():
+                        print(f"skipped {variant}: no {quality_dit.DIT_DIR} (scripts/train_digits_models.py --dit)")
+                        continue
+                    row = quality_dit.run(variant, budget, run_out, run_work)
+                elif runner is None:
                     if images is None:
                         from prunedm.data import DigitsDataset
 
@@ -316,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds, budgets = _ints(args.seeds, "--seeds"), _ints(args.budgets, "--budgets")
     except ValueError as exc:
         parser.error(str(exc))
-    known = set(quality.variant_names()) | set(EXTRA_DESCRIPTIONS)
+    known = set(quality.variant_names()) | set(EXTRA_DESCRIPTIONS) | set(quality_dit.DIT_VARIANTS)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if set(variants) - known:
         parser.error(f"--variants: unknown {sorted(set(variants) - known)}; known: {sorted(known)}")

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from prunedm.bench import quality_seeds as qs
 from prunedm.bench.quality import Budget
@@ -107,3 +108,37 @@ def test_regress_guards_quality_by_the_seed_spread(tmp_path, capsys):
     assert regress_main(["--baseline", base, "--current", close]) == 0
     assert regress_main(["--baseline", base, "--current", worse]) == 1
     assert "REGRESSION (beyond the seed spread)" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("variant", ["dit-dense", "depth-every-k", "depth-block-influence", "depth-tinyfusion"])
+def test_dit_variants_have_the_expected_depth(variant):
+    from prunedm.bench import quality_dit
+
+    model = quality_dit.build_dit(num_layers=4, num_attention_heads=2, attention_head_dim=8)
+    data = quality_dit.digits_data()
+    data = type(data)(data.images[:16], data.key, data.table, data.ids[:16])
+    budget = Budget(batch_size=4, mask_steps=2, seed=1)
+    pruned = quality_dit.build_variant(variant, data, budget, model=model)
+    depth = 4 if variant == "dit-dense" else 2
+    assert len(pruned.transformer_blocks) == depth and pruned.config.num_layers == depth
+    if variant == "depth-every-k":
+        assert quality_dit.depth_keep(variant, quality_dit.build_dit(num_layers=4), data, budget) == [0, 2]
+    out = pruned(data.images[:2], timestep=torch.tensor([3, 500]), class_labels=data.ids[:2]).sample
+    assert out.shape == (2, 1, 16, 16) and torch.isfinite(out).all()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_dit_runner_end_to_end(tmp_path, monkeypatch):
+    from prunedm.bench import quality_dit
+
+    monkeypatch.setattr(quality_dit, "load_dit", lambda: quality_dit.build_dit(num_layers=2, attention_head_dim=4))
+    data = quality_dit.digits_data()
+    small = type(data)(data.images[:32], data.key, data.table, data.ids[:32])
+    monkeypatch.setattr(quality_dit, "_DATA", {"train": small, "reference": data.images[:40]})
+    budget = Budget(steps=1, batch_size=4, mask_steps=1, samples=12, sample_steps=1, seed=0)
+    row = quality_dit.run("depth-every-k", budget, tmp_path / "out", tmp_path / "work")
+    assert row["depth"] == 1 and row["num_samples"] == 12 and math.isfinite(row["fid"])
+    assert json.loads((tmp_path / "out" / "variants" / "depth-every-k.json").read_text())["depth"] == 1

@@ -1,0 +1,153 @@
+"""Depth pruning on the digits DiT (prunedm/assets/digits-dit): TinyFusion vs every-k vs Block Influence.
+
+Each variant keeps half of the DiT's blocks, is finetuned with the same budget as bench.quality's variants
+(class-conditional: every digit image with its label), samples DDIM images for the labels 0..9 in turn and is
+scored by FID on the digits classifier's features. bench.quality_seeds runs these variants over seeds:
+
+    python -m bench.quality_seeds --variants dit-dense,depth-every-k,depth-block-influence,depth-tinyfusion
+
+Variants: dit-dense (finetuned with the same budget), depth-every-k (blocks 0, 2, 4, ...), depth-block-influence
+(ShortGPT's Block Influence on noised digits), depth-tinyfusion (learned 1-of-2 per group, the official preset,
+`mask_steps` steps). diffusers' DiT conditions its output head on block 0's embedder, so a variant that drops
+block 0 gets the next kept block's embedder there (the finetune has to recover it)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunedm._atomic import write_text_atomic
+
+from . import quality
+
+DIT_DIR = quality.ASSETS / "digits-dit"
+# 8 blocks, hidden 64 (4 heads x 16), patch 2 on the 16x16 digits: 64 tokens; class-conditional (DiT's adaLN-Zero
+# with a label embedding of 10 digits plus the null class that label dropout trains).
+DIT_CONFIG = dict(
+    num_attention_heads=4, attention_head_dim=16, in_channels=1, out_channels=1, num_layers=8, sample_size=16,
+    patch_size=2, norm_type="ada_norm_zero", num_embeds_ada_norm=10,
+)  # fmt: skip
+DIT_VARIANTS = ("dit-dense", "depth-every-k", "depth-block-influence", "depth-tinyfusion")
+DESCRIPTIONS = {
+    "dit-dense": "digits DiT, dense, finetuned with the same budget",
+    "depth-every-k": "digits DiT, every 2nd block kept (0, 2, 4, ...)",
+    "depth-block-influence": "digits DiT, the half of the blocks with the highest Block Influence (ShortGPT)",
+    "depth-tinyfusion": "digits DiT, 1 of every 2 blocks learned by TinyFusion (official preset)",
+}
+
+
+def build_dit(seed: int = 0, **overrides) -> nn.Module:
+    """A randomly initialised digits DiT (DIT_CONFIG, with overrides)."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(**{**DIT_CONFIG, **overrides})
+
+
+def load_dit() -> nn.Module:
+    """The shipped digits DiT."""
+    from diffusers import DiTTransformer2DModel
+
+    if not (DIT_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"{DIT_DIR} is missing; make it with `python scripts/train_digits_models.py --dit`")
+    return DiTTransformer2DModel.from_pretrained(DIT_DIR, torch_dtype=torch.float32)
+
+
+def digits_data(size: int = 16, split: str = "train"):
+    """The digits with their labels, as finetune's class-conditioned dataset ({"images", "class_labels"})."""
+    from prunedm.data import DigitsDataset
+    from prunedm.data.conditioned import ConditionedImages
+
+    digits = DigitsDataset(split, size=size)
+    return ConditionedImages(digits.images, "class_labels", torch.arange(10), digits.labels)
+
+
+def _batches(data, batch_size: int, seed: int):
+    """Endless random batches {"latents", "class_labels"} of `data` (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        item = data[torch.randint(len(data), (batch_size,), generator=gen)]
+        yield {"latents": item["images"], "class_labels": item["class_labels"]}
+
+
+def depth_keep(name: str, model: nn.Module, data, budget: quality.Budget) -> list[int]:
+    """The blocks variant `name` keeps (half of them, rounded down)."""
+    from prunedm.pruning.depth import block_influence, keep_every, keep_most_influential
+    from prunedm.pruning.tinyfusion import learn_depth_keep
+
+    num = len(model.transformer_blocks)
+    if name == "depth-every-k":
+        return keep_every(num, 2)
+    if name == "depth-block-influence":
+        gen = torch.Generator().manual_seed(budget.seed)
+        inputs = []
+        for batch in [next(_batches(data, budget.batch_size, budget.seed)) for _ in range(2)]:
+            t = torch.randint(0, 1000, (len(batch["latents"]),), generator=gen)
+            noisy = batch["latents"] + torch.randn(batch["latents"].shape, generator=gen) * (t.view(-1, 1, 1, 1) / 1000)
+            inputs.append({"hidden_states": noisy, "timestep": t, "class_labels": batch["class_labels"]})
+        with torch.no_grad():
+            return keep_most_influential(block_influence(model, inputs), num // 2)
+    if name == "depth-tinyfusion":
+        batches = _batches(data, budget.batch_size, budget.seed)
+        steps = max(1, budget.mask_steps)
+        return learn_depth_keep(
+            model, batches, group_size=2, keep_per_group=1, steps=steps, seed=budget.seed
+        ).keep_indices
+    raise ValueError(f"depth variant must be one of {DIT_VARIANTS[1:]}, got {name!r}")
+
+
+def build_variant(name: str, data, budget: quality.Budget, model: nn.Module | None = None) -> nn.Module:
+    """The variant's model before its finetune: the digits DiT (or `model`), depth-pruned unless dit-dense."""
+    from prunedm.pruning.depth import prune_depth
+
+    model = load_dit() if model is None else model
+    if name == "dit-dense":
+        return model
+    torch.manual_seed(budget.seed)
+    prune_depth(model, depth_keep(name, model, data, budget))
+    return model
+
+
+_DATA: dict = {}
+
+
+def run(name: str, budget: quality.Budget, out: Path, work: Path) -> dict:
+    """Build, finetune, sample and score one DiT variant; writes out/variants/<name>.json (bench.quality_seeds'
+    runner for the DiT variants)."""
+    from diffusers import DDIMScheduler
+
+    from prunedm.eval.fid import evaluate_samples
+    from prunedm.eval.sampling import sample_images, save_grid
+    from prunedm.train import FinetuneConfig, finetune
+
+    if not _DATA:
+        _DATA["train"] = digits_data()
+        _DATA["reference"] = quality.reference_images(budget, 16)
+    started = time.perf_counter()
+    torch.manual_seed(budget.seed)
+    model = build_variant(name, _DATA["train"], budget)
+    config = FinetuneConfig(steps=budget.steps, batch_size=budget.batch_size, lr=budget.lr, ema_decay=budget.ema_decay,
+                            seed=budget.seed, checkpoint_every=max(1, min(100, budget.steps)), keep_checkpoints=1,
+                            log_every=max(1, budget.steps // 20), progress=False)  # fmt: skip
+    result = finetune(model, _DATA["train"], work / name / "finetune", config, resume=True)
+    final = result.ema_model.eval()
+    labels = torch.arange(budget.samples) % 10
+    samples = sample_images(final, DDIMScheduler(num_train_timesteps=1000), budget.samples, budget.sample_steps,
+                            seed=budget.seed, conditions={"class_labels": labels})  # fmt: skip
+    save_grid(samples[:64], out / "samples" / f"{name}.png", columns=8)
+    scores = evaluate_samples(samples, _DATA["reference"])
+    row = {
+        "variant": name, "description": DESCRIPTIONS[name], "depth": len(final.transformer_blocks),
+        "params": sum(p.numel() for p in final.parameters()), "fid": scores["fid"],
+        "classifier_accuracy": scores["classifier_accuracy"], "class_entropy": scores["class_entropy"],
+        "num_samples": scores["num_samples"], "finetune_steps": budget.steps,
+        "mask_steps": budget.mask_steps if name == "depth-tinyfusion" else 0, "final_loss": result.final_loss,
+        "sample_steps": budget.sample_steps, "variant_seconds": time.perf_counter() - started, "budget": asdict(budget),
+    }  # fmt: skip
+    write_text_atomic(out / "variants" / f"{name}.json", json.dumps(row, indent=1) + "\n")
+    return row
