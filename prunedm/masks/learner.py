@@ -19,7 +19,6 @@ from prunedm._atomic import atomic_file
 from prunedm._integrity import check_optimizer_state, check_tensors
 from prunedm.masks import targets as _targets
 from prunedm.ops import _checks
-from prunedm.parallel import checkpoint as sharded_checkpoint
 from prunedm.parallel import fsdp
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
@@ -420,6 +419,8 @@ class MaskLearner(StateFile):
     def save_sharded(self, path: str | os.PathLike) -> None:
         """Write the learner's state as a torch.distributed.checkpoint directory (every rank calls it; a plain
         learner in one process may too), complete or absent; load_sharded() reads it on any number of ranks."""
+        from prunedm.parallel import checkpoint as sharded_checkpoint  # torch.distributed.checkpoint: ~3 s to import
+
         if self.model_optimizer is not None:
             raise ValueError(f"{type(self).__name__}: sharded checkpoints hold frozen-model learners (model_lr 0)")
         meta = self._meta()
@@ -433,6 +434,8 @@ class MaskLearner(StateFile):
         """Resume from save_sharded()'s directory, on this learner's ranks (any number; sharded or not). The
         global RNG streams continue where they stopped when the rank count is the one that saved. ValueError
         naming the directory if it cannot be used; then the learner is unchanged."""
+        from prunedm.parallel import checkpoint as sharded_checkpoint
+
         meta = sharded_checkpoint.read_meta(path)
         try:
             self._check_meta(meta)

@@ -6,13 +6,16 @@ sharded run draws exactly the masks one process would."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 # Where diffusers models keep their repeated blocks (UNet2DModel / UNet2DConditionModel, DiT / SD3 / Flux
 # transformers); fully_shard wraps each, then the root. A model without them is sharded as one unit.
@@ -33,10 +36,19 @@ def row_range(rows: int, rank: int, world: int) -> tuple[int, int]:
     return first, min(rows, first + per_rank)
 
 
+def _is_dtensor(tensor) -> bool:
+    """isinstance(tensor, DTensor), without importing torch.distributed.tensor (~1.4 s) for plain runs: no
+    DTensor can exist before that module is imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
 def device_mesh(device: torch.device) -> DeviceMesh:
     """A 1-D mesh over every rank of the default process group, on `device`'s type."""
     if world_size() == 1 and not dist.is_initialized():
         raise ValueError("parallel 'fsdp' needs torch.distributed initialised (launch with torchrun)")
+    from torch.distributed.device_mesh import init_device_mesh
+
     return init_device_mesh(torch.device(device).type, (world_size(),))
 
 
@@ -65,14 +77,18 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, blocks: Iterable[nn.Module] 
 
 def shard_rows(tensor: torch.Tensor, mesh: DeviceMesh) -> nn.Parameter:
     """A parameter holding this rank's rows of `tensor` (the same full tensor on every rank) as a DTensor."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
     local = distribute_tensor(tensor.detach(), mesh, [Shard(0)], src_data_rank=None)
     return nn.Parameter(local, requires_grad=tensor.requires_grad)
 
 
 def local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(this rank's rows, index of its first row) of a row-sharded DTensor; (tensor, 0) for a plain tensor."""
-    if not isinstance(tensor, DTensor):
+    if not _is_dtensor(tensor):
         return tensor, 0
+    from torch.distributed.tensor import Shard
+
     if tuple(tensor.placements) != (Shard(0),):
         raise ValueError(f"local_rows: expected a DTensor sharded by rows (Shard(0)), got {tensor.placements}")
     mesh = tensor.device_mesh
@@ -112,7 +128,7 @@ class _GatherRows(torch.autograd.Function):
 def gather_rows(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The full tensor of every rank's rows of `local` (sharded as the row-sharded DTensor `like`), differentiable;
     `local` itself when `like` is a plain tensor."""
-    if not isinstance(like, DTensor):
+    if not _is_dtensor(like):
         return local
     return _GatherRows.apply(local, like.shape[0], like.device_mesh.get_group())
 
