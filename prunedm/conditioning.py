@@ -11,15 +11,19 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-# Models whose forward takes text embeddings (encoder_hidden_states) or class labels (class_labels).
-TEXT_MODELS = ("UNet2DConditionModel",)
+# Models whose forward takes text embeddings (encoder_hidden_states) or class labels (class_labels); the MMDiTs
+# (SD3, Flux) also take pooled projections of the prompt.
+TEXT_MODELS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+JOINT_TEXT_MODELS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+# T5 prompt lengths of StableDiffusion3Pipeline and FluxPipeline (max_sequence_length defaults).
+T5_LENGTH = {"sd3": 256, "flux": 512}
 CLASS_MODELS = ("DiTTransformer2DModel",)
 CONDITION_KEYS = {"text": "encoder_hidden_states", "class": "class_labels"}
 
 
 def conditioning_kind(model: nn.Module) -> str:
     """What `model` is conditioned on: "text", "class" or "none". ValueError for a model class whose
-    conditioning prunedm does not supply (e.g. SD3/Flux transformers, which also need pooled projections)."""
+    conditioning prunedm does not supply (another transformer that needs pooled projections)."""
     kinds = {c.__name__ for c in type(model).__mro__}
     if kinds & set(TEXT_MODELS):
         return "text"
@@ -35,6 +39,13 @@ def conditioning_kind(model: nn.Module) -> str:
             f"{', '.join(TEXT_MODELS + CLASS_MODELS)} and UNet2DModel"
         )
     return "none"
+
+
+def text_family(model: nn.Module) -> str:
+    """How a text-conditioned model's prompts are encoded: "sd3" or "flux" (joint CLIP + T5 embeddings and
+    pooled projections), else "clip" (one CLIP text encoder's last hidden state)."""
+    kinds = {c.__name__ for c in type(model).__mro__}
+    return next((family for name, family in JOINT_TEXT_MODELS.items() if name in kinds), "clip")
 
 
 def num_classes(model: nn.Module) -> int | None:
@@ -82,25 +93,94 @@ class TextEncoder:
         return self([""])
 
 
+def _max_length(tokenizer, encoder: nn.Module, default: int) -> int:
+    limit = getattr(encoder.config, "max_position_embeddings", None) or default
+    return min(int(getattr(tokenizer, "model_max_length", limit) or limit), limit)
+
+
+class JointTextEncoder:
+    """Prompts -> {"encoder_hidden_states": [N, L, D], "pooled_projections": [N, P]} as the MMDiT pipelines'
+    encode_prompt builds them, under no_grad, each distinct prompt encoded once.
+
+    sd3 (StableDiffusion3Pipeline): CLIP-L and CLIP-G (CLIPTextModelWithProjection) penultimate hidden states
+    concatenated on features, zero-padded to T5's width, then T5's last hidden state appended on the sequence
+    (zeros [N, t5_length, joint_dim] without T5, as diffusers does); pooled = both projections concatenated.
+    flux (FluxPipeline): pooled = the CLIPTextModel's pooler_output, sequence = T5's last hidden state."""
+
+    def __init__(self, family: str, clips: list, t5, joint_dim: int, device: torch.device | str = "cpu"):
+        if family not in T5_LENGTH:
+            raise ValueError(f"family must be one of {', '.join(T5_LENGTH)}, got {family!r}")
+        self.family, self.joint_dim, self.device = family, joint_dim, torch.device(device)
+        self.clips = [(tok, enc.to(device).eval().requires_grad_(False)) for tok, enc in clips]
+        self.t5 = None if t5 is None else (t5[0], t5[1].to(device).eval().requires_grad_(False))
+        self.clip_length = _max_length(clips[0][0], clips[0][1], 77)  # the pipelines use tokenizer 1's length
+        self.t5_length = T5_LENGTH[family]
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _tokens(self, tokenizer, prompts: list[str], length: int) -> torch.Tensor:
+        return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.device)  # fmt: skip
+
+    def _t5(self, prompts: list[str]) -> torch.Tensor:
+        if self.t5 is None:
+            return torch.zeros(len(prompts), self.t5_length, self.joint_dim, device=self.device)
+        tokenizer, encoder = self.t5
+        return encoder(self._tokens(tokenizer, prompts, self.t5_length))[0]
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.family == "flux":
+            tokenizer, encoder = self.clips[0]
+            pooled = encoder(self._tokens(tokenizer, prompts, self.clip_length), output_hidden_states=False)
+            return self._t5(prompts), pooled.pooler_output
+        sequences, pooled = [], []
+        for tokenizer, encoder in self.clips:
+            out = encoder(self._tokens(tokenizer, prompts, self.clip_length), output_hidden_states=True)
+            sequences.append(out.hidden_states[-2])
+            pooled.append(out[0])
+        t5 = self._t5(prompts)
+        clip = torch.cat(sequences, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], batch_size: int = 64) -> dict[str, torch.Tensor]:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start : start + batch_size]
+            sequence, pooled = self._encode(chunk)
+            self._cache.update(zip(chunk, zip(sequence, pooled)))
+        return {
+            "encoder_hidden_states": torch.stack([self._cache[p][0] for p in prompts]),
+            "pooled_projections": torch.stack([self._cache[p][1] for p in prompts]),
+        }
+
+    def null(self) -> dict[str, torch.Tensor]:
+        """The empty prompt's embeddings (one sample): SD3's classifier-free guidance branch (negative prompt
+        "" through every encoder), and what condition dropout puts in a dropped sample's place."""
+        return self([""])
+
+
 @contextlib.contextmanager
-def condition_dropout(model: nn.Module, key: str, null: torch.Tensor, probability: float) -> Iterator[None]:
+def condition_dropout(model: nn.Module, key, null, probability: float) -> Iterator[None]:
     """While active, each forward of `model` replaces each sample's `key` condition (encoder_hidden_states or
-    class_labels) by `null` with `probability` (training for classifier-free guidance). The draw is one
+    class_labels; or a tuple of keys with a tuple of nulls, e.g. an MMDiT's embeddings and pooled projections,
+    dropped together) by `null` with `probability` (training for classifier-free guidance). The draw is one
     torch.rand per sample on the global CPU RNG, which finetune re-seeds every step and the mask learners
     checkpoint and replay, so resumed runs stay exact; probability 0 draws nothing."""
     if probability == 0:
         yield
         return
-
+    keys, nulls = (key, null) if isinstance(key, tuple) else ((key,), (null,))
     active = [True]  # copies of the model (an EMA's deepcopy) share this hook: it goes inert with the block
 
     def drop(module, args, kwargs):
-        value = kwargs.get(key)
-        if value is None or not active[0]:
+        if kwargs.get(keys[0]) is None or not active[0]:
             return None
-        dropped = (torch.rand(value.shape[0]) < probability).to(value.device)
-        fill = null.to(value.device, value.dtype)  # [1, L, D] or a 0-dim class id: broadcast over the batch
-        kwargs[key] = torch.where(dropped.view(-1, *([1] * (value.dim() - 1))), fill, value)
+        dropped = torch.rand(kwargs[keys[0]].shape[0]) < probability
+        for name, fill in zip(keys, nulls):
+            value = kwargs[name]
+            fill = fill.to(value.device, value.dtype)  # [1, ...] or a 0-dim class id: broadcast over the batch
+            kwargs[name] = torch.where(dropped.to(value.device).view(-1, *([1] * (value.dim() - 1))), fill, value)
         return args, kwargs
 
     handle = model.register_forward_pre_hook(drop, with_kwargs=True)

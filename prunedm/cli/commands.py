@@ -13,6 +13,7 @@ from prunedm.cli.config import ConfigError
 from prunedm.cli.models import load_model
 from prunedm.cli.pipeline import (
     conditioned_data,
+    flow_scheduler,
     latent_space,
     load_conditioning,
     sampling_conditions,
@@ -157,7 +158,7 @@ def run_finetune(config: dict, out: Path, resume: bool) -> dict:
     device = resolve_device(config["device"])
     model = _to(load_model(config["model"]), device)
     cond, data = conditioned_data(config, model, device)
-    scheduler = training_scheduler(config)
+    scheduler = training_scheduler(config, model)
     with training_dropout(model, cond, config["cond_dropout"]):
         result = finetune(model, data, out, finetune_config, scheduler=scheduler, resume=resume)
     summary = {"final_loss": result.final_loss, "steps": result.steps}
@@ -208,7 +209,9 @@ def _scheduler(config: dict):
     """The sampling scheduler config's scheduler= names, on the pipeline's noise schedule when there is one."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    name = config["scheduler"]
+    name, flow = config["scheduler"], flow_scheduler(config)
+    if flow is not None:  # an SD3 / Flux pipeline samples with its own flow-matching scheduler
+        return flow
     if name not in ("ddim", "ddpm"):
         raise ConfigError(f"scheduler must be ddim or ddpm, got {name!r}")
     cls = DDIMScheduler if name == "ddim" else DDPMScheduler
@@ -350,7 +353,7 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
     else:
         cond, images = conditioned_data(config, model, device)
         images = images.to(device)
-        loss = _denoising_loss(training_scheduler(config))
+        loss = _denoising_loss(training_scheduler(config, model))
         learner = _learner(config, model, loss, n, m)
         sharded = config["parallel"] == "fsdp"
         if sharded and method != "maskllm":

@@ -1,6 +1,7 @@
 """Conditioning for the CLI jobs: the parts of a local diffusers pipeline dir that condition its denoiser
-(text_encoder/ + tokenizer/, scheduler/, a DiT's id2label in model_index.json), loaded local-only and safely,
-and the conditioned training data and sampling conditions a job's config asks for."""
+(text_encoder/ + tokenizer/, an SD3's or Flux's second and T5 encoders, scheduler/, a DiT's id2label in
+model_index.json), loaded local-only and safely, and the conditioned training data and sampling conditions a
+job's config asks for."""
 
 from __future__ import annotations
 
@@ -22,20 +23,37 @@ from prunedm.cli.models import (
 )
 from prunedm.conditioning import (
     CONDITION_KEYS,
+    JointTextEncoder,
     TextEncoder,
     condition_dropout,
     conditioning_kind,
     null_class,
     num_classes,
+    text_family,
 )
+from prunedm.diffusion import latent_shape
 from prunedm.serialization import check_config, read_safetensors_header
 
 # Text encoders and tokenizers built from their concrete classes (never Auto classes, so no code in the dir runs).
 TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+T5_ENCODERS, T5_TOKENIZERS = ("T5EncoderModel",), ("T5TokenizerFast", "T5Tokenizer")  # one class in transformers 5
+# The MMDiT pipelines' parts: (encoder dir, tokenizer dir, encoder classes, tokenizer classes), CLIPs first, T5 last.
+JOINT_PARTS = {
+    "sd3": [("text_encoder", "tokenizer", ("CLIPTextModelWithProjection",), TOKENIZERS),
+            ("text_encoder_2", "tokenizer_2", ("CLIPTextModelWithProjection",), TOKENIZERS),
+            ("text_encoder_3", "tokenizer_3", T5_ENCODERS, T5_TOKENIZERS)],
+    "flux": [("text_encoder", "tokenizer", ("CLIPTextModel",), TOKENIZERS),
+             ("text_encoder_2", "tokenizer_2", T5_ENCODERS, T5_TOKENIZERS)],
+}  # fmt: skip
+JOINT_KEYS = ("encoder_hidden_states", "pooled_projections")
+# A Flux transformer with guidance_embeds (guidance-distilled, FLUX.1-dev) gets the guidance value, not CFG:
+# 3.5 as FluxPipeline samples and diffusers' train_dreambooth_flux trains with.
+FLUX_GUIDANCE = 3.5
 MAX_JSON_BYTES = 16 << 20  # a pipeline's JSON files (configs, id2label, tokenizer.json of CLIP is 2 MB)
-# Guidance scale when the config leaves it null: StableDiffusionPipeline's 7.5 and DiTPipeline's 4.0.
-DEFAULT_GUIDANCE = {"text": 7.5, "class": 4.0, "none": 1.0}
+# Guidance scale when the config leaves it null: StableDiffusionPipeline's 7.5, DiTPipeline's 4.0,
+# StableDiffusion3Pipeline's 7.0.
+DEFAULT_GUIDANCE = {"text": 7.5, "class": 4.0, "none": 1.0, "sd3": 7.0}
 
 
 @dataclass
@@ -44,19 +62,29 @@ class Conditioning:
 
     kind: str  # none | text | class
     model_name: str  # the model's class name, for messages
-    encoder: TextEncoder | None = None
+    encoder: TextEncoder | JointTextEncoder | None = None
+    family: str = "clip"  # a text model's prompt encoding: clip | sd3 | flux
+    guidance_embeds: bool = False  # a Flux transformer that takes the guidance value
     num_classes: int | None = None
     null_class: int | None = None
     labels: dict[str, int] = field(default_factory=dict)  # class names (id2label, lower case) -> ids
 
     @property
-    def key(self) -> str | None:
-        return CONDITION_KEYS.get(self.kind)
+    def key(self) -> str | tuple[str, ...] | None:
+        """The model's condition key, or for an SD3/Flux transformer its keys (embeddings, pooled projections)."""
+        return JOINT_KEYS if self.family != "clip" else CONDITION_KEYS.get(self.kind)
 
-    def null(self) -> torch.Tensor | None:
-        """One sample's null condition (guidance's unconditional branch), or None when the model has none."""
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """{key: per-prompt condition} for a text-conditioned model."""
+        out = self.encoder(prompts)
+        return out if isinstance(out, dict) else {self.key: out}
+
+    def null(self):
+        """One sample's null condition (guidance's unconditional branch; a tuple along `key` for SD3/Flux), or
+        None when the model has none."""
         if self.kind == "text":
-            return self.encoder.null()
+            null = self.encoder.null()
+            return tuple(null[k] for k in JOINT_KEYS) if isinstance(null, dict) else null
         if self.kind == "class" and self.null_class is not None:
             return torch.tensor(self.null_class)
         return None
@@ -110,6 +138,11 @@ def load_conditioning(config: dict, model, device: torch.device) -> Conditioning
         if root is None:
             raise ConfigError(f"model={config['model']}: a {name} is text-conditioned: point model= (or pipeline=) "
                               "at the pipeline dir holding its text_encoder/ and tokenizer/")  # fmt: skip
+        family = text_family(model)
+        if family != "clip":
+            encoder = _joint_encoder(root, model, family, device)
+            return Conditioning(kind, name, encoder=encoder, family=family,
+                                guidance_embeds=bool(model.config.get("guidance_embeds")))  # fmt: skip
         return Conditioning(kind, name, encoder=_text_encoder(root, name, device))
     if kind == "class":
         labels = {}
@@ -131,17 +164,63 @@ def _labels(id2label: dict, root: Path) -> dict[str, int]:
 
 
 def _text_encoder(root: Path, model_name: str, device: torch.device) -> TextEncoder:
-    transformers = optional_import("transformers", f"text conditioning (the text encoder in {root})")
-    encoder_dir, tokenizer_dir = root / "text_encoder", root / "tokenizer"
-    for part in (encoder_dir, tokenizer_dir):
+    for part in (root / "text_encoder", root / "tokenizer"):
         if not part.is_dir():
             raise ConfigError(f"pipeline {root}: no {part.name}/; a {model_name} is text-conditioned and needs "
                               "text_encoder/ and tokenizer/ beside its unet/")  # fmt: skip
-    config = _read_json(encoder_dir / "config.json")
+    encoder = _load_encoder(root / "text_encoder", TEXT_ENCODERS)
+    return TextEncoder(_load_tokenizer(root / "tokenizer", TOKENIZERS), encoder, device)
+
+
+def _joint_encoder(root: Path, model, family: str, device: torch.device) -> JointTextEncoder:
+    """An SD3's CLIP-L, CLIP-G and optional T5, or a Flux's CLIP and T5, with their tokenizers, their widths
+    checked against the transformer's joint_attention_dim and pooled_projection_dim before any is loaded."""
+    name, parts = type(model).__name__, JOINT_PARTS[family]
+    found = []
+    for encoder_dir, tokenizer_dir, encoders, tokenizers in parts:
+        present = [(root / d).is_dir() for d in (encoder_dir, tokenizer_dir)]
+        optional = family == "sd3" and encoders == T5_ENCODERS  # StableDiffusion3Pipeline runs without T5
+        if optional and not any(present):
+            continue
+        for d, there in zip((encoder_dir, tokenizer_dir), present):
+            if not there:
+                need = ", ".join(f"{e}/ + {t}/" for e, t, *_ in parts) + (" (T5 optional)" if family == "sd3" else "")
+                raise ConfigError(f"pipeline {root}: no {d}/; a {name} needs {need}")
+        found.append((root / encoder_dir, root / tokenizer_dir, encoders, tokenizers))
+    configs = [_encoder_config(e, classes) for e, _, classes, _ in found]
+    t5 = configs.pop() if found[-1][2] == T5_ENCODERS else None
+    joint, pooled = model.config.joint_attention_dim, model.config.pooled_projection_dim
+    widths = [c.get("projection_dim") if family == "sd3" else c.get("hidden_size") for c in configs]
+    problems = []
+    if t5 is not None and t5.get("d_model") != joint:
+        problems.append(f"T5 d_model {t5.get('d_model')} != joint_attention_dim {joint}")
+    if family == "sd3" and sum(c.get("hidden_size") or 0 for c in configs) > joint:
+        problems.append(f"the CLIP widths {[c.get('hidden_size') for c in configs]} exceed joint_attention_dim {joint}")
+    if sum(w or 0 for w in widths) != pooled:
+        problems.append(f"the CLIP pooled widths {widths} do not add up to pooled_projection_dim {pooled}")
+    if problems:
+        raise ConfigError(f"pipeline {root}: its text encoders do not fit the {name}: {'; '.join(problems)}")
+    loaded = [(_load_tokenizer(t, tokenizers), _load_encoder(e, classes)) for e, t, classes, tokenizers in found]
+    return JointTextEncoder(family, loaded[: len(configs)], loaded[-1] if t5 is not None else None, joint, device)
+
+
+def _encoder_config(encoder_dir: Path, classes: tuple[str, ...]) -> dict:
+    file = encoder_dir / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"{encoder_dir}: no config.json (a {' or '.join(classes)} saved by transformers)")
+    config = _read_json(file)
     architecture = (config.get("architectures") or [None])[0]
-    if architecture not in TEXT_ENCODERS:
-        raise ConfigError(f"{encoder_dir / 'config.json'}: text encoder {architecture!r} is not supported "
-                          f"({', '.join(TEXT_ENCODERS)})")  # fmt: skip
+    if architecture not in classes:
+        raise ConfigError(f"{file}: text encoder {architecture!r} is not supported here ({', '.join(classes)})")
+    return config
+
+
+def _load_encoder(encoder_dir: Path, classes: tuple[str, ...]):
+    """A text encoder of one of `classes` (concrete transformers classes) from safetensors, local-only, its
+    config's sizes held against the weights' headers before anything is allocated."""
+    transformers = optional_import("transformers", f"text conditioning (the text encoder in {encoder_dir})")
+    config = _encoder_config(encoder_dir, classes)
+    architecture = config["architectures"][0]
     cls = getattr(transformers, architecture)
     weights = encoder_dir / "model.safetensors"
     if not weights.is_file():
@@ -158,23 +237,27 @@ def _text_encoder(root: Path, model_name: str, device: torch.device) -> TextEnco
     was_on = bars.is_progress_bar_enabled()
     bars.disable_progress_bar()  # stderr is for the job's own messages
     try:
-        encoder = cls.from_pretrained(encoder_dir, local_files_only=True, use_safetensors=True)
+        return cls.from_pretrained(encoder_dir, local_files_only=True, use_safetensors=True)
     finally:
         if was_on:
             bars.enable_progress_bar()
+
+
+def _load_tokenizer(tokenizer_dir: Path, classes: tuple[str, ...]):
+    """A tokenizer of one of `classes` (tokenizer_config.json's tokenizer_class, default the first), local-only."""
+    transformers = optional_import("transformers", f"text conditioning (the tokenizer in {tokenizer_dir})")
     tokenizer_config = tokenizer_dir / "tokenizer_config.json"
     kind = _read_json(tokenizer_config).get("tokenizer_class") if tokenizer_config.is_file() else None
-    kind = kind or "CLIPTokenizer"
-    if kind not in TOKENIZERS:
-        raise ConfigError(f"{tokenizer_config}: tokenizer {kind!r} is not supported ({', '.join(TOKENIZERS)})")
+    kind = kind or classes[0]
+    if kind not in classes:
+        raise ConfigError(f"{tokenizer_config}: tokenizer {kind!r} is not supported here ({', '.join(classes)})")
     for file in tokenizer_dir.iterdir():
         if file.is_file() and file.stat().st_size > MAX_JSON_BYTES:
-            raise ConfigError(f"{file} is larger than {MAX_JSON_BYTES} bytes: not a CLIP tokenizer file")
+            raise ConfigError(f"{file} is larger than {MAX_JSON_BYTES} bytes: not a tokenizer file")
     try:
-        tokenizer = getattr(transformers, kind).from_pretrained(tokenizer_dir, local_files_only=True)
+        return getattr(transformers, kind).from_pretrained(tokenizer_dir, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"{tokenizer_dir}: not a loadable {kind}: {exc}") from None
-    return TextEncoder(tokenizer, encoder, device)
 
 
 def scheduler_config(config: dict) -> dict | None:
@@ -186,10 +269,17 @@ def scheduler_config(config: dict) -> dict | None:
     return {k: v for k, v in _read_json(file).items() if not k.startswith("_")}
 
 
-def training_scheduler(config: dict):
-    """The DDPM noise schedule a job trains with: the pipeline's scheduler config, else DDPM over 1000 steps."""
+def training_scheduler(config: dict, model=None):
+    """The noise schedule a job trains with: the pipeline's scheduler config (DDPM, or flow matching where the
+    pipeline's scheduler is FlowMatchEulerDiscreteScheduler, an SD3's or Flux's), else DDPM over 1000 steps.
+    Flow matching draws timesteps as diffusers' recipes default: logit_normal for SD3 (train_dreambooth_sd3),
+    uniform for Flux (train_dreambooth_flux's "none")."""
     DDPMScheduler = optional_import("diffusers", "the training noise schedule").DDPMScheduler  # noqa: N806
 
+    scheduler = flow_scheduler(config)
+    if scheduler is not None:
+        scheduler.timestep_density = "uniform" if model is not None and text_family(model) == "flux" else "logit_normal"
+        return scheduler
     settings = scheduler_config(config)
     return DDPMScheduler(num_train_timesteps=1000) if settings is None else DDPMScheduler.from_config(settings)
 
@@ -231,7 +321,7 @@ def training_data(config: dict, model, cond: Conditioning, latents: LatentSpace 
     from prunedm.data import ConditionedImages, DigitsDataset
 
     data, where = config["data"], f"data={config['data']}"
-    size, channels = model.config.sample_size, model.config.in_channels
+    channels, size = latent_shape(model)
     if latents is not None:
         size, channels = size * latents.factor, latents.channels
     encode = latents.encode if latents is not None else (lambda images: images)
@@ -256,9 +346,12 @@ def training_data(config: dict, model, cond: Conditioning, latents: LatentSpace 
                                   f"{cond.model_name} trains on captioned images)")  # fmt: skip
             captions.append(caption.read_text(errors="replace").strip())
         distinct = list(dict.fromkeys(captions))
-        table = cond.encoder(distinct)
+        tables = cond.encode(distinct)
+        if cond.guidance_embeds:  # the guidance value a guidance-distilled Flux trains with (train_dreambooth_flux)
+            tables["guidance"] = torch.full((len(distinct),), FLUX_GUIDANCE)
         index = {c: i for i, c in enumerate(distinct)}
         ids = torch.tensor([index[c] for c in captions])
+        key, table = (tuple(tables), tuple(tables.values())) if len(tables) > 1 else (cond.key, tables[cond.key])
     else:
         names = []
         for file in files:
@@ -266,10 +359,11 @@ def training_data(config: dict, model, cond: Conditioning, latents: LatentSpace 
             if len(parts) != 2:
                 raise ConfigError(f"{where}: {file} is not in a class folder ({folder}/<class>/<image>)")
             names.append(parts[0])
-        table = torch.arange(cond.num_classes)
+        key, table = cond.key, torch.arange(cond.num_classes)
         ids = torch.tensor([cond.class_id(name, f"{where}: class folder {name!r}") for name in names])
     images = encode(folder_images(folder, size, channels, files))
-    return ConditionedImages(images, cond.key, table.cpu(), ids)
+    table = tuple(t.cpu() for t in table) if isinstance(key, tuple) else table.cpu()
+    return ConditionedImages(images, key, table, ids)
 
 
 def conditioned_data(config: dict, model, device: torch.device):
@@ -304,14 +398,42 @@ def sampling_conditions(config: dict, cond: Conditioning) -> tuple[dict | None, 
     if cond.kind == "text":
         if not prompts:
             raise ConfigError(f"the {name} is text-conditioned: set prompts=[...] (cycled over the samples)")
-        values = cond.encoder([prompts[i % len(prompts)] for i in range(count)])
+        values = cond.encode([prompts[i % len(prompts)] for i in range(count)])
+        if cond.family == "flux":
+            return _flux_conditions(values, scale, cond, count)
     else:
         ids = [cond.class_id(v, "class_labels") for v in labels] if labels else list(range(cond.num_classes))
-        values = torch.tensor([ids[i % len(ids)] for i in range(count)])
+        values = {cond.key: torch.tensor([ids[i % len(ids)] for i in range(count)])}
     null = cond.null()
     if scale is None:  # the pipeline's default, or no guidance where the model has no null condition
-        scale = DEFAULT_GUIDANCE[cond.kind] if null is not None else 1.0
+        scale = DEFAULT_GUIDANCE["sd3" if cond.family == "sd3" else cond.kind] if null is not None else 1.0
     if scale != 1.0 and null is None:
         raise ConfigError(f"guidance_scale={scale}: the {name} has no null class (its label embedding has no "
                           "'no class' row), so classifier-free guidance cannot run: set guidance_scale=1")  # fmt: skip
-    return {cond.key: values}, ({cond.key: null} if scale != 1.0 else None), float(scale)
+    nulls = dict(zip(cond.key, null)) if isinstance(cond.key, tuple) else {cond.key: null}
+    return values, (nulls if scale != 1.0 else None), float(scale)
+
+
+def _flux_conditions(values: dict, scale, cond: Conditioning, count: int) -> tuple[dict, None, float]:
+    """A Flux transformer samples without classifier-free guidance, as FluxPipeline (true_cfg_scale 1): a
+    guidance-distilled one (guidance_embeds) gets guidance_scale (default 3.5) as its guidance input."""
+    if cond.guidance_embeds:
+        values["guidance"] = torch.full((count,), float(FLUX_GUIDANCE if scale is None else scale))
+    elif scale not in (None, 1.0):
+        raise ConfigError(f"guidance_scale={scale}: the {cond.model_name} has no guidance embedding and FluxPipeline "
+                          "runs no classifier-free guidance by default: drop guidance_scale")  # fmt: skip
+    return values, None, 1.0
+
+
+def flow_scheduler(config: dict):
+    """The pipeline's FlowMatchEulerDiscreteScheduler (SD3, Flux), which sampling steps with (scheduler= names
+    the DDPM-family samplers and does not apply), or None for another pipeline."""
+    settings = scheduler_config(config)
+    if settings is None:
+        return None
+    if _read_json(pipeline_of(config) / "scheduler" / "scheduler_config.json").get("_class_name") != (
+        "FlowMatchEulerDiscreteScheduler"
+    ):
+        return None
+    diffusers = optional_import("diffusers", "the flow-matching sampler")
+    return diffusers.FlowMatchEulerDiscreteScheduler.from_config(settings)

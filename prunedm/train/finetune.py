@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from prunedm._atomic import remove_stale_temps, write_text_atomic
 from prunedm._optional import optional_import
-from prunedm.diffusion import diffusion_target, predict
+from prunedm.diffusion import add_noise, diffusion_target, predict, sample_timesteps
 from prunedm.nn.modules import SparseConv2d, SparseLinear
 from prunedm.nn.sparsify import nm_shape_problem
 from prunedm.train import checkpoint as ckpt
@@ -276,9 +276,8 @@ def finetune(
         batch = {k: v.to(device) for k, v in _collate(data, sampler.indices(step)).items()}
         images = batch["images"]
         noise = torch.randn(images.shape, generator=gen).to(device, images.dtype)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=gen)
-        timesteps = timesteps.to(device)
-        noisy = scheduler.add_noise(images, noise, timesteps)
+        timesteps = sample_timesteps(scheduler, images.shape[0], device, gen)
+        noisy = add_noise(scheduler, images, noise, timesteps)
         target = diffusion_target(scheduler, images, noise, timesteps)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             if distill_loss is None:
