@@ -159,8 +159,13 @@ def run_finetune(config: dict, out: Path, resume: bool) -> dict:
     model = _to(load_model(config["model"]), device)
     cond, data = conditioned_data(config, model, device)
     scheduler = training_scheduler(config, model)
+    train = finetune
+    if config["parallel"] == "fsdp":  # FSDP2: model, EMA and AdamW state sharded across ranks (prunedm.parallel)
+        from prunedm.parallel.finetune import finetune_sharded
+
+        train = finetune_sharded
     with training_dropout(model, cond, config["cond_dropout"]):
-        result = finetune(model, data, out, finetune_config, scheduler=scheduler, resume=resume)
+        result = train(model, data, out, finetune_config, scheduler=scheduler, resume=resume)
     summary = {"final_loss": result.final_loss, "steps": result.steps}
     if rank == 0:
         save_pretrained(result.ema_model.cpu(), out / "model")

@@ -62,6 +62,7 @@ DEFAULTS = {
         "data": "digits",
         "device": "auto",
         **CONDITIONING_TRAIN,
+        "parallel": "ddp",  # ddp: every rank holds everything; fsdp: model, EMA and AdamW state sharded (FSDP2)
         "finetune": {f.name: f.default for f in fields(FinetuneConfig)},
     },
     "learn-mask": {
@@ -209,6 +210,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "depth.every": integer("keep every k-th block when keep is null", 1),
     },
     "finetune": {"model": MODEL, "data": DATA, "device": DEVICE, **CONDITIONING_TRAIN_KEYS}
+    | {"parallel": choice("ddp: every rank holds everything; fsdp: model, EMA, AdamW state sharded", PARALLEL_MODES)}
     | {f"finetune.{name}": key for name, key in FINETUNE_KEYS.items()},
     "learn-mask": {
         "model": MODEL,

@@ -73,10 +73,15 @@ def save_checkpoint(
             save_file(_contiguous(group), str(tmp / f"{name}.safetensors"))
             files[f"{name}.safetensors"] = file_sha256(tmp / f"{name}.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state, "files": files}, indent=1))
+    mark_latest(root, final, step, keep)
+    return final
+
+
+def mark_latest(root: Path, final: Path, step: int, keep: int) -> None:
+    """Point root/latest at the checkpoint `final` of `step` and delete all but the newest `keep`."""
     write_json_atomic(root / LATEST, {"checkpoint": final.name, "step": step})
     for old in checkpoints_newest_first(root)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def checkpoints_newest_first(root: Path) -> list[Path]:

@@ -298,13 +298,8 @@ def finetune(
         loss_value = float(loss.detach())
         done = step + 1
         bar.update(1)
-        if rank == 0 and (done % config.log_every == 0 or done == config.steps):
-            record = {"step": done, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                      "step_time_s": time.perf_counter() - started}  # fmt: skip
-            history.append(record)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss_value:.4f}")
+        if rank == 0:
+            log_step(config, metrics_path, history, bar, done, loss_value, optimizer, started)
         if rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
             opt_tensors, opt_rest = ckpt.optimizer_to_tensors(optimizer)
             state = {"optimizer": opt_rest, "lr_schedule": lr_schedule.state_dict(),
@@ -317,6 +312,18 @@ def finetune(
     if distributed:
         dist.barrier()
     return FinetuneResult(config.steps, loss_value, out_dir, ema.module, history)
+
+
+def log_step(config, metrics_path: Path, history: list, bar, done: int, loss: float, optimizer, started: float) -> None:
+    """After step `done`, every log_every steps and at the last: a record in history and metrics.jsonl."""
+    if done % config.log_every and done != config.steps:
+        return
+    record = {"step": done, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+              "step_time_s": time.perf_counter() - started}  # fmt: skip
+    history.append(record)
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    bar.set_postfix(loss=f"{loss:.4f}")
 
 
 def metrics_up_to(path: Path, step: int) -> list[dict]:
