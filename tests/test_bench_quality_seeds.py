@@ -90,8 +90,8 @@ def test_committed_results_match_the_readme():
     rows = data["rows"]
     assert all(math.isfinite(r["fid_mean"]) and r["n"] >= 1 for r in rows)
     readme = (ROOT / "README.md").read_text()
-    assert qs.readme_section(rows, data["environment"]) in readme, "run `python -m bench.quality_seeds "
-    "--aggregate-only --readme README.md` to regenerate the README block"
+    regenerate = "python -m bench.quality_seeds --aggregate-only --readme README.md"
+    assert qs.readme_section(rows, data["environment"]) in readme, f"run `{regenerate}` to regenerate the README block"
 
 
 def test_regress_guards_quality_by_the_seed_spread(tmp_path, capsys):
@@ -142,3 +142,15 @@ def test_dit_runner_end_to_end(tmp_path, monkeypatch):
     row = quality_dit.run("depth-every-k", budget, tmp_path / "out", tmp_path / "work")
     assert row["depth"] == 1 and row["num_samples"] == 12 and math.isfinite(row["fid"])
     assert json.loads((tmp_path / "out" / "variants" / "depth-every-k.json").read_text())["depth"] == 1
+
+
+def test_targets_are_reported_as_measured():
+    rows = [_row("2to4-magnitude", s, f) for s, f in enumerate((100.0, 102.0, 104.0))]
+    rows += [_row("2to4-maskllm", s, f) for s, f in enumerate((90.0, 91.0, 92.0))]
+    text = qs.targets(qs.aggregate(rows))
+    assert "100 steps: met (best 2to4-maskllm, FID -11.00 vs magnitude)" in text
+    assert "400 steps: not measured" in text
+    worse = [_row("2to4-magnitude", s, 100.0 + s) for s in range(2)] + [
+        _row("2to4-maskpro", s, 120.0) for s in range(2)
+    ]
+    assert "100 steps: missed" in qs.targets(qs.aggregate(worse))
