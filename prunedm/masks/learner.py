@@ -1,22 +1,18 @@
 """What every N:M mask learner shares: the layers it targets, the masked-weight hook on them, its
-optimizers, hard masks out, and its state (with the RNG streams it consumes) in and out of safetensors."""
+optimizers, hard masks out, and its state through prunedm.masks.state (and FSDP-sharded checkpoints)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 from collections.abc import Callable, Iterable
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunedm._atomic import atomic_file
-from prunedm._integrity import check_optimizer_state, check_tensors
+from prunedm.masks import state as _state
 from prunedm.masks import targets as _targets
 from prunedm.ops import _checks
 from prunedm.parallel import fsdp
@@ -42,129 +38,7 @@ class MaskedWeight(nn.Module):
         return weight * mask.to(weight.dtype)
 
 
-def _flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(tensors, json-able rest) of an optimizer's state dict, for a safetensors file."""
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, entries in state["state"].items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{prefix}.{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
-    state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith(prefix + "."):
-            index, name = key[len(prefix) + 1 :].split(".", 1)
-            state.setdefault(int(index), {})[name] = value
-    for key, value in meta["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-# ---- state files: what a killed run needs to continue exactly, checked before anything is touched ----
-
-
-def rng_state_tensors() -> dict[str, torch.Tensor]:
-    """The global torch RNG streams a training loop draws from (the CPU one, and every CUDA device's
-    once CUDA is in use), as uint8 tensors keyed rng.cpu and rng.cuda.<index>."""
-    tensors = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for index, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{index}"] = state.cpu()
-    return tensors
-
-
-def check_rng_tensors(what: str, tensors: dict[str, torch.Tensor]) -> None:
-    """ValueError unless `tensors` holds a CPU RNG state (and CUDA ones, if any) of the right size."""
-    expected = torch.get_rng_state()
-    states = {k: v for k, v in tensors.items() if k.startswith("rng.")}
-    if "rng.cpu" not in states:
-        raise ValueError(f"{what}: no RNG state (rng.cpu; written by an older prunedm?): cannot resume exactly")
-    for key, value in states.items():
-        shape_ok = value.shape == expected.shape if key == "rng.cpu" else value.dim() == 1
-        if value.dtype != torch.uint8 or not shape_ok or not (key == "rng.cpu" or key[9:].isdigit()):
-            raise ValueError(f"{what}: {key} is not an RNG state ({value.dtype}, {list(value.shape)})")
-    if sorted(states) != sorted(["rng.cpu", *(f"rng.cuda.{i}" for i in range(len(states) - 1))]):
-        raise ValueError(f"{what}: CUDA RNG states {sorted(states)[:4]} are not numbered 0, 1, ...")
-
-
-def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
-    """Set the global RNG streams from rng_state_tensors()' output. CUDA streams are set where CUDA is in
-    use with the same device count (a run moved to another machine cannot continue a GPU stream)."""
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda = [tensors[f"rng.cuda.{i}"] for i in range(sum(k.startswith("rng.cuda.") for k in tensors))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over the tensors' names, dtypes, shapes and bytes (in name order)."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        tensor = tensors[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{list(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def save_state_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write tensors + JSON metadata (under "prunedm", with the tensors' sha256) whole or not at all."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    text = json.dumps({**meta, "sha256": tensors_digest(tensors)}, default=_json_default)
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"prunedm": text})
-
-
-def load_state_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata) of a file written by save_state_file; ValueError naming the file when it is
-    unreadable, truncated, or its tensors do not match the checksum recorded in it."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-        meta = json.loads(header["prunedm"])
-    except KeyError:
-        raise ValueError(f"{path}: not a prunedm state file (no prunedm metadata)") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{path}: unreadable or truncated ({' '.join(str(exc).split())[:200]})") from exc
-    if not isinstance(meta, dict) or meta.get("sha256") != tensors_digest(tensors):
-        raise ValueError(f"{path}: its tensors do not match the checksum recorded in it (damaged or edited)")
-    return tensors, meta
-
-
-def check_step_meta(what: str, meta: dict) -> None:
-    """ValueError unless the metadata's seed and step are non-negative integers."""
-    for key in ("seed", "step"):
-        if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 0:
-            raise ValueError(f"{what}: state {key} must be a non-negative integer, got {meta[key]!r}")
-
-
-class StateFile:
-    """save()/load() of a learner's state_dict() through save_state_file/load_state_file."""
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the learner's state to a safetensors file (metadata as JSON under "prunedm"), atomically."""
-        save_state_file(path, *self.state_dict())
-
-    def load(self, path: str | os.PathLike, restore_rng_state: bool = True) -> None:
-        """Resume from a file written by save() for the same model and settings, continuing the global RNG
-        streams where it stopped. ValueError naming the file if it cannot be used; then nothing changed."""
-        tensors, meta = load_state_file(path)
-        try:
-            self.load_state_dict(tensors, meta, restore_rng_state)
-        except (KeyError, TypeError, IndexError, AttributeError) as exc:
-            raise ValueError(f"{path}: malformed {type(self).__name__} state ({type(exc).__name__}: {exc})") from exc
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from exc
-
-
-class MaskLearner(StateFile):
+class MaskLearner(_state.StateFile):
     """Base of the N:M mask learners. Subclasses hold per-target learnable state, sample masks in
     `sample()`, take a training step in `step(batch)`, and give the final hard masks in `masks()`.
 
@@ -232,23 +106,11 @@ class MaskLearner(StateFile):
     def step(self, batch) -> dict:
         raise NotImplementedError
 
-    def _state_tensors(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
-
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
         optimizers = {"mask_optimizer": self.mask_optimizer}
         if self.model_optimizer is not None:
             optimizers["model_optimizer"] = self.model_optimizer
         return optimizers
-
-    def _extra_state(self) -> dict:
-        return {}
-
-    def _load_extra_state(self, state: dict) -> None:
-        pass
 
     # Shared machinery ----------------------------------------------------------------------------
 
@@ -259,14 +121,9 @@ class MaskLearner(StateFile):
     def _device(self) -> torch.device:
         return _targets.raw_weight(next(iter(self.targets.values()))).device
 
-    @staticmethod
-    def _world_size() -> int:
-        dist = torch.distributed
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
     def _average_across_ranks(self, tensors: list[torch.Tensor]) -> None:
         """All-reduce (mean) in place across the default process group; nothing in one process."""
-        world = self._world_size()
+        world = fsdp.world_size()
         if world == 1:
             return
         for tensor in tensors:
@@ -322,59 +179,8 @@ class MaskLearner(StateFile):
             return []
         return [p for group in self.model_optimizer.param_groups for p in group["params"]]
 
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, metadata): everything needed to resume learning exactly: the learner's tensors, its
-        optimizers, the global RNG streams (the loss's noise and timesteps draw from them) and, when
-        model_lr > 0, the trained weights (model.<i>, in the model optimizer's order)."""
-        tensors = {f"learner.{k}": v.detach().cpu().contiguous() for k, v in self._state_tensors().items()}
-        tensors.update({f"model.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self._trained_params())})
-        tensors.update(rng_state_tensors())
-        meta = self._meta()
-        for prefix, optimizer in self._optimizers().items():
-            optimizer_tensors, optimizer_meta = _flatten_optimizer(prefix, optimizer)
-            tensors.update(optimizer_tensors)
-            meta["optimizers"][prefix] = optimizer_meta
-        return tensors, meta
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict, restore_rng_state: bool = True) -> None:
-        """Restore what state_dict() returned (and the global RNG streams, unless restore_rng_state=False).
-        Everything is checked first: on ValueError (KeyError/TypeError for missing or mistyped metadata)
-        the learner is unchanged."""
-        what = type(self).__name__
-        self._check_meta(meta)
-        mine, _ = self.state_dict()
-        optimizers = self._optimizers()
-        own = ("learner.", "model.", "rng.")
-        check_tensors(what, {k: v for k, v in mine.items() if k.startswith(own[:2])},
-                      {k: v for k, v in tensors.items() if k.startswith(own[:2])})  # fmt: skip
-        check_rng_tensors(what, tensors)
-        stray = [k for k in tensors if not k.startswith(own) and k.split(".", 1)[0] not in optimizers]
-        if stray:
-            raise ValueError(f"{what}: state has unexpected tensors {stray[:3]}")
-        optimizer_states = {}
-        for prefix, optimizer in optimizers.items():
-            if prefix not in meta["optimizers"]:
-                raise ValueError(f"{what}: state has no {prefix} (saved with other learning rates?)")
-            optimizer_states[prefix] = _unflatten_optimizer(prefix, tensors, meta["optimizers"][prefix])
-            check_optimizer_state(what, optimizer, optimizer_states[prefix])
-        self._check_extra_state(meta["extra"])
-        self.seed, self.step_count = meta["seed"], meta["step"]
-        self._load_state_tensors({k[len("learner.") :]: v for k, v in tensors.items() if k.startswith("learner.")})
-        with torch.no_grad():
-            for index, param in enumerate(self._trained_params()):
-                param.copy_(tensors[f"model.{index}"])
-        self._load_extra_state(meta["extra"])
-        for prefix, optimizer in optimizers.items():
-            optimizer.load_state_dict(optimizer_states[prefix])
-        if restore_rng_state:
-            restore_rng(tensors)
-
-    def _check_extra_state(self, state: dict) -> None:
-        """ValueError when the subclass's metadata (from _extra_state) is malformed."""
-
-    def _meta(self) -> dict:
-        return {"class": type(self).__name__, "n": self.n, "m": self.m, "seed": self.seed, "step": self.step_count,
-                "targets": list(self.targets), "extra": self._extra_state(), "optimizers": {}}  # fmt: skip
+    def _identity(self) -> dict:
+        return {"class": type(self).__name__, "n": self.n, "m": self.m, "targets": list(self.targets)}
 
     def _check_meta(self, meta: dict) -> None:
         what = type(self).__name__
@@ -386,7 +192,7 @@ class MaskLearner(StateFile):
         if meta["targets"] != list(self.targets):
             missing = sorted(set(meta["targets"]) ^ set(self.targets))
             raise ValueError(f"{what}: state targets differ from this model's: {missing[:5]}")
-        check_step_meta(what, meta)
+        _state.check_step_meta(what, meta)
 
     # FSDP (parallel: fsdp) -------------------------------------------------------------------------
 
@@ -426,9 +232,9 @@ class MaskLearner(StateFile):
         meta = self._meta()
         for prefix, optimizer in self._optimizers().items():
             meta["optimizers"][prefix] = optimizer.state_dict()["param_groups"]
-        meta = json.loads(json.dumps(meta, default=_json_default))
-        rng = rng_state_tensors()
-        sharded_checkpoint.save(path, self._sharded_tensors(), meta, lambda file: save_state_file(file, rng, {}))
+        meta = json.loads(json.dumps(meta, default=_state.json_default))
+        rng = _state.rng_state_tensors()
+        sharded_checkpoint.save(path, self._sharded_tensors(), meta, lambda file: _state.save_state_file(file, rng, {}))
 
     def load_sharded(self, path: str | os.PathLike, restore_rng_state: bool = True) -> None:
         """Resume from save_sharded()'s directory, on this learner's ranks (any number; sharded or not). The
@@ -452,7 +258,7 @@ class MaskLearner(StateFile):
         fresh = {key: torch.empty_like(value) for key, value in live.items()}
         sharded_checkpoint.load(path, fresh)
         rng = sharded_checkpoint.rank_file(path) if meta["world_size"] == fsdp.world_size() else None
-        rng_tensors = load_state_file(rng)[0] if rng is not None and restore_rng_state else None
+        rng_tensors = _state.load_state_file(rng)[0] if rng is not None and restore_rng_state else None
         with torch.no_grad():
             for key, value in live.items():
                 value.copy_(fresh[key])
@@ -462,17 +268,9 @@ class MaskLearner(StateFile):
             for group, saved in zip(optimizer.param_groups, meta["optimizers"][prefix]):
                 group.update({key: value for key, value in saved.items() if key != "params"})
         if rng_tensors is not None:
-            restore_rng(rng_tensors)
+            _state.restore_rng(rng_tensors)
 
 
 def is_finite_number(value) -> bool:
     """A real int or float (not a bool, not a string) that is finite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if torch.is_tensor(value):
-        return value.item()
-    raise TypeError(f"cannot store {type(value).__name__} in learner metadata")

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunedm.parallel.fsdp import world_size
 from prunedm.structural.gates import hard_concrete_sample
 from prunedm.structural.heads import StructuralPruningReport, apply_structural_masks
-from prunedm.structural.learner import StructuralGateLearner, _split_batch, _world_size
+from prunedm.structural.learner import StructuralGateLearner, _split_batch
 
 OBJECTIVES = ("end_to_end", "timestep")
 PENALTIES = ("l1", "l0")
@@ -223,7 +224,7 @@ class EcoDiffLearner(StructuralGateLearner):
         """One gate update on `batch` (see the class docstring); returns loss, distance, sparsity, kept, total."""
         if self.objective == "timestep":
             return super().step(batch)
-        if _world_size() > 1:
+        if world_size() > 1:
             raise ValueError("EcoDiffLearner: the end_to_end objective runs in one process (use objective='timestep')")
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.step_count) % 2**63)
         noise = self._noise(generator)

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from prunedm.masks import learner as _state
 from prunedm.masks.schedules import anneal
+from prunedm.masks.state import StateFile
 from prunedm.masks.targets import ModuleFilter
+from prunedm.parallel.fsdp import world_size
 from prunedm.structural.gates import (
     HARD_CONCRETE_BETA,
     HARD_CONCRETE_GAMMA,
@@ -83,11 +84,6 @@ def denoiser_output(model: nn.Module, batch, noisy: torch.Tensor, timesteps: tor
 # ---- the learner ----
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 class _GateModule(nn.Module):
     """The gate logits as one module, so DistributedDataParallel can own their gradients: forward maps
     uniform noise per gate (and a temperature) to the sampled gates."""
@@ -101,7 +97,7 @@ class _GateModule(nn.Module):
         return [self._sample(logit, u, tau) for logit, u in zip(self.logits, noise)]
 
 
-class StructuralGateLearner(_state.StateFile):
+class StructuralGateLearner(StateFile):
     """Learn which attention heads, FFN hidden units (and, optionally, norm channels) of a diffusion
     model to remove.
 
@@ -131,7 +127,10 @@ class StructuralGateLearner(_state.StateFile):
     batch, its distance weighted by its share of that batch. So every rank ends each step with the
     same gates, equal (up to float rounding) to one process stepping on the ranks' batches concatenated
     in rank order. A model passed wrapped in DistributedDataParallel is unwrapped: its weights are
-    frozen, so that wrapper has nothing to reduce."""
+    frozen, so that wrapper has nothing to reduce.
+
+    save()/load() (prunedm.masks.state.StateFile) keep the logits (learner.<target>), the Adam state and the
+    global RNG streams: a resumed run continues bit-exactly."""
 
     def __init__(
         self,
@@ -379,7 +378,7 @@ class StructuralGateLearner(_state.StateFile):
         """The gate module, wrapped in DistributedDataParallel when a process group has several ranks."""
         if self._gate_runner is None:
             self._gate_runner = self._gate_module
-            if _world_size() > 1:
+            if world_size() > 1:
                 device = next(iter(self.logits.values())).device
                 self._gate_runner = nn.parallel.DistributedDataParallel(
                     self._gate_module, device_ids=[device] if device.type == "cuda" else None
@@ -388,7 +387,7 @@ class StructuralGateLearner(_state.StateFile):
 
     def _batch_share(self, size: int) -> tuple[int, int, float]:
         """(this rank's first row in the global batch, the global batch size, world * size / global)."""
-        world = _world_size()
+        world = world_size()
         if world == 1:
             return 0, size, 1.0
         dist = torch.distributed
@@ -408,37 +407,25 @@ class StructuralGateLearner(_state.StateFile):
 
     # state ---------------------------------------------------------------------------------------
 
-    def _meta(self) -> dict:
+    def _identity(self) -> dict:
         targets = {name: [layout.kind, layout.units] for name, layout in self.targets.items()}
-        return {"class": type(self).__name__, "gate_type": self.gate_type, "seed": self.seed, "step": self.step_count,
-                "targets": targets}  # fmt: skip
+        return {"class": type(self).__name__, "gate_type": self.gate_type, "targets": targets}
 
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, metadata): the gate logits, optimizer state and global RNG streams, enough to resume exactly."""
-        tensors = {f"gate.{name}": p.detach().cpu().contiguous() for name, p in self.logits.items()}
-        optimizer_tensors, optimizer_meta = _state._flatten_optimizer("optimizer", self.optimizer)
-        tensors.update({**optimizer_tensors, **_state.rng_state_tensors()})
-        return tensors, {**self._meta(), "optimizer": optimizer_meta}
+    def _check_meta(self, meta: dict) -> None:
+        if "optimizers" not in meta and "optimizer" in meta:
+            raise ValueError(
+                f"{type(self).__name__}: state written by an older prunedm (gate.<name> tensors, one 'optimizer'); "
+                "this version cannot resume it: learn the gates again"
+            )
+        super()._check_meta(meta)
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict, restore_rng_state: bool = True) -> None:
-        """Restore what state_dict() returned (and the global RNG streams); ValueError when it was for another
-        gate type or targets, or is malformed (then the learner is unchanged)."""
-        mine, what = self._meta(), type(self).__name__
-        for key in ("class", "gate_type", "targets"):
-            if meta.get(key) != mine[key]:
-                raise ValueError(f"{what}: state {key} {meta.get(key)!r} differs from {mine[key]!r}")
-        _state.check_step_meta(what, meta)
-        gates = {k: v for k, v in tensors.items() if k.startswith("gate.")}
-        _state.check_tensors(what, {f"gate.{n}": p.detach().cpu() for n, p in self.logits.items()}, gates)
-        _state.check_rng_tensors(what, tensors)
-        if any(not k.startswith(("gate.", "rng.", "optimizer.")) for k in tensors):
-            raise ValueError(f"{what}: state has unexpected tensors")
-        optimizer_state = _state._unflatten_optimizer("optimizer", tensors, meta["optimizer"])
-        _state.check_optimizer_state(what, self.optimizer, optimizer_state)
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.logits)
+
+    def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for name, p in self.logits.items():
-                p.copy_(tensors[f"gate.{name}"])
-        self.optimizer.load_state_dict(optimizer_state)
-        self.seed, self.step_count = meta["seed"], meta["step"]
-        if restore_rng_state:
-            _state.restore_rng(tensors)
+                p.copy_(tensors[name])
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"optimizer": self.optimizer}

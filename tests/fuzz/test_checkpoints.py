@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel
 
 from prunedm.cli import main
-from prunedm.masks.learner import tensors_digest
+from prunedm.masks.state import tensors_digest
 from prunedm.train import FinetuneConfig, finetune
 from prunedm.train.checkpoint import save_checkpoint
 from prunedm.train.finetune import ema_decay_at, ema_update_fn

@@ -231,6 +231,23 @@ def test_learner_state_round_trip(tmp_path):
         other.load(tmp_path / "gates.safetensors")
 
 
+def test_learner_refuses_a_state_file_of_the_older_layout(tmp_path):
+    from prunedm.masks.state import save_state_file
+
+    learner = StructuralGateLearner(tiny_dit(), timesteps_per_step=1)
+    learner.step(batch_for("dit", n=2))
+    tensors, meta = learner.state_dict()
+    assert sorted(meta["optimizers"]) == ["optimizer"] and any(k.startswith("learner.") for k in tensors)
+    # Before the learners shared one save/resume flow: gate.<name> tensors and meta["optimizer"].
+    old = {(f"gate.{k[8:]}" if k.startswith("learner.") else k): v for k, v in tensors.items()}
+    old_meta = {k: v for k, v in meta.items() if k not in ("optimizers", "extra")}
+    save_state_file(tmp_path / "old.safetensors", old, {**old_meta, "optimizer": meta["optimizers"]["optimizer"]})
+    before = {n: p.detach().clone() for n, p in learner.logits.items()}
+    with pytest.raises(ValueError, match=r"old\.safetensors: StructuralGateLearner: state written by an older prunedm"):
+        learner.load(tmp_path / "old.safetensors")
+    assert all(torch.equal(p, before[n]) for n, p in learner.logits.items()) and learner.step_count == 1
+
+
 # ---- removal ----
 
 
