@@ -1,6 +1,6 @@
-"""How fast and how much: the one latency timer and the one per-layer MAC count, for the CLI's demo and the
-benchmark harness (bench/). Whole-model MAC and parameter totals are torch-pruning's
-(prunedm.pruning.count_macs_and_params)."""
+"""How fast and how much: the one latency timer (time_ms; batch_ms, the clock under it and under the sparse
+layers' autotune) and the one per-layer MAC count, for the CLI's demo and the benchmark harness (bench/).
+Whole-model MAC and parameter totals are torch-pruning's (prunedm.pruning.count_macs_and_params)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,30 @@ from collections.abc import Callable, Collection, Mapping
 import torch
 from torch import nn
 
-__all__ = ["layer_macs", "time_ms"]
+__all__ = ["batch_ms", "layer_macs", "time_ms"]
 
 
 def _quantiles(times_ms: list[float], median: float) -> dict:
     times = sorted(times_ms)
     pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
     return {"median_ms": median, "q20_ms": pick(0.2), "q80_ms": pick(0.8)}
+
+
+def batch_ms(fn: Callable[[], object], device: torch.device, calls: int = 1) -> float:
+    """Wall time of `calls` back-to-back fn() calls in ms: on CUDA between two events recorded around them
+    (one sync, at the end), elsewhere perf_counter."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def time_ms(
@@ -33,23 +50,18 @@ def time_ms(
 
     repeats None: CUDA through triton's do_bench (its own warm-up, L2 flushed); CPU through
     torch.utils.benchmark's blocked_autorange for at least min_run_time seconds, at the process's thread
-    count. repeats n: exactly n timed calls (perf_counter, the device synchronized around each): for
+    count. repeats n: exactly n timed calls (batch_ms of one call, the device synchronized before each): for
     calls too long to autorange, such as a whole model's forward or sampling loop."""
     if repeats is not None and (not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1):
         raise ValueError(f"time_ms: repeats must be a positive integer or None, got {repeats!r}")
     if warmup:
         fn()
     if repeats is not None:
-        cuda = device.type == "cuda"
         times = []
         for _ in range(repeats):
-            if cuda:
+            if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize(device)
-            times.append((time.perf_counter() - start) * 1e3)
+            times.append(batch_ms(fn, device))
         return _quantiles(times, statistics.median(times))
     if device.type == "cuda":
         import triton.testing

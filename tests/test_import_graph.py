@@ -9,7 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Where each installed package's files live (setup.py's package_dir): kernels/ and bench/ install under prunedm.
 PACKAGE_DIRS = {"prunedm": ROOT / "prunedm", "prunedm.kernels": ROOT / "kernels", "prunedm.bench": ROOT / "bench"}
-# The tests and bench's own scripts import the harness as `bench`; it is the same file as prunedm.bench.
+# The package and the tests import the harness as prunedm.bench; a checkout also runs it as `bench`
+# (`python -m bench.<x>`, scripts/gpu_check): an import by that name is the same file, one node (kernels/ too).
 ALIASES = {"bench": "prunedm.bench", "kernels": "prunedm.kernels"}
 MAX_LINES = 500
 # Files over MAX_LINES not yet split; each must still be over it (so the list shrinks as they are).

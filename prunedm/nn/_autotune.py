@@ -10,7 +10,6 @@ import json
 import os
 import statistics
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ from typing import Callable
 import torch
 
 from prunedm._atomic import write_text_atomic
+from prunedm.measure import batch_ms
 
 CACHE_FORMAT = "prunedm.autotune"
 CACHE_VERSION = 1
@@ -70,22 +70,6 @@ def context_key(device: torch.device) -> str:
     return f"torch={torch.__version__};prunedm={__version__};device={where}"
 
 
-def _time_batch_ms(fn: Callable[[], object], device: torch.device, launches: int) -> float:
-    """Wall time of `launches` back-to-back calls in ms; on CUDA between two events, one sync at the end."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(launches):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    for _ in range(launches):
-        fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def measure_samples_ms(fn: Callable[[], object], device: torch.device, path: str = "") -> list[float]:
     """Per-call latencies of fn() in ms, one per measurement, after a warm-up. Each measurement is a batch
     of back-to-back calls long enough to last BATCH_TARGET_MS (so ~10 us layers are not measured as launch
@@ -99,13 +83,13 @@ def measure_samples_ms(fn: Callable[[], object], device: torch.device, path: str
         torch.cuda.synchronize(device)
     launches, target = 1, BATCH_TARGET_MS[kind]
     while launches < MAX_LAUNCHES:
-        elapsed = _time_batch_ms(fn, device, launches)
+        elapsed = batch_ms(fn, device, launches)
         if elapsed >= target:
             break
         # Grow towards the target (x2 at least, x16 at most per step: a first call may be slow).
         grow = min(16.0, max(2.0, target / max(elapsed, 1e-6)))
         launches = min(MAX_LAUNCHES, int(launches * grow))
-    return [_time_batch_ms(fn, device, launches) / launches for _ in range(SAMPLES[kind])]
+    return [batch_ms(fn, device, launches) / launches for _ in range(SAMPLES[kind])]
 
 
 def measure_ms(fn: Callable[[], object], device: torch.device, path: str = "") -> float:

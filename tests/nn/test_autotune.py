@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from prunedm import measure
 from prunedm.nn import SparseFallbackWarning, SparseLinear, _autotune, _backends, sparsify
 from prunedm.nn import _packing as packing
 
@@ -267,7 +268,7 @@ def test_auto_on_a_noisy_machine_keeps_dense(cache_dir, fake_torch_kernel, monke
 
 
 class FakeClock:
-    """perf_counter for measure_samples_ms: each call of the timed fn advances it by `per_call_ms`."""
+    """perf_counter under measure_samples_ms (prunedm.measure.batch_ms): each call of fn adds `per_call_ms`."""
 
     def __init__(self, per_call_ms):
         self.now, self.per_call_ms, self.calls = 0.0, per_call_ms, 0
@@ -282,13 +283,13 @@ class FakeClock:
 
 def test_measurements_batch_many_launches(monkeypatch):
     clock = FakeClock(per_call_ms=0.01)  # a 10 us layer: one launch is far below the timer's useful resolution
-    monkeypatch.setattr(_autotune.time, "perf_counter", clock)
+    monkeypatch.setattr(measure.time, "perf_counter", clock)
     samples = _autotune.measure_samples_ms(clock.fn, torch.device("cpu"), "dense")
     assert len(samples) == _autotune.SAMPLES["cpu"] and samples == pytest.approx([0.01] * len(samples))
     # Calibrated towards BATCH_TARGET_MS (5 ms on CPU): 1, 16, 256, then 512 launches (5.12 ms) per sample.
     assert clock.calls == _autotune.WARMUP_CALLS + (1 + 16 + 256 + 512) + len(samples) * 512
     slow = FakeClock(per_call_ms=20.0)  # a slow layer: one launch per sample
-    monkeypatch.setattr(_autotune.time, "perf_counter", slow)
+    monkeypatch.setattr(measure.time, "perf_counter", slow)
     assert _autotune.measure_samples_ms(slow.fn, torch.device("cpu")) == pytest.approx([20.0] * len(samples))
     assert slow.calls == _autotune.WARMUP_CALLS + 1 + len(samples)
     assert _autotune.measure_ms(slow.fn, torch.device("cpu")) == pytest.approx(20.0)
