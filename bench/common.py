@@ -3,6 +3,7 @@ is prunedm.measure.time_ms."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import io
@@ -116,6 +117,16 @@ def git_commit() -> str:
     if sha is None:
         return "unknown"
     return sha[:7] + ("+dirty" if _is_dirty(root) else "")
+
+
+def bench_parser(doc: str, name: str, quick: str) -> argparse.ArgumentParser:
+    """The argument parser every `python -m bench.<name>` starts from: `doc` as its help, --out (a directory for
+    <name>.json and <name>.csv, default bench/out), --device auto|cpu|cuda (resolve_device) and --quick."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/out", help=f"directory for {name}.json and {name}.csv")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help=quick)
+    return parser
 
 
 def resolve_device(name: str) -> torch.device:

@@ -9,8 +9,6 @@ Every timed op is first checked for exact N:M output. GPU rows add the fraction 
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import prunedm
@@ -18,7 +16,7 @@ from prunedm import ops
 from prunedm.measure import time_ms
 from prunedm.ops import reference
 
-from .common import WEIGHT_SHAPES, environment, op_row, peak_bandwidth_gbps, write_results
+from .common import WEIGHT_SHAPES, bench_parser, environment, op_row, peak_bandwidth_gbps, resolve_device, write_results
 
 SHAPES = {name: WEIGHT_SHAPES[name] for name in ("dit-xl2.qkv", "dit-xl2.mlp_in", "sd15.attn_640", "sd15.conv3x3_320")}
 QUICK_SHAPES = ["sd15.attn_640", "sd15.conv3x3_320"]
@@ -114,15 +112,8 @@ def bench_shape(label: str, shape: tuple[int, int], dtype: torch.dtype, device: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/out", help="directory for gumbel.json and gumbel.csv")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="two small shapes, float32 only")
-    args = parser.parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    args = bench_parser(__doc__, "gumbel", quick="two small shapes, float32 only").parse_args(argv)
+    device = resolve_device(args.device)
     names = QUICK_SHAPES if args.quick else list(SHAPES)
     dtypes = [torch.float32] if args.quick or device.type == "cpu" else [torch.float32, torch.bfloat16]
     rows = []

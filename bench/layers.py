@@ -14,7 +14,6 @@ row records the time ratio to dense measured in the same run and the path the la
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
@@ -27,7 +26,7 @@ from prunedm.measure import time_ms
 from prunedm.nn import SparseConv2d, SparseLinear
 from prunedm.nn.sparsify import VERIFY_TOLERANCES, ineligible_reason
 
-from .common import environment, plot_speedups, write_results
+from .common import bench_parser, environment, plot_speedups, resolve_device, write_results
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # One representative layer per model for --quick: a 3x3 conv, a cross-attention UNet linear, a DiT linear.
@@ -231,18 +230,13 @@ def run_layers(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/out", help="directory for layers.json and layers.csv")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser = bench_parser(__doc__, "layers", quick="one layer per model at batch 1, short timings")
     parser.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
                         help="default: float16 on cuda, float32 on cpu")  # fmt: skip
     parser.add_argument("--models", default="ddpm,sd15,dit", help="comma-separated subset of ddpm, sd15, dit")
     parser.add_argument("--batches", default=None, help=f"comma-separated batch sizes (default {BATCHES})")
-    parser.add_argument("--quick", action="store_true", help="one layer per model at batch 1, short timings")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
-    if device.type == "auto":
-        device = torch.device("cpu")
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else ((1,) if args.quick else BATCHES)
     min_run_time = 0.05 if args.quick else 0.2

@@ -10,7 +10,6 @@ latency (median, 20/80% quantiles), throughput, peak memory, parameters and MACs
 
 from __future__ import annotations
 
-import argparse
 import copy
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from prunedm.measure import layer_macs, time_ms
 from prunedm.nn import sparsify
 from prunedm.pruning import count_macs_and_params, keep_every, prune_channels, prune_depth
 
-from .common import environment, write_results
+from .common import bench_parser, environment, resolve_device, write_results
 
 VARIANTS = ("dense", "pruned", "2:4", "pruned+2:4")
 # name -> (kind, per-sample input shape): the models the full run measures; --quick takes QUICK_MODELS.
@@ -208,15 +207,10 @@ def run_models(device: torch.device, quick: bool = False, models: list[str] | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/out", help="directory for models.json and models.csv")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser = bench_parser(__doc__, "models", quick="tiny-unet and DiT-S/2 at 16x16, batch 1, 2 DDIM steps")
     parser.add_argument("--models", default=None, help=f"comma-separated subset of {', '.join(MODELS)}")
-    parser.add_argument("--quick", action="store_true", help="tiny-unet and DiT-S/2 at 16x16, batch 1, 2 DDIM steps")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
-    if device.type == "auto":
-        device = torch.device("cpu")
+    device = resolve_device(args.device)
     rows = run_models(device, args.quick, args.models.split(",") if args.models else None)
     json_path, csv_path = write_results(args.out, "models", environment(device), rows)
     print(f"wrote {json_path} and {csv_path}")

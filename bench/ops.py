@@ -8,8 +8,6 @@ fraction of peak memory bandwidth. Every timed output is first checked against t
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
@@ -19,6 +17,7 @@ from prunedm.measure import time_ms
 
 from .common import (
     WEIGHT_SHAPES,
+    bench_parser,
     environment,
     op_row,
     peak_bandwidth_gbps,
@@ -83,11 +82,7 @@ def bench_shape(label: str, shape: tuple[int, int], dtype: torch.dtype, device: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/out", help="directory for ops.json and ops.csv")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="two shapes, fp16 only")
-    args = parser.parse_args(argv)
+    args = bench_parser(__doc__, "ops", quick="two shapes, fp16 only").parse_args(argv)
     device = resolve_device(args.device)
     names = QUICK_SHAPES if args.quick else list(SHAPES)
     dtypes = [torch.float16] if args.quick else [torch.float16, torch.bfloat16]

@@ -9,7 +9,6 @@ before it is timed.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 
@@ -19,7 +18,7 @@ from prunedm.architectures import DIT_SIZES, build
 from prunedm.measure import time_ms
 from prunedm.pruning import count_macs_and_params, keep_every, prune_channels, prune_depth
 
-from .common import environment, write_results
+from .common import bench_parser, environment, resolve_device, write_results
 
 
 def ddpm_cifar10():
@@ -118,21 +117,15 @@ def _rows(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/out", help="directory for pruning.json and pruning.csv")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser = bench_parser(__doc__, "pruning", quick="batch 2, ratio 0.5 only, DiT-S/2")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dit", default=None, choices=list(DIT_SIZES), help="default: s-2 on CPU, xl-2 on GPU")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per model and round (CPU)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
-    parser.add_argument("--quick", action="store_true", help="batch 2, ratio 0.5 only, DiT-S/2")
     parser.add_argument("--compile", action="store_true", help="time every model through torch.compile (inductor)")
     parser.add_argument("--skip-dit", action="store_true", help="UNet rows only")
     args = parser.parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = resolve_device(args.device)
     batch = 2 if args.quick else args.batch
     ratios = [0.5] if args.quick else [0.3, 0.5]
     dit_size = "s-2" if args.quick else args.dit or ("xl-2" if device.type == "cuda" else "s-2")
