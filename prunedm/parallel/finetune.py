@@ -201,7 +201,8 @@ def finetune_sharded(
     """prunedm.train.finetune under FSDP2 (every rank calls it; one process without torch.distributed runs it
     unsharded). `model` is sharded in place. The result's ema_model is the gathered EMA on rank 0 and a meta-
     device frame on the other ranks; checkpoints are torch.distributed.checkpoint directories under
-    out_dir/checkpoints (the DDP path's safetensors checkpoints are not read here, nor these there)."""
+    out_dir/checkpoints (the DDP path's safetensors checkpoints are not read here, nor these there). Resuming
+    on the rank count that saved is bit-exact; on another count the gradient sums change order (close, not equal)."""
     config = config or FinetuneConfig()
     if distill is not None:
         raise ValueError(
