@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import build
 from torch import nn
 
 import prunedm
@@ -22,12 +23,7 @@ pytestmark = [
 
 
 def tiny_unet():
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, attention_head_dim=8,
-    )  # fmt: skip
+    return build("UNet2DModel").train()  # tests/tiny_models.py's UNet2DModel, seed 0
 
 
 def tiny_dit():

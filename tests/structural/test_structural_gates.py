@@ -14,6 +14,7 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import build
 
 import prunedm
 from prunedm import structural as st
@@ -77,12 +78,7 @@ def batch_for(name: str, n: int = 2, seed: int = 1):
 
 
 def tiny_unet2d():
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, attention_head_dim=8,
-    ).eval()  # fmt: skip
+    return build("UNet2DModel")  # tests/tiny_models.py's UNet2DModel, seed 0, eval
 
 
 MODELS = {"dit": tiny_dit, "unet": tiny_unet, "sd3": tiny_sd3, "flux": tiny_flux, "unet2d": tiny_unet2d}
