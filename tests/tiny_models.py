@@ -89,3 +89,20 @@ def tiny_pruning_unet(seed: int = 0) -> diffusers.UNet2DModel:
         attention_head_dim=None,
         norm_num_groups=4,
     ).eval()
+
+
+def tiny_conditional_unet(seed: int = 0) -> diffusers.UNet2DConditionModel:
+    """The small cross-attention UNet the channel-pruning tests share (32/64 channels, 4 heads), in eval mode."""
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,  # legacy meaning in UNet2DConditionModel: 4 heads
+        norm_num_groups=8,
+    ).eval()

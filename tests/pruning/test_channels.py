@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch_pruning as tp
-from diffusers import UNet2DConditionModel, UNet2DModel
-from tiny_models import tiny_pruning_unet
+from diffusers import UNet2DModel
+from tiny_models import tiny_conditional_unet, tiny_pruning_unet
 from torch import nn
 
 import prunedm
@@ -18,22 +18,6 @@ from prunedm.pruning import default_example_inputs, kept_channels, make_importan
 def ddpm_cifar10() -> UNet2DModel:
     """google/ddpm-cifar10-32's architecture (its config.json), randomly initialised."""
     return build("ddpm-cifar10-32", seed=0).eval()
-
-
-def tiny_conditional_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,  # legacy meaning in UNet2DConditionModel: 4 heads
-        norm_num_groups=8,
-    ).eval()
 
 
 def assert_diffusers_consistent(model: nn.Module) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from safetensors.torch import load_file, save_file
-from tiny_models import tiny_pruning_unet
+from tiny_models import tiny_conditional_unet, tiny_pruning_unet
 from torch import nn
 
 import prunedm
@@ -39,19 +39,7 @@ def _pruned_unet() -> tuple[UNet2DModel, dict]:
 
 
 def pruned_conditional_unet() -> tuple[UNet2DConditionModel, dict]:
-    torch.manual_seed(0)
-    model = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
+    model = tiny_conditional_unet()
     prune_channels(model, "l1", 0.5, round_to=None)
     inputs = {
         "sample": torch.randn(2, 4, 8, 8),
