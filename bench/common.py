@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from prunedm._atomic import atomic_file, write_text_atomic
+from prunedm.ops import extension_info
 
 # Weight matrices (out, in) of real models that the op benchmarks run on: DiT-XL/2 (hidden 1152)
 # and the SD 1.5 UNet (320..1280 channels; a 3x3 conv as its [Cout, 9*Cin] GEMM matrix).
@@ -188,6 +189,18 @@ def write_results(out_dir: str | os.PathLike, name: str, env: dict, rows: list[d
     writer.writerows(flat)
     write_text_atomic(csv_path, buf.getvalue())
     return json_path, csv_path
+
+
+def op_backends(device: torch.device) -> list[str]:
+    """The compiled backends an op benchmark times against its baseline on `device`: extension where built,
+    triton on CUDA where usable."""
+    info = extension_info()
+    names = []
+    if info["cuda" if device.type == "cuda" else "cpu"]["built"]:
+        names.append("extension")
+    if device.type == "cuda" and info["triton"]["usable"]:
+        names.append("triton")
+    return names
 
 
 def op_row(

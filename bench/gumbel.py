@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import torch
 
-import prunedm
 from prunedm import ops
 from prunedm.measure import time_ms
 from prunedm.ops import reference
 
-from .common import WEIGHT_SHAPES, bench_parser, environment, op_row, peak_bandwidth_gbps, resolve_device, write_results
+from .common import (
+    WEIGHT_SHAPES,
+    bench_parser,
+    environment,
+    op_backends,
+    op_row,
+    peak_bandwidth_gbps,
+    resolve_device,
+    write_results,
+)
 
 SHAPES = {name: WEIGHT_SHAPES[name] for name in ("dit-xl2.qkv", "dit-xl2.mlp_in", "sd15.attn_640", "sd15.conv3x3_320")}
 QUICK_SHAPES = ["sd15.attn_640", "sd15.conv3x3_320"]
@@ -43,16 +51,6 @@ def eager_pattern_sample(logits: torch.Tensor, n: int, m: int, tau: float, hard:
     patterns = ops.nm_patterns(n, m, dtype=torch.float32, device=logits.device)
     y = torch.nn.functional.gumbel_softmax(logits.float(), tau=tau, hard=hard)
     return (y @ patterns).reshape(*logits.shape[:-2], logits.shape[-2] * m).to(logits.dtype)
-
-
-def _backends(device: torch.device) -> list[str]:
-    info = prunedm.extension_info()
-    names = []
-    if info["cuda" if device.type == "cuda" else "cpu"]["built"]:
-        names.append("extension")
-    if device.type == "cuda" and info["triton"]["usable"]:
-        names.append("triton")
-    return names
 
 
 def _check_nm(mask: torch.Tensor, n: int, m: int, label: str) -> None:
@@ -98,14 +96,14 @@ def bench_shape(label: str, shape: tuple[int, int], dtype: torch.dtype, device: 
     ]  # fmt: skip
     for op, eager, ours, logits, moved in cases:
         base = row(op, "eager", lambda e=eager, x=logits: e(x), moved, None)
-        for backend in _backends(device):
+        for backend in op_backends(device):
             out = ours(logits, backend)
             if "hard" in op:
                 _check_nm(out, n, m, f"{op} {backend}")
             row(op, backend, lambda o=ours, x=logits, b=backend: o(x, b), moved, base)
         # Forward + backward (straight-through): the gradient reads logits and grad, writes grad.
         base = row(f"{op} fwd+bwd", "eager", backward_fn(lambda x: eager(x), logits), 2.5 * moved, None)
-        for backend in _backends(device):
+        for backend in op_backends(device):
             fn = backward_fn(lambda x, o=ours, b=backend: o(x, b), logits)
             row(f"{op} fwd+bwd", backend, fn, 2.5 * moved, base)
     return rows

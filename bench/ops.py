@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
-import prunedm
 from prunedm import ops
 from prunedm.measure import time_ms
 
@@ -19,6 +18,7 @@ from .common import (
     WEIGHT_SHAPES,
     bench_parser,
     environment,
+    op_backends,
     op_row,
     peak_bandwidth_gbps,
     plot_speedups,
@@ -28,16 +28,6 @@ from .common import (
 
 SHAPES = WEIGHT_SHAPES
 QUICK_SHAPES = ["dit-xl2.qkv", "sd15.attn_640"]
-
-
-def _backends(device: torch.device) -> list[str]:
-    info = prunedm.extension_info()
-    names = []
-    if info["cuda" if device.type == "cuda" else "cpu"]["built"]:
-        names.append("extension")
-    if device.type == "cuda" and info["triton"]["usable"]:
-        names.append("triton")
-    return names
 
 
 def bench_shape(label: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> list[dict]:
@@ -57,7 +47,7 @@ def bench_shape(label: str, shape: tuple[int, int], dtype: torch.dtype, device: 
     # nm_mask: reads the weight, writes a bool mask.
     mask_bytes = weight.numel() * (weight.element_size() + 1)
     mask_base = row("nm_mask", "reference", lambda: ops.nm_mask(weight, backend="reference"), mask_bytes, None)
-    for backend in _backends(device):
+    for backend in op_backends(device):
         got = ops.nm_mask(weight, backend=backend)
         assert torch.equal(got.cpu(), expected_mask), f"nm_mask {backend} differs from the reference"
         row("nm_mask", backend, lambda b=backend: ops.nm_mask(weight, backend=b), mask_bytes, mask_base)
@@ -74,7 +64,7 @@ def bench_shape(label: str, shape: tuple[int, int], dtype: torch.dtype, device: 
                        lambda: sparse_semi_structured_from_dense_cutlass(pruned), compress_bytes, None)  # fmt: skip
         row("compress_2to4", "reference", lambda: ops.compress_2to4(pruned, backend="reference"),
             compress_bytes, baseline)  # fmt: skip
-    for backend in _backends(device):
+    for backend in op_backends(device):
         values, meta = ops.compress_2to4(pruned, backend=backend)
         assert torch.equal(values.cpu(), expected_values) and torch.equal(meta.cpu(), expected_meta), backend
         row("compress_2to4", backend, lambda b=backend: ops.compress_2to4(pruned, backend=b), compress_bytes, baseline)
