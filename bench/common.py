@@ -238,7 +238,7 @@ def plot_speedups(rows: list[dict], path: str | os.PathLike, value: str, label: 
     ax.invert_yaxis()
     ax.set_xlabel(f"{value} (1.0 = baseline, same run)")
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _pyplot():
@@ -252,7 +252,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """fig laid out and written to path as a PNG, whole or not at all; the figure is closed."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
@@ -281,7 +282,7 @@ def plot_lines(
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bars(values: dict[str, float], path: str | os.PathLike, xlabel: str, title: str) -> Path | None:
@@ -296,4 +297,4 @@ def plot_bars(values: dict[str, float], path: str | os.PathLike, xlabel: str, ti
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -30,7 +30,7 @@ from prunedm._atomic import write_text_atomic
 from prunedm.diffusion import denoising_loss as shared_denoising_loss
 from prunedm.measure import layer_macs, time_ms
 
-from .common import environment, write_results
+from .common import environment, save_figure, write_results
 
 ASSETS = Path(__file__).resolve().parents[1] / "prunedm" / "assets"
 DENSE_DIR = ASSETS / "digits-ddpm"
@@ -367,12 +367,7 @@ def plot_quality(rows: list[dict], path: Path) -> Path | None:
             ax.text(v, i, f" {v:.2f}", va="center", fontsize=7)
     axes[0].set_yticks(range(len(rows)), names, fontsize=8)
     axes[0].invert_yaxis()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def budget_from_args(args) -> Budget:
