@@ -27,7 +27,7 @@ import torch
 from prunedm._atomic import write_text_atomic
 
 from . import quality, quality_dit
-from .common import environment, write_results
+from .common import environment, save_figure, write_results
 
 DEFAULT_VARIANTS = (
     "dense", "channels-magnitude", "channels-taylor", "channels-random", "channels-diff-pruning",
@@ -312,12 +312,7 @@ def plot(agg: list[dict], path: Path) -> Path | None:
         ax.set_yticks(list(y), [f"{r['variant']} (n={r['n']})" for r in rows], fontsize=8)
         ax.invert_yaxis()
         ax.set_title(f"{steps} finetune steps: FID mean ± std (gray: min-max)", fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_all(agg: list[dict], meta: dict, out: Path, readme: Path | None) -> None:
