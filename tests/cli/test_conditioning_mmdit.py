@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from prunedm.cli import main
+from tests.cli.test_conditioning import _run, _samples
 
 transformers = pytest.importorskip("transformers", reason="text conditioning needs transformers (requirements-dev)")
 diffusers = pytest.importorskip("diffusers")
@@ -106,14 +106,6 @@ def captioned(tmp_path_factory):
         Image.fromarray(pixels).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(caption + "\n")
     return folder
-
-
-def _run(command, *args, out):
-    return main([command, *map(str, args), "device=cpu", "--out", str(out)])
-
-
-def _samples(out):
-    return load_file(str(out / "samples.safetensors"))["images"]
 
 
 def _jobs(pipeline, captioned, tmp_path):
