@@ -361,8 +361,8 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
         loss = _denoising_loss(training_scheduler(config, model))
         learner = _learner(config, model, loss, n, m)
         sharded = config["parallel"] == "fsdp"
-        if sharded and method != "maskllm":
-            raise ConfigError(f"parallel: fsdp learns maskllm masks; method {method} runs with parallel: ddp")
+        if sharded and learner.model_optimizer is not None:
+            raise ConfigError(f"parallel: fsdp learns masks of a frozen model: {method}.model_lr must be 0")
         if sharded and world > 1:  # FSDP2: model, logits and Adam state sharded across ranks (prunedm.parallel)
             learner.shard()
         state = out / ("learner-sharded" if sharded else "learner.safetensors")
@@ -393,8 +393,9 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
             if log is not None:
                 log.close()
         if method == "maskpro":  # whether the groups moved off the magnitude mask, and its loss before finetune
-            if rank == 0:  # forward passes only, no collectives: the other ranks need not wait on it
+            if rank == 0 or sharded:  # forward passes only; sharded, they gather every block: all ranks run them
                 summary["maskpro"] = learner.report(images[:REPORT_IMAGES])
+            if rank == 0:
                 print(_maskpro_line(summary["maskpro"]))
         if sharded:  # the model stayed frozen: rank 0 masks a fresh copy rather than gathering the shards
             found = learner.masks()

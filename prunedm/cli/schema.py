@@ -76,7 +76,7 @@ DEFAULTS = {
         "steps": 100,
         "batch_size": 16,
         "checkpoint_every": 25,
-        "parallel": "ddp",  # ddp: every rank holds everything; fsdp: sharded (FSDP2, maskllm)
+        "parallel": "ddp",  # ddp: every rank holds everything; fsdp: sharded (FSDP2, maskllm and maskpro)
         "maskllm": MASKLLM_DEFAULTS,
         "maskpro": MASKPRO_DEFAULTS,
     },

@@ -16,6 +16,7 @@ Deviations, with reasons:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterable
@@ -26,6 +27,7 @@ from torch import nn
 from prunedm import ops
 from prunedm.masks import targets as _targets
 from prunedm.masks.learner import LossFn, MaskLearner, is_finite_number
+from prunedm.parallel import fsdp
 
 BASELINES = ("ema", "ema-corrected", "loo")
 
@@ -182,7 +184,10 @@ class MaskProLearner(MaskLearner):
         matrices = {}
         for index, (name, logits) in enumerate(self.logits.items()):
             seed = self._sample_seed(index + draw * len(self.logits))
-            matrices[name] = ops.gumbel_nm_sample(logits, self.n, self.m, 1.0, True, seed, backend=self.backend) != 0
+            sampled = fsdp.sample_rows(
+                ops.gumbel_nm_sample, logits, self.n, self.m, 1.0, True, seed, backend=self.backend
+            )
+            matrices[name] = sampled != 0
         self._set_matrix_masks(matrices)
         return matrices
 
@@ -220,7 +225,7 @@ class MaskProLearner(MaskLearner):
         initial_loss = None
         if self.baseline_kind != "loo":
             with torch.no_grad():
-                self._set_matrix_masks(self.initial)
+                self._set_matrix_masks(self._full_initial())
                 initial_loss = float(self.loss_fn(self.model, batch))
         train_weights = self.model_optimizer is not None
         if train_weights:
@@ -229,7 +234,7 @@ class MaskProLearner(MaskLearner):
         for draw in range(self.samples):
             if draw or initial_loss is not None:
                 replay_rng()
-            drawn.append(self.sample(draw))
+            drawn.append(self._own_rows(self.sample(draw)))
             with torch.set_grad_enabled(train_weights):
                 loss = self.loss_fn(self.model, batch)
             if train_weights:
@@ -243,13 +248,15 @@ class MaskProLearner(MaskLearner):
         advantages = self._advantages(losses, initial_loss)
         self.mask_optimizer.zero_grad(set_to_none=True)
         for name, logits in self.logits.items():
-            grad = torch.zeros_like(logits)
+            local, _ = fsdp.local_rows(logits)  # sharded: this rank's rows; log P is a sum over groups
+            grad = torch.zeros_like(local)
             for advantage, sampled in zip(advantages, drawn):
                 if advantage:
                     with torch.enable_grad():
-                        log_prob = set_log_prob(logits, sampled[name], self.n, self.m).sum()
-                        grad += advantage / self.samples * torch.autograd.grad(log_prob, logits)[0]
-            logits.grad = grad
+                        leaf = local.detach().requires_grad_()
+                        log_prob = set_log_prob(leaf, sampled[name], self.n, self.m).sum()
+                        grad += advantage / self.samples * torch.autograd.grad(log_prob, leaf)[0]
+            logits.grad = fsdp.rows_like(grad, logits)
         self.mask_optimizer.step()
         if train_weights:
             self._average_model_grads()
@@ -263,13 +270,31 @@ class MaskProLearner(MaskLearner):
         return info
 
     def shard(self, blocks=None) -> None:
-        """Not yet: the REINFORCE step reads every logit whole (parallel: fsdp learns MaskLLM masks)."""
-        raise ValueError("MaskProLearner: parallel 'fsdp' is not supported yet (MaskLLMLearner is); use ddp")
+        """MaskLearner.shard(), and the initial masks sharded by rows as the logits. Every rank samples its rows
+        and the masks are gathered for the forward; the losses (hence baselines and advantages) are averaged
+        over ranks as in a DDP run; each rank computes the REINFORCE gradient of its own rows."""
+        super().shard(blocks)
+        mesh = next(iter(self.logits.values())).device_mesh
+        self.initial = {name: fsdp.distribute_rows(mask, mesh) for name, mask in self.initial.items()}
+
+    def _full_initial(self) -> dict[str, torch.Tensor]:
+        return {name: fsdp.full_rows(mask) for name, mask in self.initial.items()}
+
+    def _own_rows(self, matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's rows of full (gathered) masks, as a copy (all of them in one process)."""
+        if not self.sharded:
+            return matrices
+        own = {}
+        for name, matrix in matrices.items():
+            local, first = fsdp.local_rows(self.logits[name])
+            own[name] = matrix[first : first + local.shape[0]].clone()
+        return own
 
     @torch.no_grad()
     def masks(self) -> dict[str, torch.Tensor]:
+        keep = functools.partial(top_n_mask, n=self.n, m=self.m)
         return {
-            name: _targets.matrix_to_weight(module, top_n_mask(self.logits[name], self.n, self.m))
+            name: _targets.matrix_to_weight(module, fsdp.full_rows(self.logits[name], keep))
             for name, module in self.targets.items()
         }
 
@@ -280,15 +305,18 @@ class MaskProLearner(MaskLearner):
         RNG is left as it was), i.e. the mask's loss before any finetune."""
         groups = sum(mask.numel() // self.m for mask in self.initial.values())
         flipped = 0
-        for name, logits in self.logits.items():
-            differs = top_n_mask(logits, self.n, self.m) != self.initial[name]
+        for name, logits in self.logits.items():  # sharded: each rank counts its rows
+            differs = top_n_mask(fsdp.local_rows(logits)[0], self.n, self.m) != fsdp.local_rows(self.initial[name])[0]
             flipped += int(differs.reshape(-1, self.m).any(-1).sum())
+        flipped = int(fsdp.sum_over_ranks(torch.tensor(flipped)))
         result = {"groups": groups, "groups_flipped": flipped, "flipped_fraction": flipped / max(groups, 1)}
         if batch is not None:
             rng = torch.get_rng_state()
             result["mask_loss"] = self.loss_with_masks(batch)
             torch.set_rng_state(rng)
-            initial = {name: _targets.matrix_to_weight(self.targets[name], mask) for name, mask in self.initial.items()}
+            initial = {
+                name: _targets.matrix_to_weight(self.targets[name], mask) for name, mask in self._full_initial().items()
+            }
             result["initial_mask_loss"] = self.loss_with_masks(batch, initial)
             torch.set_rng_state(rng)
         return result

@@ -75,12 +75,27 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, blocks: Iterable[nn.Module] 
     return blocks
 
 
-def shard_rows(tensor: torch.Tensor, mesh: DeviceMesh) -> nn.Parameter:
-    """A parameter holding this rank's rows of `tensor` (the same full tensor on every rank) as a DTensor."""
+def distribute_rows(tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """This rank's rows of `tensor` (the same full tensor on every rank) as a row-sharded DTensor (Shard(0))."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    local = distribute_tensor(tensor.detach(), mesh, [Shard(0)], src_data_rank=None)
-    return nn.Parameter(local, requires_grad=tensor.requires_grad)
+    return distribute_tensor(tensor.detach(), mesh, [Shard(0)], src_data_rank=None)
+
+
+def shard_rows(tensor: torch.Tensor, mesh: DeviceMesh) -> nn.Parameter:
+    """A parameter holding this rank's rows of `tensor` (the same full tensor on every rank) as a DTensor."""
+    return nn.Parameter(distribute_rows(tensor, mesh), requires_grad=tensor.requires_grad)
+
+
+def rows_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`local` (this rank's rows, as local_rows(like) gives them) as a DTensor sharded as `like`; `local` itself
+    when `like` is a plain tensor (e.g. a gradient computed on a shard, for the optimizer)."""
+    if not _is_dtensor(like):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride())  # fmt: skip
 
 
 def local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:

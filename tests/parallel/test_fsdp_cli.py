@@ -1,6 +1,6 @@
 """`prunedm learn-mask parallel=fsdp` as torchrun runs it (2 gloo ranks, the env:// variables torchrun sets) on the
 tiny UNet: it writes 2:4 masks and a sharded checkpoint that one process resumes from and continues; the
-parallel key takes ddp or fsdp only, and fsdp only with maskllm."""
+parallel key takes ddp or fsdp only, and fsdp only with a frozen model."""
 
 from __future__ import annotations
 
@@ -79,9 +79,17 @@ def test_learn_mask_fsdp_two_ranks_then_resume_in_one_process(tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("parallel=zero", "one of ddp, fsdp"), ("method=maskpro", "parallel: fsdp learns maskllm masks")],
+    [("parallel=zero", "one of ddp, fsdp"), ("maskpro.model_lr=0.001", "maskpro.model_lr must be 0")],
 )
 def test_parallel_key_is_checked(tmp_path, capsys, override, message):
-    argv = [*ARGS, "steps=1", "device=cpu", override, "--out", str(tmp_path / "out")]
+    argv = [
+        *ARGS,
+        "steps=1",
+        "device=cpu",
+        *(["method=maskpro"] if "maskpro" in override else []),
+        override,
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
