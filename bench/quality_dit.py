@@ -8,8 +8,9 @@ scored by FID on the digits classifier's features. bench.quality_seeds runs thes
 
 Variants: dit-dense (finetuned with the same budget), depth-every-k (blocks 0, 2, 4, ...), depth-block-influence
 (ShortGPT's Block Influence on noised digits), depth-tinyfusion (learned 1-of-2 per group, the official preset,
-`mask_steps` steps). diffusers' DiT conditions its output head on block 0's embedder, so a variant that drops
-block 0 gets the next kept block's embedder there (the finetune has to recover it)."""
+`mask_steps` steps), dit-ecodiff (EcoDiff's structural gates on every attention head and FFN unit, removed at
+keep ratio 0.5, see ecodiff_prune). diffusers' DiT conditions its output head on block 0's embedder, so a variant
+that drops block 0 gets the next kept block's embedder there (the finetune has to recover it)."""
 
 from __future__ import annotations
 
@@ -32,13 +33,24 @@ DIT_CONFIG = dict(
     num_attention_heads=4, attention_head_dim=16, in_channels=1, out_channels=1, num_layers=8, sample_size=16,
     patch_size=2, norm_type="ada_norm_zero", num_embeds_ada_norm=10,
 )  # fmt: skip
-DIT_VARIANTS = ("dit-dense", "depth-every-k", "depth-block-influence", "depth-tinyfusion")
+DIT_VARIANTS = ("dit-dense", "depth-every-k", "depth-block-influence", "depth-tinyfusion", "dit-ecodiff")
 DESCRIPTIONS = {
     "dit-dense": "digits DiT, dense, finetuned with the same budget",
     "depth-every-k": "digits DiT, every 2nd block kept (0, 2, 4, ...)",
     "depth-block-influence": "digits DiT, the half of the blocks with the highest Block Influence (ShortGPT)",
     "depth-tinyfusion": "digits DiT, 1 of every 2 blocks learned by TinyFusion (official preset)",
+    "dit-ecodiff": "digits DiT, half of the heads and FFN units kept by EcoDiff's end-to-end gates (sdxl preset)",
 }
+# EcoDiff on the DiT. Keep ratio 0.5 of the heads and of the FFN units (ranked over all blocks, per kind, as the
+# official code): the attention + FFN parameters and FLOPs the depth variants keep; the per-block adaLN
+# embedders (~half of a block's parameters) are not gated, so this variant keeps more parameters than they do
+# (the row's "params" says how many). The objective's chain is ECODIFF_CHAIN_STEPS DDIM steps (official: 50;
+# the scored samples use 25) over one x_T per digit (the labels 0..9 every update, like the official fixed
+# seed over a set of prompts), max(1, mask_steps // ECODIFF_STEP_DIVISOR) gate updates: kept near the cost of a
+# depth variant's run (official DiT config: 100 labels x 3 epochs at 4 per update = 75 updates).
+ECODIFF_KEEP_RATIO = 0.5
+ECODIFF_CHAIN_STEPS = 10
+ECODIFF_STEP_DIVISOR = 2
 
 
 def build_dit(seed: int = 0, **overrides) -> nn.Module:
@@ -98,17 +110,42 @@ def depth_keep(name: str, model: nn.Module, data, budget: quality.Budget) -> lis
         return learn_depth_keep(
             model, batches, group_size=2, keep_per_group=1, steps=steps, seed=budget.seed
         ).keep_indices
-    raise ValueError(f"depth variant must be one of {DIT_VARIANTS[1:]}, got {name!r}")
+    depth = [v for v in DIT_VARIANTS if v.startswith("depth-")]
+    raise ValueError(f"depth variant must be one of {depth}, got {name!r}")
+
+
+def ecodiff_steps(budget: quality.Budget) -> int:
+    """The gate updates dit-ecodiff takes for `budget` (see ECODIFF_STEP_DIVISOR)."""
+    return max(1, budget.mask_steps // ECODIFF_STEP_DIVISOR)
+
+
+def ecodiff_prune(model: nn.Module, budget: quality.Budget, keep_ratio: float = ECODIFF_KEEP_RATIO):
+    """EcoDiff (prunedm.structural.EcoDiffLearner, preset "sdxl": end-to-end final latent, time-step gradient
+    checkpointing, masking_eps 0.5, L1, AdamW 0.1) on every attention head and FFN unit of `model`, then the
+    units outside keep_ratio (ranked by logit) physically removed. Returns the StructuralPruningReport."""
+    from prunedm.structural import EcoDiffLearner
+
+    learner = EcoDiffLearner(model, preset="sdxl", num_inference_steps=ECODIFF_CHAIN_STEPS, seed=budget.seed,
+                             sample_seed=budget.seed, total_steps=ecodiff_steps(budget))  # fmt: skip
+    size = model.config.sample_size
+    batch = {"latents": torch.zeros(10, model.config.in_channels, size, size), "class_labels": torch.arange(10)}
+    for _ in range(ecodiff_steps(budget)):
+        learner.step(batch)
+    return learner.apply(keep_ratio=keep_ratio)
 
 
 def build_variant(name: str, data, budget: quality.Budget, model: nn.Module | None = None) -> nn.Module:
-    """The variant's model before its finetune: the digits DiT (or `model`), depth-pruned unless dit-dense."""
+    """The variant's model before its finetune: the digits DiT (or `model`), depth-pruned unless dit-dense,
+    structurally pruned by dit-ecodiff."""
     from prunedm.pruning.depth import prune_depth
 
     model = load_dit() if model is None else model
     if name == "dit-dense":
         return model
     torch.manual_seed(budget.seed)
+    if name == "dit-ecodiff":
+        ecodiff_prune(model, budget)
+        return model
     prune_depth(model, depth_keep(name, model, data, budget))
     return model
 
@@ -146,7 +183,8 @@ def run(name: str, budget: quality.Budget, out: Path, work: Path) -> dict:
         "params": sum(p.numel() for p in final.parameters()), "fid": scores["fid"],
         "classifier_accuracy": scores["classifier_accuracy"], "class_entropy": scores["class_entropy"],
         "num_samples": scores["num_samples"], "finetune_steps": budget.steps,
-        "mask_steps": budget.mask_steps if name == "depth-tinyfusion" else 0, "final_loss": result.final_loss,
+        "mask_steps": {"depth-tinyfusion": budget.mask_steps, "dit-ecodiff": ecodiff_steps(budget)}.get(name, 0),
+        "final_loss": result.final_loss,
         "sample_steps": budget.sample_steps, "variant_seconds": time.perf_counter() - started, "budget": asdict(budget),
     }  # fmt: skip
     write_text_atomic(out / "variants" / f"{name}.json", json.dumps(row, indent=1) + "\n")

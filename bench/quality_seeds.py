@@ -14,9 +14,11 @@ with at least 2 seeds on each side (sample standard deviations)."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
+import shutil
 import statistics
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -38,6 +40,8 @@ DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_BUDGETS = (100, 400)
 DEFAULT_SAMPLES = 1000
 METRICS = ("fid", "classifier_accuracy")
+# The Budget fields a variant's build reads (pruning, mask learning); the finetune and sampling fields are not.
+BUILD_FIELDS = ("seed", "ratio", "mask_steps", "maskllm_lr", "gradient_images", "gradient_timesteps")
 BEGIN, END = "<!-- quality-seeds:begin -->", "<!-- quality-seeds:end -->"
 # Variants beyond bench.quality's: the learners' "short" presets (prunedm's, for tens to hundreds of steps).
 EXTRA_DESCRIPTIONS = {
@@ -47,12 +51,13 @@ EXTRA_DESCRIPTIONS = {
 
 
 def baseline_of(variant: str) -> str | None:
-    """The variant a row is compared against: magnitude 2:4, magnitude channels or every-k depth."""
+    """The variant a row is compared against: magnitude 2:4, magnitude channels or every-k depth (also for
+    dit-ecodiff: the same attention + FFN budget on the DiT, removed by depth instead of by heads/units)."""
     if variant.startswith("2to4-"):
         base = "2to4-magnitude"
     elif variant.startswith(("channels-", "scratch-")) and "+" not in variant:
         base = "channels-magnitude"
-    elif variant.startswith("depth-"):
+    elif variant.startswith("depth-") or variant == "dit-ecodiff":
         base = "depth-every-k"
     else:
         return None
@@ -72,17 +77,61 @@ def _learn_short(model, method: str, images: torch.Tensor, budget) -> None:
     learner.finalize()
 
 
+def built_dir(work: Path, variant: str, budget) -> Path:
+    """Where a variant's model as built (pruned / masked, before any finetune) is kept: keyed by the seed and
+    every budget field the build reads, so each finetune budget of a (variant, seed) starts from one build."""
+    key = {k: getattr(budget, k) for k in BUILD_FIELDS}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return work / "built" / f"seed-{budget.seed}" / f"{variant}-{digest}"
+
+
+def _build_once(build, name, images, budget, progress, work: Path | None):
+    """build(...) the first time; later budgets of the same (variant, seed) load that model (bit-exact)."""
+    if work is None:
+        return build(name, images, budget, progress)
+    from prunedm import load_pretrained, save_pretrained
+
+    path = built_dir(work, name, budget)
+    if (path / "structure.json").is_file():
+        return load_pretrained(path)
+    model = build(name, images, budget, progress)
+    save_pretrained(model, path)
+    return model
+
+
+def continue_from_shorter(work: Path, variant: str, seed: int, steps: int, budgets) -> int | None:
+    """Seed work/steps-B/seed-S/<variant>/finetune with the finetune of the longest shorter budget L (0 < L < B)
+    whose checkpoint at step L exists, so the B-step run resumes at L instead of starting over; the finetune has
+    a constant learning rate and a step-keyed RNG, so this equals a B-step run from scratch. Returns L or None."""
+    target = work / f"steps-{steps}" / f"seed-{seed}" / variant / "finetune"
+    if (target / "checkpoints").is_dir():
+        return None
+    for shorter in sorted((b for b in budgets if 0 < b < steps), reverse=True):
+        source = work / f"steps-{shorter}" / f"seed-{seed}" / variant / "finetune"
+        if (source / "checkpoints" / f"step-{shorter:08d}").is_dir():
+            temp = target.with_name(target.name + ".copying")
+            shutil.rmtree(temp, ignore_errors=True)
+            shutil.copytree(source, temp)
+            temp.rename(target)
+            return shorter
+    return None
+
+
 @contextmanager
-def _extra_variants():
-    """bench.quality's run_variant, taught this module's extra variants for the duration."""
+def _extra_variants(work: Path | None = None):
+    """bench.quality's run_variant, taught this module's extra variants for the duration; with `work`, each
+    (variant, seed) is built once and reused by every finetune budget (built_dir)."""
     original = quality.build_variant
 
-    def build(name, images, budget, progress):
+    def build_any(name, images, budget, progress):
         if name in EXTRA_DESCRIPTIONS:
             model = quality.load_dense()
             _learn_short(model, name.split("-")[1], images, budget)
             return model
         return original(name, images, budget, progress)
+
+    def build(name, images, budget, progress):
+        return _build_once(build_any, name, images, budget, progress, work)
 
     quality.build_variant = build
     added = {k: v for k, v in EXTRA_DESCRIPTIONS.items() if k not in quality.DESCRIPTIONS}
@@ -103,7 +152,7 @@ def run_all(variants, seeds, budgets, base: quality.Budget, out: Path, work: Pat
     """Every (variant, seed, budget) row, run or read back (resume); runner(name, budget, out, work) -> row."""
     rows = []
     images = reference = None
-    for steps in budgets:
+    for steps in sorted(budgets):  # ascending: a longer budget continues the shorter one's finetune
         for seed in seeds:
             budget = replace(base, steps=steps, seed=seed)
             run_out, run_work = run_path(out, "x", seed, steps).parents[1], work / f"steps-{steps}" / f"seed-{seed}"
@@ -125,7 +174,10 @@ def run_all(variants, seeds, budgets, base: quality.Budget, out: Path, work: Pat
                         images = DigitsDataset("train", size=size).images
                         reference = quality.reference_images(base, size)
                     torch.manual_seed(seed)
-                    with _extra_variants():
+                    resumed = continue_from_shorter(work, variant, seed, steps, budgets)
+                    if resumed:
+                        print(f"{variant} seed {seed} steps {steps}: continues the {resumed}-step finetune")
+                    with _extra_variants(work):
                         row = quality.run_variant(variant, images, reference, budget, run_work, run_out, False)
                     if variant in EXTRA_DESCRIPTIONS:
                         row["mask_steps"] = budget.mask_steps
@@ -156,20 +208,22 @@ def aggregate(rows: list[dict]) -> list[dict]:
     """One row per (variant, finetune steps): n, seeds, mean/std/min/max of FID and accuracy, and the
     comparison with the baseline at the same steps (difference of means, and whether it exceeds the spread)."""
     groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["variant"], int(row["finetune_steps"])), []).append(row)
+    for row in rows:  # runs of one protocol only: samples, DDIM steps and mask steps must agree
+        key = (row["variant"], int(row["finetune_steps"]), row.get("num_samples"), row.get("sample_steps"),
+               row.get("mask_steps", 0))  # fmt: skip
+        groups.setdefault(key, []).append(row)
     out = []
-    for (variant, steps), members in groups.items():
+    for (variant, steps, samples, sample_steps, mask_steps), members in groups.items():
         seeds = sorted(int(m["budget"]["seed"]) for m in members)
         agg = {"variant": variant, "finetune_steps": steps, "n": len(members), "seeds": seeds,
-               "num_samples": members[0].get("num_samples"), "mask_steps": members[0].get("mask_steps", 0)}  # fmt: skip
+               "num_samples": samples, "sample_steps": sample_steps, "mask_steps": mask_steps}  # fmt: skip
         for metric in METRICS:
             for key, value in _stats([float(m[metric]) for m in members]).items():
                 agg[f"{metric}_{key}"] = value
         out.append(agg)
-    index = {(r["variant"], r["finetune_steps"]): r for r in out}
+    index = {(r["variant"], r["finetune_steps"], r["num_samples"], r["sample_steps"]): r for r in out}
     for row in out:
-        base = index.get((baseline_of(row["variant"]), row["finetune_steps"]))
+        base = index.get((baseline_of(row["variant"]), row["finetune_steps"], row["num_samples"], row["sample_steps"]))
         row["baseline"] = base["variant"] if base else None
         row["fid_diff"] = row["fid_mean"] - base["fid_mean"] if base else None
         row["beyond_spread"] = beyond_spread(row, base) if base else None
@@ -192,15 +246,16 @@ def _fmt(value, spec="{:.2f}") -> str:
 
 def table(agg: list[dict]) -> list[str]:
     lines = [
-        "| variant | finetune steps | seeds | FID mean ± std | FID min-max | clf. acc. mean ± std "
-        "| FID − baseline | beyond seed spread |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | finetune steps | mask steps | seeds | samples x DDIM steps | FID mean ± std | FID min-max "
+        "| clf. acc. mean ± std | FID − baseline | beyond seed spread |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in agg:
         mark = {True: "**yes**", False: "no", None: "-"}[r["beyond_spread"]]
         diff = f"{_fmt(r['fid_diff'], '{:+.2f}')} vs {r['baseline']}" if r["baseline"] else "-"
         lines.append(
-            f"| {r['variant']} | {r['finetune_steps']} | {r['n']} | {r['fid_mean']:.2f} ± {r['fid_std']:.2f} | "
+            f"| {r['variant']} | {r['finetune_steps']} | {r.get('mask_steps') or '-'} | {r['n']} | "
+            f"{r.get('num_samples')} x {r.get('sample_steps')} | {r['fid_mean']:.2f} ± {r['fid_std']:.2f} | "
             f"{r['fid_min']:.2f}-{r['fid_max']:.2f} | {r['classifier_accuracy_mean']:.3f} ± "
             f"{r['classifier_accuracy_std']:.3f} | {diff} | {mark} |"
         )

@@ -1,0 +1,37 @@
+"""bench.quality_dit's dit-ecodiff variant: EcoDiff's gates on a tiny DiT, half the heads and FFN units removed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention
+
+from prunedm.bench import quality_dit, quality_seeds
+from prunedm.bench.quality import Budget
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_dit_ecodiff_removes_half_the_heads_and_ffn_units(monkeypatch):
+    monkeypatch.setattr(quality_dit, "ECODIFF_CHAIN_STEPS", 2)  # the objective's chain: 2 DDIM steps
+    model = quality_dit.build_dit(num_layers=2, num_attention_heads=2, attention_head_dim=8)
+    before = sum(p.numel() for p in model.parameters())
+    data = quality_dit.digits_data()
+    budget = Budget(batch_size=4, mask_steps=2, seed=0)
+    assert quality_dit.ecodiff_steps(budget) == 1
+    pruned = quality_dit.build_variant("dit-ecodiff", data, budget, model=model)
+    heads = sum(m.heads for m in pruned.modules() if isinstance(m, Attention))
+    units = sum(m.net[2].in_features for m in pruned.modules() if isinstance(m, FeedForward))
+    assert (heads, units) == (2, 64)  # keep ratio 0.5 of 2 x 2 heads and of 2 x 64 FFN units
+    # what went: 2 heads (q, k, v rows + out columns, 8 each) and 64 units (in row + bias, out column)
+    after = sum(p.numel() for p in pruned.parameters())
+    assert before - after == 2 * (3 * 8 * (16 + 1) + 8 * 16) + 64 * (16 + 1 + 16)
+    assert not any(p.requires_grad is False for p in pruned.parameters())  # the gates' freeze is undone
+    out = pruned(data.images[:2], timestep=torch.tensor([3, 500]), class_labels=data.ids[:2]).sample
+    assert out.shape == (2, 1, 16, 16) and torch.isfinite(out).all()
+
+
+def test_dit_ecodiff_is_registered_with_a_baseline():
+    assert "dit-ecodiff" in quality_dit.DIT_VARIANTS and "dit-ecodiff" in quality_seeds.DEFAULT_VARIANTS
+    assert quality_seeds.baseline_of("dit-ecodiff") == "depth-every-k"
+    assert quality_dit.DESCRIPTIONS["dit-ecodiff"]
