@@ -254,11 +254,15 @@ def run_variant(
     model = build_variant(name, images, budget, progress)
     sparse = "2to4" in name
     learned_mask = name.endswith(("2to4-maskllm", "2to4-maskpro"))
-    config = FinetuneConfig(steps=budget.steps, batch_size=budget.batch_size, lr=budget.lr, ema_decay=budget.ema_decay,
-                            seed=budget.seed, checkpoint_every=max(1, min(100, budget.steps)), keep_checkpoints=1,
-                            log_every=max(1, budget.steps // 20), progress=progress, keep_sparsity=sparse)  # fmt: skip
-    result = finetune(model, images, work / name / "finetune", config, resume=True)
-    final = result.ema_model.eval()
+    final, final_loss = model.eval(), None  # 0 finetune steps: the variant as built (masks on frozen weights)
+    if budget.steps:
+        config = FinetuneConfig(
+            steps=budget.steps, batch_size=budget.batch_size, lr=budget.lr, ema_decay=budget.ema_decay,
+            seed=budget.seed, checkpoint_every=max(1, min(100, budget.steps)), keep_checkpoints=1,
+            log_every=max(1, budget.steps // 20), progress=progress, keep_sparsity=sparse,
+        )  # fmt: skip
+        result = finetune(model, images, work / name / "finetune", config, resume=True)
+        final, final_loss = result.ema_model.eval(), result.final_loss
     save_pretrained(final, work / name / "model")
     counts = count_model(final)
     samples = sample_images(final, DDIMScheduler(num_train_timesteps=1000), budget.samples, budget.sample_steps,
@@ -270,7 +274,7 @@ def run_variant(
         "fid": scores["fid"], "classifier_accuracy": scores["classifier_accuracy"],
         "class_entropy": scores["class_entropy"], "num_samples": scores["num_samples"], "features": scores["features"],
         "finetune_steps": budget.steps, "mask_steps": budget.mask_steps if learned_mask else 0,
-        "final_loss": result.final_loss, "sample_steps": budget.sample_steps,
+        "final_loss": final_loss, "sample_steps": budget.sample_steps,
         "channel_ratio": budget.ratio if "channels" in name or "scratch" in name else 0.0,
         "variant_seconds": time.perf_counter() - started, "budget": asdict(budget),
     }  # fmt: skip

@@ -3,9 +3,13 @@
 Each (variant, seed, budget) is one run of bench.quality's pipeline (build, finetune, DDIM samples, FID on the
 digits classifier's features) with that seed as the finetune / mask / sampling seed and that many finetune
 steps. Runs are resumable: out/runs/steps-B/seed-S/variants/<variant>.json is skipped when it exists.
+Budgets run in ascending order and share work: a (variant, seed) is built once (work/built/) and every budget
+starts from that model; a longer finetune continues the shorter one's checkpoint (constant lr, step-keyed RNG:
+the same weights as a run from scratch, tested). Budget 0 scores the variant as built: learned masks on frozen
+weights, the protocol of MaskLLM's and MaskPro's own evaluations.
 
     python -m bench.quality_seeds --out bench/results/quality-seeds [--variants a,b] [--seeds 0,1,2]
-        [--budgets 100,400] [--samples 1000] [--readme README.md]
+        [--budgets 0,100,400] [--samples 1000] [--sample-steps 25] [--readme README.md]
 
 Spread rule: a variant's FID differs from its baseline (magnitude 2:4 for masks, magnitude channels for
 channel pruning, every-k for depth) beyond the seed spread when |mean difference| > std(variant) + std(baseline),
@@ -394,10 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="runs/quality-seeds", help="models and finetune checkpoints")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)))
-    parser.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)), help="finetune steps")
+    parser.add_argument(
+        "--budgets",
+        default=",".join(map(str, DEFAULT_BUDGETS)),
+        help="finetune steps; 0 scores the variant as built (learned masks on frozen weights)",
+    )
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples per run for FID")
     parser.add_argument("--mask-steps", type=int, default=100)
-    parser.add_argument("--sample-steps", type=int, default=50)
+    parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per sample")
     parser.add_argument("--readme", default=None, help="README whose quality-seeds block is regenerated")
     parser.add_argument("--aggregate-only", action="store_true", help="only re-aggregate the runs on disk")
     args = parser.parse_args(argv)
@@ -405,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds, budgets = _ints(args.seeds, "--seeds"), _ints(args.budgets, "--budgets")
     except ValueError as exc:
         parser.error(str(exc))
+    if min(budgets) < 0:
+        parser.error(f"--budgets: finetune steps must be >= 0 (0: the variant as built), got {args.budgets!r}")
     known = set(quality.variant_names()) | set(EXTRA_DESCRIPTIONS) | set(quality_dit.DIT_VARIANTS)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if set(variants) - known:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _row(variant: str, seed: int, fid: float, steps: int = 100, acc: float = 0.5) -> dict:
     return {"variant": variant, "finetune_steps": steps, "fid": fid, "classifier_accuracy": acc,
-            "num_samples": 8, "mask_steps": 0, "budget": {"seed": seed}}  # fmt: skip
+            "num_samples": 8, "sample_steps": 1, "mask_steps": 0, "budget": {"seed": seed}}  # fmt: skip
 
 
 def test_aggregate_mean_std_min_max():
@@ -75,7 +75,7 @@ def test_readme_block_regenerated(tmp_path):
     assert qs.update_readme(readme, section) is True
     text = readme.read_text()
     assert "old" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
-    assert "| 2to4-magnitude | 100 | 2 | 10.50 ± 0.71 |" in text
+    assert "| 2to4-magnitude | 100 | - | 2 | 8 x 1 | 10.50 ± 0.71 |" in text
     assert qs.update_readme(readme, section) is False  # idempotent
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="quality-seeds:begin"):
@@ -154,3 +154,43 @@ def test_targets_are_reported_as_measured():
         _row("2to4-maskpro", s, 120.0) for s in range(2)
     ]
     assert "100 steps: missed" in qs.targets(qs.aggregate(worse))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_budgets_share_one_build_and_the_longer_finetune_continues_the_shorter(tmp_path, monkeypatch):
+    from diffusers import UNet2DModel
+
+    from prunedm import load_pretrained
+    from prunedm.bench import quality
+
+    def tiny_digits_unet():  # one channel, as the digits
+        torch.manual_seed(0)
+        blocks = {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
+        return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                           block_out_channels=(16, 32), norm_num_groups=4, **blocks)  # fmt: skip
+
+    monkeypatch.setattr(quality, "load_dense", tiny_digits_unet)
+    builds = []
+    original = quality.build_variant
+
+    def counting(name, images, budget, progress):
+        builds.append((name, budget.steps))
+        return original(name, images, budget, progress)
+
+    monkeypatch.setattr(quality, "build_variant", counting)
+    base = Budget(batch_size=4, samples=8, sample_steps=1, reference=40)
+    rows = qs.run_all(["2to4-magnitude"], [0], [2, 0, 1], base, tmp_path / "out", tmp_path / "work")
+    assert [r["finetune_steps"] for r in rows] == [0, 1, 2]  # ascending, whatever order was given
+    assert builds == [("2to4-magnitude", 0)]  # budgets 1 and 2 load the model built for budget 0
+    assert rows[0]["final_loss"] is None and math.isfinite(rows[0]["fid"])
+    history = (tmp_path / "work" / "steps-2" / "seed-0" / "2to4-magnitude" / "finetune" / "metrics.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in history.splitlines()] == [1, 2]  # step 1 came from the 1-step run
+
+    # The same 2-step run from scratch, in a fresh work dir: bit-identical weights.
+    rows = qs.run_all(["2to4-magnitude"], [0], [2], base, tmp_path / "out2", tmp_path / "work2")
+    continued, scratch = (
+        load_pretrained(tmp_path / w / "steps-2" / "seed-0" / "2to4-magnitude" / "model") for w in ("work", "work2")
+    )
+    for (name, a), b in zip(continued.state_dict().items(), scratch.state_dict().values()):
+        assert torch.equal(a, b), name
