@@ -194,3 +194,13 @@ def test_budgets_share_one_build_and_the_longer_finetune_continues_the_shorter(t
     )
     for (name, a), b in zip(continued.state_dict().items(), scratch.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_targets_report_masks_on_frozen_weights_and_the_dense_reference():
+    rows = [_row("2to4-magnitude", s, 300.0 + s, steps=0) for s in range(3)]
+    rows += [_row("2to4-maskllm-short", s, 60.0 + s, steps=0) for s in range(3)]
+    rows += [_row("dense", s, 10.0 + s, steps=400) for s in range(3)]
+    rows += [_row("2to4-magnitude", s, 10.5 + s, steps=400) for s in range(3)]
+    text = qs.targets(qs.aggregate(rows))
+    assert "0 finetune steps, MaskLLM's and MaskPro's own protocol): met (best 2to4-maskllm-short, FID -240.00" in text
+    assert "within 10% of dense FID (11.00) at 400 steps: missed (within: dense, 2to4-magnitude)" in text
