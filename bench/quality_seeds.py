@@ -89,18 +89,33 @@ def built_dir(work: Path, variant: str, budget) -> Path:
     return work / "built" / f"seed-{budget.seed}" / f"{variant}-{digest}"
 
 
-def _build_once(build, name, images, budget, progress, work: Path | None):
-    """build(...) the first time; later budgets of the same (variant, seed) load that model (bit-exact)."""
+def _build_once(build, name: str, budget, work: Path | None):
+    """build() the first time; later budgets of the same (variant, seed) load that model (bit-exact)."""
     if work is None:
-        return build(name, images, budget, progress)
+        return build()
     from prunedm import load_pretrained, save_pretrained
 
     path = built_dir(work, name, budget)
     if (path / "structure.json").is_file():
         return load_pretrained(path)
-    model = build(name, images, budget, progress)
+    model = build()
     save_pretrained(model, path)
     return model
+
+
+@contextmanager
+def _dit_built_once(work: Path):
+    """bench.quality_dit's run, building each (DiT variant, seed) once for every budget (built_dir)."""
+    original = quality_dit.build_variant
+
+    def build(name, data, budget):
+        return _build_once(lambda: original(name, data, budget), name, budget, work)
+
+    quality_dit.build_variant = build
+    try:
+        yield
+    finally:
+        quality_dit.build_variant = original
 
 
 def continue_from_shorter(work: Path, variant: str, seed: int, steps: int, budgets) -> int | None:
@@ -135,7 +150,7 @@ def _extra_variants(work: Path | None = None):
         return original(name, images, budget, progress)
 
     def build(name, images, budget, progress):
-        return _build_once(build_any, name, images, budget, progress, work)
+        return _build_once(lambda: build_any(name, images, budget, progress), name, budget, work)
 
     quality.build_variant = build
     added = {k: v for k, v in EXTRA_DESCRIPTIONS.items() if k not in quality.DESCRIPTIONS}
@@ -169,7 +184,9 @@ def run_all(variants, seeds, budgets, base: quality.Budget, out: Path, work: Pat
                     if not (quality_dit.DIT_DIR / "config.json").is_file():
                         print(f"skipped {variant}: no {quality_dit.DIT_DIR} (scripts/train_digits_models.py --dit)")
                         continue
-                    row = quality_dit.run(variant, budget, run_out, run_work)
+                    continue_from_shorter(work, variant, seed, steps, budgets)
+                    with _dit_built_once(work):
+                        row = quality_dit.run(variant, budget, run_out, run_work)
                 elif runner is None:
                     if images is None:
                         from prunedm.data import DigitsDataset

@@ -204,3 +204,33 @@ def test_targets_report_masks_on_frozen_weights_and_the_dense_reference():
     text = qs.targets(qs.aggregate(rows))
     assert "0 finetune steps, MaskLLM's and MaskPro's own protocol): met (best 2to4-maskllm-short, FID -240.00" in text
     assert "within 10% of dense FID (11.00) at 400 steps: missed (within: dense, 2to4-magnitude)" in text
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_dit_budgets_share_one_build_and_continue(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from prunedm.bench import quality_dit
+
+    monkeypatch.setattr(quality_dit, "load_dit", lambda: quality_dit.build_dit(num_layers=2, attention_head_dim=4))
+    monkeypatch.setattr(quality_dit, "DIT_DIR", tmp_path)  # "shipped": run_all checks for its config
+    (tmp_path / "config.json").write_text("{}")
+    data = quality_dit.digits_data()
+    small = type(data)(data.images[:32], data.key, data.table, data.ids[:32])
+    monkeypatch.setattr(quality_dit, "_DATA", {"train": small, "reference": data.images[:40]})
+    builds = []
+    original = quality_dit.build_variant
+    monkeypatch.setattr(quality_dit, "build_variant", lambda *a, **k: builds.append(a[0]) or original(*a, **k))
+    base = Budget(batch_size=4, samples=12, sample_steps=1)
+    qs.run_all(["depth-every-k"], [0], [2, 1], base, tmp_path / "out", tmp_path / "work")
+    assert builds == ["depth-every-k"]
+    qs.run_all(["depth-every-k"], [0], [2], base, tmp_path / "out2", tmp_path / "work2")
+    ckpt = Path("steps-2", "seed-0", "depth-every-k", "finetune", "checkpoints", "step-00000002", "ema.safetensors")
+    continued, scratch = (load_file(tmp_path / w / ckpt) for w in ("work", "work2"))
+    assert continued.keys() == scratch.keys()
+    for name, tensor in continued.items():
+        assert torch.equal(tensor, scratch[name]), name
+    history = (tmp_path / "work" / "steps-2" / "seed-0" / "depth-every-k" / "finetune" / "metrics.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in history.splitlines()] == [1, 2]
