@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 # transformers); fully_shard wraps each, then the root. A model without them is sharded as one unit.
 BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks", "blocks", "layers")
 BLOCK_MODULES = ("mid_block",)
+# Blocks a model's own forward reads outside the block's forward (DiTTransformer2DModel's output layer calls
+# transformer_blocks[0].norm1.emb): left to the root's unit, which is gathered for the whole forward.
+READ_OUTSIDE = {"DiTTransformer2DModel": ("transformer_blocks", 0)}
 
 
 def world_size() -> int:
@@ -53,7 +56,10 @@ def device_mesh(device: torch.device) -> DeviceMesh:
 
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks (BLOCK_LISTS entries' children, BLOCK_MODULES), in registration order."""
+    """The model's repeated blocks (BLOCK_LISTS entries' children, BLOCK_MODULES), in registration order, less
+    READ_OUTSIDE's."""
+    outside = READ_OUTSIDE.get(type(model).__name__)
+    skip = getattr(model, outside[0])[outside[1]] if outside is not None else None
     blocks: list[nn.Module] = []
     for name, child in model.named_children():
         if name in BLOCK_LISTS and isinstance(child, nn.ModuleList):
@@ -61,7 +67,7 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
                 blocks.extend(find_blocks(block) if isinstance(block, nn.ModuleList) else [block])
         elif name in BLOCK_MODULES and child is not None:
             blocks.append(child)
-    return blocks
+    return [block for block in blocks if block is not skip]
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, blocks: Iterable[nn.Module] | None = None) -> list[nn.Module]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from prunedm.diffusion import denoising_loss as shared_denoising_loss
 from prunedm.diffusion import sample_timesteps
+from prunedm.parallel import fsdp
 from prunedm.pruning.depth import _block_input, _block_output, transformer_blocks
 from prunedm.pruning.importance import optional_import
 
@@ -205,6 +206,7 @@ def learn_depth_keep(
     ema_decay: float | None | str = "preset",
     blocks_attr: str = "transformer_blocks",
     seed: int = 0,
+    shard: bool = False,
 ) -> DepthSearchResult:
     """Learn which `keep_per_group` of every `group_size` consecutive blocks to keep (e.g. 1:2, 2:4, 7:14).
 
@@ -215,7 +217,16 @@ def learn_depth_keep(
     `lora`: "all" Linears, "blocks" only, None: no LoRA), so a pattern is judged by how well the model
     recovers with it. The decision is the argmax of an EMA of the logits (ema_decay None: of the logits).
     Unset arguments come from TINYFUSION_PRESETS[preset] ("official" or "short"). `data` is cycled for
-    `steps` batches. The model's weights are unchanged; the LoRA is discarded."""
+    `steps` batches. The model's weights are unchanged; the LoRA is discarded.
+
+    shard (parallel: fsdp; every rank calls it with its own batches, all of one size): the model is sharded
+    with FSDP2 per block (and left so: prune an unsharded copy with keep_indices); gate logits, LoRA and
+    optimizer state stay whole on every rank, their gradients averaged over ranks. Per-image patterns are drawn
+    over the joined batch and each rank takes its rows, so with a deterministic loss_fn the search equals one
+    process's on the joined batch (up to float rounding). The default loss draws each rank's noise and timesteps
+    from its own stream (seeded by seed and rank): one process drawing for the joined batch interleaves them
+    with the gate draws in one stream, which ranks cannot share without holding every rank's images. Draws the
+    model itself makes in train mode (DiT's class-label dropout, from the global RNG) are each rank's own too."""
     if preset not in TINYFUSION_PRESETS:
         raise ValueError(f"preset must be one of {sorted(TINYFUSION_PRESETS)}, got {preset!r}")
     chosen = TINYFUSION_PRESETS[preset]
@@ -240,11 +251,13 @@ def learn_depth_keep(
     num_groups = len(blocks) // group_size
     logits = nn.Parameter(torch.zeros(num_groups, len(patterns), device=param.device))
     ema = logits.detach().clone()
+    rank, world = (torch.distributed.get_rank(), fsdp.world_size()) if shard else (0, 1)
     if loss_fn is None:
         DDPMScheduler = optional_import("diffusers", "learn_depth_keep").DDPMScheduler  # noqa: N806
 
         scheduler = DDPMScheduler(num_train_timesteps=1000)
-        loss_fn = lambda m, b: denoising_loss(m, b, scheduler, generator)  # noqa: E731
+        noise_generator = generator if not shard else torch.Generator().manual_seed(seed + 7919 * (rank + 1))
+        loss_fn = lambda m, b: denoising_loss(m, b, scheduler, noise_generator)  # noqa: E731
 
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in frozen:
@@ -253,6 +266,8 @@ def learn_depth_keep(
     lora_params, handles = [], []
     if opts["lora"] is not None:
         lora_params, handles = _add_lora(model, blocks, opts["lora"], opts["lora_rank"], opts["lora_alpha"], generator)
+    if shard:  # after the LoRA, which is made from the whole weights
+        fsdp.shard_model(model, fsdp.device_mesh(param.device))
     groups = [{"params": [logits], "lr": opts["logits_lr"]}, {"params": lora_params, "lr": opts["lora_lr"]}]
     if opts["optimizer"] == "adamw":
         optim = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -272,13 +287,18 @@ def learn_depth_keep(
             if opts["per_sample"]:
                 gates.gates = None
                 gates.sampler = lambda n, t=temperature, s=scale: sample_keep_gates(
-                    logits, patterns, t, s, n, generator
-                )
+                    logits, patterns, t, s, n * world, generator
+                )[rank * n : (rank + 1) * n]
             else:
                 gates.gates = sample_keep_gates(logits, patterns, temperature, scale, None, generator)
             loss = loss_fn(model, next(batches))
             optim.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:  # the mean over ranks of their batches' gradients: the joined batch's
+                for p in (p for p in (logits, *lora_params) if p.grad is not None):  # every rank runs the same layers
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(world)
+                loss = fsdp.sum_over_ranks(loss) / world
             if opts["grad_clip"] is not None:
                 torch.nn.utils.clip_grad_norm_([logits, *lora_params], opts["grad_clip"])
             optim.step()

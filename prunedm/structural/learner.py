@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from prunedm.masks.schedules import anneal
 from prunedm.masks.state import StateFile
 from prunedm.masks.targets import ModuleFilter
+from prunedm.parallel import fsdp
 from prunedm.parallel.fsdp import world_size
 from prunedm.structural.gates import (
     HARD_CONCRETE_BETA,
@@ -129,8 +130,13 @@ class StructuralGateLearner(StateFile):
     in rank order. A model passed wrapped in DistributedDataParallel is unwrapped: its weights are
     frozen, so that wrapper has nothing to reduce.
 
+    shard() (parallel: fsdp) shards the frozen model (and teacher) with FSDP2 per block instead; the gates
+    (one per head or unit: a vanishing share of the parameters) and their Adam state stay whole on every rank,
+    their gradients averaged over ranks as DDP would, with the same result.
+
     save()/load() (prunedm.masks.state.StateFile) keep the logits (learner.<target>), the Adam state and the
-    global RNG streams: a resumed run continues bit-exactly."""
+    global RNG streams: a resumed run continues bit-exactly; the gates being whole on every rank, a file one
+    rank writes resumes on any number of ranks."""
 
     def __init__(
         self,
@@ -203,6 +209,20 @@ class StructuralGateLearner(StateFile):
         for p in self._frozen:
             p.requires_grad_(False)
         self._scheduler = None
+        self.sharded = False
+
+    def shard(self, blocks=None) -> None:
+        """parallel: fsdp (every rank calls it, before the first step): FSDP2 on the frozen model per block
+        (default: prunedm.parallel.fsdp.find_blocks) and on the teacher; the gates stay whole on every rank."""
+        if type(self).step is not StructuralGateLearner.step:  # e.g. EcoDiffLearner: its own backward
+            raise ValueError(f"{type(self).__name__}: parallel 'fsdp' is not supported (its step); use ddp")
+        if self.sharded or self.step_count:
+            raise ValueError(f"{type(self).__name__}: shard() once, before the first step")
+        mesh = fsdp.device_mesh(next(iter(self.logits.values())).device)
+        fsdp.shard_model(self.model, mesh, blocks)
+        if self.teacher is not None:
+            fsdp.shard_model(self.teacher, mesh)
+        self.sharded = True
 
     # hooks ---------------------------------------------------------------------------------------
 
@@ -359,6 +379,10 @@ class StructuralGateLearner(StateFile):
             # Under DDP the gradients are averaged over ranks: weighting each rank's distance by its
             # share of the global batch makes that average the gradient on the concatenated batch.
             (loss if share == 1.0 else share * distance + self.sparsity_weight * sparsity).backward()
+            if self.sharded and world_size() > 1:  # what the DDP wrapper does otherwise: the mean over ranks
+                for logit in self.logits.values():
+                    torch.distributed.all_reduce(logit.grad)
+                    logit.grad.div_(world_size())
             self.optimizer.step()
         finally:
             self._active = None
@@ -378,7 +402,7 @@ class StructuralGateLearner(StateFile):
         """The gate module, wrapped in DistributedDataParallel when a process group has several ranks."""
         if self._gate_runner is None:
             self._gate_runner = self._gate_module
-            if world_size() > 1:
+            if world_size() > 1 and not self.sharded:
                 device = next(iter(self.logits.values())).device
                 self._gate_runner = nn.parallel.DistributedDataParallel(
                     self._gate_module, device_ids=[device] if device.type == "cuda" else None
@@ -400,7 +424,13 @@ class StructuralGateLearner(StateFile):
 
     def apply(self, hard: bool = False, replace_blocks: bool = True) -> StructuralPruningReport:
         """Remove the hooks, then the heads and units the eval gates close (folding the open gates'
-        values in; hard=True keeps the open ones at 1 instead). The model is pruned in place."""
+        values in; hard=True keeps the open ones at 1 instead). The model is pruned in place. Sharded (shard()),
+        apply gates() or masks() to an unsharded copy of the model with apply_structural_masks instead."""
+        if self.sharded:
+            raise ValueError(
+                f"{type(self).__name__}: apply() needs the whole model; under parallel 'fsdp' pass gates() or "
+                "masks() to prunedm.structural.apply_structural_masks on an unsharded copy (e.g. on rank 0)"
+            )
         masks = self.masks() if hard else self.gates()
         self.remove()
         return apply_structural_masks(self.model, masks, replace_blocks=replace_blocks)

@@ -1,0 +1,170 @@
+"""The structural gate learner and TinyFusion's depth search under FSDP2 (parallel: fsdp) on 2 gloo processes (CPU),
+in one spawn: the frozen DiT sharded per block, the gates (and TinyFusion's LoRA) whole on every rank with their
+gradients averaged. Gates, hard masks and depth decisions equal one process's on the joined batch (masks and
+decisions bit for bit, logits to float rounding); a gate run stopped mid-way resumes in one process."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+diffusers = pytest.importorskip("diffusers")
+
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend"),
+    pytest.mark.skipif(sys.platform == "win32", reason="file:// rendezvous"),
+    pytest.mark.slow,  # one 2-rank spawn importing diffusers, FSDP on gloo: ~45 s on 2 shared cores
+]
+
+WORLD = 2
+STEPS = 4
+BATCH_SIZES = (3, 5)  # gates: unequal shares, each rank's distance weighted by its share of the joined batch
+DEPTH_BATCH = 2  # TinyFusion: every rank's batches of one size
+
+
+def _dit(num_layers: int = 2):
+    torch.manual_seed(0)
+    return diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=num_layers,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+    ).eval()  # fmt: skip
+
+
+def _gate_batch(rank: int, step: int):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    n = BATCH_SIZES[rank]
+    return torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _gate_learner(model):
+    from prunedm.structural import StructuralGateLearner
+
+    # Gates start near closing (eval gate 0 below -2.4), so that some close and some open within STEPS.
+    return StructuralGateLearner(model, sparsity_weight=0.01, lr=0.5, init_logit=-2.0, timesteps_per_step=2, seed=5)
+
+
+def _gate_state(learner, prefix: str = "") -> dict[str, torch.Tensor]:
+    state = {f"{prefix}logits.{k}": v.detach().clone() for k, v in learner.logits.items()}
+    state.update({f"{prefix}mask.{k}": v.to(torch.uint8) for k, v in learner.masks().items()})
+    return state
+
+
+def _depth_batches(rank: int | None):
+    """Two batches of DEPTH_BATCH images per rank (rank None: the ranks' rows joined), with fixed targets."""
+    batches = []
+    for index in range(2):
+        g = torch.Generator().manual_seed(77 + index)
+        total = DEPTH_BATCH * WORLD
+        batch = {"hidden_states": torch.randn(total, 4, 8, 8, generator=g),
+                 "timestep": torch.randint(0, 1000, (total,), generator=g),
+                 "class_labels": torch.randint(0, 10, (total,), generator=g),
+                 "target": torch.randn(total, 4, 8, 8, generator=g)}  # fmt: skip
+        rows = slice(None) if rank is None else slice(rank * DEPTH_BATCH, (rank + 1) * DEPTH_BATCH)
+        batches.append({k: v[rows] for k, v in batch.items()})
+    return batches
+
+
+def _depth_loss(model, batch):
+    inputs = {k: v for k, v in batch.items() if k != "target"}
+    return torch.nn.functional.mse_loss(model(**inputs).sample, batch["target"])
+
+
+def _depth_search(rank: int | None):
+    from prunedm.pruning import learn_depth_keep
+
+    model = _dit(4)
+    # The search runs the model in train mode, where DiT drops class labels (p 0.1) by the global RNG: each
+    # rank's own stream, not a slice of one process's. Off here, so that the draws are the search's own.
+    for block in model.transformer_blocks:
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
+    # The official preset (one pattern per image, LoRA on every Linear, AdamW, clipping, EMA), faster logits.
+    return learn_depth_keep(model, _depth_batches(rank), group_size=2, keep_per_group=1, steps=STEPS,
+                            loss_fn=_depth_loss, logits_lr=0.05, ema_decay=0.5, shard=rank is not None)  # fmt: skip
+
+
+def _worker(rank: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        learner = _gate_learner(_dit())
+        learner.shard()
+        results = {}
+        for step in range(STEPS):
+            if step == STEPS // 2 and rank == 0:  # the gates are whole on every rank: rank 0 writes them
+                learner.save(f"{out}/gates.safetensors")
+                results.update(_gate_state(learner, "half."))
+            learner.step(_gate_batch(rank, step))
+        results.update(_gate_state(learner))
+        with pytest.raises(ValueError, match="apply\\(\\) needs the whole model"):
+            learner.apply()
+        depth = _depth_search(rank)
+        results["depth.keep"] = torch.tensor(depth.keep_indices)
+        results["depth.logits"] = depth.logits
+        results["depth.decision"] = depth.decision_logits
+        results["depth.losses"] = torch.tensor(depth.losses)
+        save_file(results, f"{out}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp-structural")
+    mp.spawn(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
+    return out, [load_file(out / f"rank{rank}.safetensors") for rank in range(WORLD)]
+
+
+def _joined_gate_batch(step: int):
+    parts = [_gate_batch(rank, step) for rank in range(WORLD)]
+    return tuple(torch.cat(items) for items in zip(*parts))
+
+
+def _assert_gates_match(actual: dict, expected: dict):
+    closed = total = 0
+    for key, value in expected.items():
+        if key.startswith("mask."):
+            assert torch.equal(actual[key], value), key
+            closed, total = closed + int((value == 0).sum()), total + value.numel()
+        else:
+            torch.testing.assert_close(actual[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert 0 < closed < total, (closed, total)  # some gates closed, some open: the comparison bites
+
+
+def test_sharded_gates_equal_one_process_on_the_joined_batch_and_resume(sharded):
+    out, ranks = sharded
+    assert all(torch.equal(ranks[0][k], v) for k, v in ranks[1].items())  # every rank holds the same gates
+    single = _gate_learner(_dit())
+    for step in range(STEPS):
+        single.step(_joined_gate_batch(step))
+    _assert_gates_match({k: v for k, v in ranks[0].items() if not k.startswith(("half.", "depth."))},
+                        _gate_state(single))  # fmt: skip
+    # The 2-rank run's mid-way file resumes in one process and ends where one process does.
+    resumed = _gate_learner(_dit())
+    resumed.load(out / "gates.safetensors")
+    assert resumed.step_count == STEPS // 2
+    assert all(torch.equal(v, ranks[0][f"half.logits.{k}"]) for k, v in resumed.logits.items())
+    for step in range(STEPS // 2, STEPS):
+        resumed.step(_joined_gate_batch(step))
+    _assert_gates_match(_gate_state(resumed), _gate_state(single))
+
+
+def test_sharded_depth_search_equals_one_process_on_the_joined_batch(sharded):
+    _, ranks = sharded
+    single = _depth_search(None)
+    assert ranks[0]["depth.keep"].tolist() == single.keep_indices
+    torch.testing.assert_close(ranks[0]["depth.decision"], single.decision_logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["depth.logits"], single.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["depth.losses"], torch.tensor(single.losses), rtol=1e-5, atol=1e-7)
+    assert float((single.logits - single.logits[:, :1]).abs().max()) > 1e-3, "the logits did not move"
+
+
+def test_ecodiff_refuses_fsdp():
+    from prunedm.structural import EcoDiffLearner
+
+    with pytest.raises(ValueError, match="EcoDiffLearner: parallel 'fsdp' is not supported"):
+        EcoDiffLearner(_dit()).shard()
