@@ -1,0 +1,111 @@
+"""The CLI as torchrun runs it (2 gloo ranks, env://) with parallel=fsdp on a tiny Flux pipeline (CLIP + T5
+prompts) and a tiny SDXL-like one (UNet2DConditionModel in SDXL's layout: a plain first down block, then
+cross-attention blocks of 2 linear-projection transformer layers; conditioned as SD, one CLIP encoder, since the
+CLI does not build SDXL's pooled-text and time-id inputs): learn-mask (MaskLLM on Flux, MaskPro on the UNet) and
+finetune, all four in one spawn. Each writes exact 2:4 masks or a finite loss."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from prunedm.cli import main
+from tests.cli.test_conditioning import sd_pipeline  # noqa: F401 (fixture)
+from tests.cli.test_conditioning_mmdit import captioned, flux_pipeline  # noqa: F401 (fixtures)
+
+diffusers = pytest.importorskip("diffusers")
+
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.slow,  # 2 processes importing diffusers and transformers, 4 CLI jobs: ~1 min on 2 shared cores
+]
+
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def sdxl_like_pipeline(sd_pipeline, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("sdxl-like") / "pipe"
+    shutil.copytree(sd_pipeline, root)
+    shutil.rmtree(root / "unet")
+    torch.manual_seed(0)
+    diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), use_linear_projection=True, cross_attention_dim=16,
+        attention_head_dim=(2, 4), norm_num_groups=8).save_pretrained(root / "unet")  # fmt: skip
+    return root
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _worker(rank: int, jobs: list[list[str]], ports: list[int]) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")  # fmt: skip
+    torch.set_num_threads(1)
+    for argv, port in zip(jobs, ports):
+        os.environ["MASTER_PORT"] = str(port)
+        if main(argv) != 0:
+            raise AssertionError(f"rank {rank}: prunedm {' '.join(argv)} failed")
+
+
+def _check_masks(out, world: int = WORLD):
+    assert json.loads((out / "learner-sharded" / "prunedm.json").read_text())["world_size"] == world
+    masks = load_file(str(out / "masks.safetensors"))
+    assert masks
+    for name, mask in masks.items():
+        groups = (mask.permute(0, 2, 3, 1) if mask.dim() == 4 else mask).reshape(-1, 4)
+        assert bool((groups.sum(-1) == 2).all()), name
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo on loopback")
+def test_learn_mask_and_finetune_fsdp_on_tiny_flux_and_sdxl_like(
+    flux_pipeline,  # noqa: F811
+    sdxl_like_pipeline,
+    captioned,  # noqa: F811
+    tmp_path,
+):
+    common = [f"data={captioned}", "parallel=fsdp", "device=cpu"]
+    learn = ["learn-mask", *common, "steps=2", "batch_size=2", "checkpoint_every=1"]
+    tune = ["finetune", *common, "finetune.steps=2", "finetune.batch_size=2", "finetune.progress=false"]
+    outs = {name: tmp_path / name for name in ("flux-lm", "flux-ft", "sdxl-lm", "sdxl-ft")}
+    jobs = [  # fmt: skip
+        [*learn, f"model={flux_pipeline}", "method=maskllm", "maskllm.preset=short", "--out", str(outs["flux-lm"])],
+        [*tune, f"model={flux_pipeline}", "--out", str(outs["flux-ft"])],
+        [
+            *learn,
+            f"model={sdxl_like_pipeline}",
+            "method=maskpro",
+            "maskpro.preset=short",
+            "--out",
+            str(outs["sdxl-lm"]),
+        ],
+        [*tune, f"model={sdxl_like_pipeline}", "--out", str(outs["sdxl-ft"])],
+    ]
+    mp.spawn(_worker, args=(jobs, _free_ports(len(jobs))), nprocs=WORLD, join=True)
+    for name in ("flux-lm", "sdxl-lm"):
+        _check_masks(outs[name])
+    assert "maskpro" in json.loads((outs["sdxl-lm"] / "report.json").read_text())
+    for name in ("flux-ft", "sdxl-ft"):
+        report = json.loads((outs[name] / "report.json").read_text())
+        assert torch.isfinite(torch.tensor(report["final_loss"])), name
