@@ -1,8 +1,8 @@
 """MaskLLM and MaskPro under FSDP2 (parallel: fsdp) on 2 gloo processes (CPU): the frozen model sharded per
 block, the logits and their optimizer state (and MaskPro's initial masks) by rows; each rank samples its rows
 at their global Philox offset. The sampled and final masks equal, bit for bit, those of one process learning
-on the joined batch; a run stopped mid-way resumes from its sharded checkpoint in one process (another rank
-count) with the same result."""
+on the joined batch; a run stopped mid-way resumes from its sharded checkpoint in one process and on 4 ranks
+(other rank counts) with the same masks, and 4 ranks give the masks of 1 and 2."""
 
 from __future__ import annotations
 
@@ -63,6 +63,12 @@ def _joined(step: int, world: int = WORLD):
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def _rows(rank: int, world: int, step: int):
+    """Rank `rank` of `world`'s rows of the joined batch (of WORLD ranks): world 2 gives _batch(rank, step)."""
+    rows = 32 * WORLD // world
+    return tuple(part[rank * rows : (rank + 1) * rows] for part in _joined(step))
+
+
 def _mse(model, batch):
     x, y = batch
     return nn.functional.mse_loss(model(x), y)
@@ -107,6 +113,31 @@ def _worker(rank: int, store: str, out: str) -> None:
             results.update(_results(learner, f"{preset}."))
         if rank == 0:
             save_file(results, f"{out}/rank0.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+FOUR = 4
+FOUR_PRESETS = ("short", "maskpro-short")
+
+
+def _worker_four(rank: int, store: str, out: str) -> None:
+    """4 ranks on the same joined batches: a fresh run, and the 2-rank run resumed from its mid-way checkpoint."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=FOUR)
+    try:
+        results = {}
+        for preset in FOUR_PRESETS:
+            for run, first in (("fresh", 0), ("resumed", STEPS // 2)):
+                learner = _learner(preset)
+                learner.shard()
+                if first:
+                    learner.load_sharded(f"{out}/ckpt-{preset}")
+                for step in range(first, STEPS):
+                    learner.step(_rows(rank, FOUR, step))
+                results.update(_results(learner, f"{preset}.{run}."))
+        if rank == 0:
+            save_file(results, f"{out}/four-rank0.safetensors")
     finally:
         dist.destroy_process_group()
 
@@ -167,6 +198,21 @@ def test_stopped_sharded_run_resumes_in_one_process(sharded):
         reference = _one_process(preset, range(STEPS))
         for name, logits in reference.logits.items():
             _assert_logits_close(resumed.logits[name].detach(), logits.detach(), preset)
+
+
+@pytest.mark.slow  # 4 processes on gloo, collectives oversubscribed on 2 cores: ~50 s there, seconds on 4+
+def test_four_ranks_give_the_masks_of_one_and_two_and_resume_the_two_rank_run(sharded):
+    out, two = sharded
+    mp.spawn(_worker_four, args=(str(out / "store-four"), str(out)), nprocs=FOUR, join=True)
+    four = load_file(out / "four-rank0.safetensors")
+    for preset in FOUR_PRESETS:
+        single = _one_process(preset, range(STEPS))
+        for name, mask in single.masks().items():
+            for run in ("fresh", "resumed"):
+                assert torch.equal(four[f"{preset}.{run}.mask.{name}"], mask), (preset, run, name)
+                assert torch.equal(four[f"{preset}.{run}.mask.{name}"], two[f"{preset}.mask.{name}"])
+        for name, logits in single.logits.items():
+            _assert_logits_close(four[f"{preset}.fresh.logits.{name}"], logits.detach(), preset)
 
 
 def test_trained_weights_refuse_fsdp():
