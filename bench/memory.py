@@ -1,9 +1,10 @@
-"""Peak memory per model parameter of one MaskLLM mask-learning step on CPU, side by side in one run: our
-single-process path (what DDP holds on every rank), our FSDP path (parallel: fsdp) at 1, 2 and 4 gloo ranks,
-and the official MaskLLM formulation (soft masks as softmax((logits + Gumbel noise) / tau) @ patterns in plain
+"""Peak memory per model parameter of one MaskLLM and one MaskPro mask-learning step on CPU, side by side in one
+run: our single-process path (what DDP holds on every rank), our FSDP path (parallel: fsdp) at 1, 2 and 4 gloo
+ranks, and the official MaskLLM formulation (soft masks as softmax((logits + Gumbel noise) / tau) @ patterns in plain
 torch ops, so autograd keeps the [groups, 6] softmax and noise); with a projection for SDXL, SD3-medium and
 Flux at 8 ranks. Target (issue 18): the MaskLLM mask state (logits, their gradient and Adam's two moments)
-at 8 ranks at most 3 bytes per parameter per rank.
+at 8 ranks at most 3 bytes per parameter per rank. MaskPro's (official preset: one logit per weight, its
+gradient, the initial mask; plain SGD keeps no state) is measured beside it.
 
 Peak = the tensors alive before the step (model, logits, optimizer state) + the highest sum of CPU
 allocations minus frees during the step (torch.profiler's memory events), on the step after a warm-up one.
@@ -26,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from prunedm import ops
 from prunedm._atomic import write_text_atomic
-from prunedm.masks import MaskLLMLearner
+from prunedm.masks import MaskLLMLearner, MaskProLearner
 from prunedm.parallel import fsdp
 
 from .common import environment
@@ -36,6 +37,7 @@ TARGET_MASK_STATE_BYTES = 3.0
 PROJECTION_RANKS = 8
 # Parameters of the models the projection is for (UNet / transformer only).
 MODELS = {"SDXL UNet": 2.6e9, "SD3-medium MMDiT": 2.0e9, "Flux.1 transformer": 12.0e9}
+METHODS = ("maskllm", "maskpro")
 
 
 class BenchTransformer(nn.Module):
@@ -103,27 +105,33 @@ def _peak_transient_bytes(fn) -> int:
     return peak
 
 
-def measure(kind: str, width: int, blocks: int, rank: int = 0) -> dict:
-    """One row: bytes per model parameter of a MaskLLM step (official preset: soft masks, Adam) on this rank."""
+def measure(kind: str, width: int, blocks: int, rank: int = 0, method: str = "maskllm") -> dict:
+    """One row: bytes per model parameter of a mask-learning step (official preset; MaskLLM without its
+    regulariser) on this rank."""
     torch.manual_seed(0)
     model = BenchTransformer(width, blocks)
     params = sum(p.numel() for p in model.parameters())
-    learner_class = OfficialFormulation if kind == "official" else MaskLLMLearner
-    learner = learner_class(model, _loss, preset="official", total_steps=10, weight_reg=0.0)
+    if method == "maskpro":
+        learner = MaskProLearner(model, _loss, preset="official")
+    else:
+        learner_class = OfficialFormulation if kind == "official" else MaskLLMLearner
+        learner = learner_class(model, _loss, preset="official", total_steps=10, weight_reg=0.0)
     if kind == "fsdp":
         learner.shard()
     batch = _batch(width, rank)
-    learner.step(batch)  # warm-up: Adam's state exists from here on
+    learner.step(batch)  # warm-up: the optimizer's state exists from here on
     logits = list(learner.logits.values())
     state = {
         "model": _local_bytes(model.parameters()),
         "logits": _local_bytes(logits),
         "optimizer": _local_bytes(_optimizer_tensors(learner.mask_optimizer)),
+        "initial": _local_bytes(getattr(learner, "initial", {}).values()),  # MaskPro's initial masks
     }
     transient = _peak_transient_bytes(lambda: learner.step(batch))
-    mask_state = state["logits"] * 2 + state["optimizer"]  # logits, their gradient, Adam's moments
+    mask_state = state["logits"] * 2 + state["optimizer"] + state["initial"]  # logits, their gradient, the rest
     world = fsdp.world_size() if kind == "fsdp" else 1
     return {
+        "method": method,
         "path": kind,
         "ranks": world,
         "model_params": params,
@@ -139,14 +147,14 @@ def _fsdp_worker(rank: int, world: int, width: int, blocks: int, store: str, out
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        row = measure("fsdp", width, blocks, rank)
+        rows = [measure("fsdp", width, blocks, rank, method) for method in METHODS]
         if rank == 0:
-            write_text_atomic(out, json.dumps(row))
+            write_text_atomic(out, json.dumps(rows))
     finally:
         dist.destroy_process_group()
 
 
-def measure_fsdp(world: int, width: int, blocks: int) -> dict:
+def measure_fsdp(world: int, width: int, blocks: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         mp.spawn(_fsdp_worker, args=(world, width, blocks, f"{tmp}/store", str(out)), nprocs=world, join=True)
@@ -164,9 +172,10 @@ def fit_per_rank(rows: list[dict], key: str) -> tuple[float, float]:
     return mean_y - b * mean_x, b
 
 
-def projection(rows: list[dict], ranks: int = PROJECTION_RANKS) -> list[dict]:
-    """GB per GPU for each model at `ranks`: mask state (fitted a + b / ranks), the bf16 model sharded, and the
-    same mask state under DDP (every rank whole)."""
+def projection(rows: list[dict], ranks: int = PROJECTION_RANKS, method: str = "maskllm") -> list[dict]:
+    """GB per GPU for each model at `ranks`: `method`'s mask state (fitted a + b / ranks), the bf16 model sharded,
+    and the same mask state under DDP (every rank whole)."""
+    rows = [r for r in rows if r.get("method", "maskllm") == method]
     fsdp_rows = [r for r in rows if r["path"] == "fsdp"]
     a, b = fit_per_rank(fsdp_rows, "mask_state_bytes_per_param")
     single = next(r for r in rows if r["path"] == "single")
@@ -174,7 +183,7 @@ def projection(rows: list[dict], ranks: int = PROJECTION_RANKS) -> list[dict]:
     out = []
     for model, params in MODELS.items():
         out.append({
-            "model": model, "params": params, "ranks": ranks,
+            "method": method, "model": model, "params": params, "ranks": ranks,
             "fsdp_mask_state_bytes_per_param_per_rank": per_param,
             "fsdp_mask_state_gb_per_rank": per_param * params / 1e9,
             "fsdp_bf16_model_gb_per_rank": 2 * params / ranks / 1e9,
@@ -187,18 +196,21 @@ def projection(rows: list[dict], ranks: int = PROJECTION_RANKS) -> list[dict]:
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [
-        "# MaskLLM mask-learning memory (CPU)",
+        "# MaskLLM and MaskPro mask-learning memory (CPU)",
         "",
         f"{env['date']}, commit {env['commit']}, torch {env['torch']}; "
         f"model: {result['config']['blocks']} MLP blocks of width {result['config']['width']} "
-        f"({result['rows'][0]['model_params']} parameters), fp32, official preset (soft masks, Adam).",
+        f"({result['rows'][0]['model_params']} parameters), fp32, official presets (MaskLLM: soft masks, Adam; "
+        "MaskPro: one sample, SGD).",
         "",
-        "| path | ranks | mask state B/param/rank | model B/param/rank | peak B/param/rank | step transient B/param |",
-        "|---|---|---|---|---|---|",
+        "| method | path | ranks | mask state B/param/rank | model B/param/rank | peak B/param/rank "
+        "| step transient B/param |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['path']} | {r['ranks']} | {r['mask_state_bytes_per_param']:.2f} | {r['model_bytes_per_param']:.2f} "
+            f"| {r.get('method', 'maskllm')} | {r['path']} | {r['ranks']} "
+            f"| {r['mask_state_bytes_per_param']:.2f} | {r['model_bytes_per_param']:.2f} "
             f"| {r['peak_bytes_per_param']:.2f} | {r['step_transient_bytes_per_param']:.2f} |"
         )
     lines += [
@@ -206,13 +218,14 @@ def markdown(result: dict) -> str:
         f"Projection at {PROJECTION_RANKS} ranks (mask state fitted as a + b / ranks over the FSDP rows; "
         f"target <= {TARGET_MASK_STATE_BYTES} B/param/rank):",
         "",
-        "| model | params | FSDP mask state B/param/rank | FSDP mask state GB/GPU | FSDP bf16 model GB/GPU "
+        "| method | model | params | FSDP mask state B/param/rank | FSDP mask state GB/GPU | FSDP bf16 model GB/GPU "
         "| DDP mask state GB/GPU | DDP bf16 model GB/GPU |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in result["projection"]:
         lines.append(
-            f"| {p['model']} | {p['params'] / 1e9:.1f}B | {p['fsdp_mask_state_bytes_per_param_per_rank']:.2f} "
+            f"| {p.get('method', 'maskllm')} | {p['model']} "
+            f"| {p['params'] / 1e9:.1f}B | {p['fsdp_mask_state_bytes_per_param_per_rank']:.2f} "
             f"| {p['fsdp_mask_state_gb_per_rank']:.1f} | {p['fsdp_bf16_model_gb_per_rank']:.1f} "
             f"| {p['ddp_mask_state_gb_per_rank']:.1f} | {p['ddp_bf16_model_gb_per_rank']:.1f} |"
         )
@@ -220,9 +233,10 @@ def markdown(result: dict) -> str:
 
 
 def run(width: int, blocks: int, ranks: list[int]) -> dict:
-    rows = [measure("official", width, blocks), measure("single", width, blocks)]
-    rows += [measure_fsdp(world, width, blocks) for world in ranks]
-    return {"config": {"width": width, "blocks": blocks, "ranks": ranks}, "rows": rows, "projection": projection(rows)}
+    rows = [measure("official", width, blocks), *(measure("single", width, blocks, method=m) for m in METHODS)]
+    rows += [row for world in ranks for row in measure_fsdp(world, width, blocks)]
+    table = [line for method in METHODS for line in projection(rows, method=method)]
+    return {"config": {"width": width, "blocks": blocks, "ranks": ranks}, "rows": rows, "projection": table}
 
 
 def main(argv: list[str] | None = None) -> int:

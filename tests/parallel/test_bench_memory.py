@@ -28,3 +28,11 @@ def test_projection_fits_a_plus_b_over_ranks():
     sdxl = memory.projection(rows)[0]
     assert sdxl["fsdp_mask_state_bytes_per_param_per_rank"] == pytest.approx(0.5 + 23.5 / 8)
     assert sdxl["ddp_mask_state_gb_per_rank"] == pytest.approx(24.0 * 2.6)
+
+
+def test_maskpro_single_row():
+    row = memory.measure("single", width=32, blocks=1, method="maskpro")
+    # One fp32 logit per weight of the Linear layers, its gradient, and the bool initial mask; SGD keeps no state.
+    assert row["method"] == "maskpro"
+    assert row["mask_state_bytes_per_param"] == pytest.approx(row["logits_per_param"] * 9)
+    assert 0.95 < row["logits_per_param"] < 1.0
