@@ -94,59 +94,59 @@ def _results(learner, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, store: str, out: str) -> None:
+def _spawned(rank: int, world: int, store: str, out: str, body, file: str) -> None:
+    """A gloo rank of `world` running body(rank, out) -> results, which rank 0 writes to out/file."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        results = {}
-        for preset in PRESETS:
-            learner = _learner(preset)
-            learner.shard()
-            sampled = learner.sample()
-            learner._set_matrix_masks(None)
-            results.update({f"{preset}.sample.{k}": v.detach().contiguous() for k, v in sampled.items()})
-            for step in range(STEPS):
-                if step == STEPS // 2:
-                    learner.save_sharded(f"{out}/ckpt-{preset}")
-                    results.update(_results(learner, f"{preset}.half."))
-                learner.step(_batch(rank, step))
-            results.update(_results(learner, f"{preset}."))
+        results = body(rank, out)
         if rank == 0:
-            save_file(results, f"{out}/rank0.safetensors")
+            save_file(results, f"{out}/{file}")
     finally:
         dist.destroy_process_group()
+
+
+def _two_ranks(rank: int, out: str) -> dict[str, torch.Tensor]:
+    results = {}
+    for preset in PRESETS:
+        learner = _learner(preset)
+        learner.shard()
+        sampled = learner.sample()
+        learner._set_matrix_masks(None)
+        results.update({f"{preset}.sample.{k}": v.detach().contiguous() for k, v in sampled.items()})
+        for step in range(STEPS):
+            if step == STEPS // 2:
+                learner.save_sharded(f"{out}/ckpt-{preset}")
+                results.update(_results(learner, f"{preset}.half."))
+            learner.step(_batch(rank, step))
+        results.update(_results(learner, f"{preset}."))
+    return results
 
 
 FOUR = 4
 FOUR_PRESETS = ("short", "maskpro-short")
 
 
-def _worker_four(rank: int, store: str, out: str) -> None:
+def _four_ranks(rank: int, out: str) -> dict[str, torch.Tensor]:
     """4 ranks on the same joined batches: a fresh run, and the 2-rank run resumed from its mid-way checkpoint."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=FOUR)
-    try:
-        results = {}
-        for preset in FOUR_PRESETS:
-            for run, first in (("fresh", 0), ("resumed", STEPS // 2)):
-                learner = _learner(preset)
-                learner.shard()
-                if first:
-                    learner.load_sharded(f"{out}/ckpt-{preset}")
-                for step in range(first, STEPS):
-                    learner.step(_rows(rank, FOUR, step))
-                results.update(_results(learner, f"{preset}.{run}."))
-        if rank == 0:
-            save_file(results, f"{out}/four-rank0.safetensors")
-    finally:
-        dist.destroy_process_group()
+    results = {}
+    for preset in FOUR_PRESETS:
+        for run, first in (("fresh", 0), ("resumed", STEPS // 2)):
+            learner = _learner(preset)
+            learner.shard()
+            if first:
+                learner.load_sharded(f"{out}/ckpt-{preset}")
+            for step in range(first, STEPS):
+                learner.step(_rows(rank, FOUR, step))
+            results.update(_results(learner, f"{preset}.{run}."))
+    return results
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-    """One 2-rank run of both presets (spawning costs seconds): its results and its mid-way checkpoints."""
+    """One 2-rank run of every preset (spawning costs seconds): its results and its mid-way checkpoints."""
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_spawned, args=(WORLD, str(out / "store"), str(out), _two_ranks, "rank0.safetensors"), nprocs=WORLD)
     return out, load_file(out / "rank0.safetensors")
 
 
@@ -203,7 +203,9 @@ def test_stopped_sharded_run_resumes_in_one_process(sharded):
 @pytest.mark.slow  # 4 processes on gloo, collectives oversubscribed on 2 cores: ~50 s there, seconds on 4+
 def test_four_ranks_give_the_masks_of_one_and_two_and_resume_the_two_rank_run(sharded):
     out, two = sharded
-    mp.spawn(_worker_four, args=(str(out / "store-four"), str(out)), nprocs=FOUR, join=True)
+    mp.spawn(
+        _spawned, args=(FOUR, str(out / "store-four"), str(out), _four_ranks, "four-rank0.safetensors"), nprocs=FOUR
+    )
     four = load_file(out / "four-rank0.safetensors")
     for preset in FOUR_PRESETS:
         single = _one_process(preset, range(STEPS))

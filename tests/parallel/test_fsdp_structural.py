@@ -13,6 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from tests.pruning.test_depth import tiny_dit
+from tests.structural.test_structural_distributed import _batch as _gate_batch
+from tests.structural.test_structural_distributed import _learner as _gate_learner
+from tests.structural.test_structural_distributed import _model as _dit
+
 diffusers = pytest.importorskip("diffusers")
 
 pytestmark = [
@@ -23,29 +28,7 @@ pytestmark = [
 
 WORLD = 2
 STEPS = 4
-BATCH_SIZES = (3, 5)  # gates: unequal shares, each rank's distance weighted by its share of the joined batch
 DEPTH_BATCH = 2  # TinyFusion: every rank's batches of one size
-
-
-def _dit(num_layers: int = 2):
-    torch.manual_seed(0)
-    return diffusers.DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=num_layers,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-    ).eval()  # fmt: skip
-
-
-def _gate_batch(rank: int, step: int):
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    n = BATCH_SIZES[rank]
-    return torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
-def _gate_learner(model):
-    from prunedm.structural import StructuralGateLearner
-
-    # Gates start near closing (eval gate 0 below -2.4), so that some close and some open within STEPS.
-    return StructuralGateLearner(model, sparsity_weight=0.01, lr=0.5, init_logit=-2.0, timesteps_per_step=2, seed=5)
 
 
 def _gate_state(learner, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -71,13 +54,13 @@ def _depth_batches(rank: int | None):
 
 def _depth_loss(model, batch):
     inputs = {k: v for k, v in batch.items() if k != "target"}
-    return torch.nn.functional.mse_loss(model(**inputs).sample, batch["target"])
+    return torch.nn.functional.mse_loss(model(**inputs).sample[:, :4], batch["target"])  # the noise half
 
 
 def _depth_search(rank: int | None):
     from prunedm.pruning import learn_depth_keep
 
-    model = _dit(4)
+    model = tiny_dit(4)
     # The search runs the model in train mode, where DiT drops class labels (p 0.1) by the global RNG: each
     # rank's own stream, not a slice of one process's. Off here, so that the draws are the search's own.
     for block in model.transformer_blocks:
