@@ -118,14 +118,16 @@ def _dit_built_once(work: Path):
         quality_dit.build_variant = original
 
 
-def continue_from_shorter(work: Path, variant: str, seed: int, steps: int, budgets) -> int | None:
-    """Seed work/steps-B/seed-S/<variant>/finetune with the finetune of the longest shorter budget L (0 < L < B)
-    whose checkpoint at step L exists, so the B-step run resumes at L instead of starting over; the finetune has
-    a constant learning rate and a step-keyed RNG, so this equals a B-step run from scratch. Returns L or None."""
+def continue_from_shorter(work: Path, variant: str, seed: int, steps: int) -> int | None:
+    """Seed work/steps-B/seed-S/<variant>/finetune with the finetune of the longest shorter budget L (0 < L < B,
+    any earlier invocation's) whose checkpoint at step L exists, so the B-step run resumes at L instead of
+    starting over; the finetune has a constant learning rate and a step-keyed RNG, so this equals a B-step run
+    from scratch. Returns L or None."""
     target = work / f"steps-{steps}" / f"seed-{seed}" / variant / "finetune"
     if (target / "checkpoints").is_dir():
         return None
-    for shorter in sorted((b for b in budgets if 0 < b < steps), reverse=True):
+    found = {int(p.name.removeprefix("steps-")) for p in work.glob("steps-*") if p.name[6:].isdigit()}
+    for shorter in sorted((b for b in found if 0 < b < steps), reverse=True):
         source = work / f"steps-{shorter}" / f"seed-{seed}" / variant / "finetune"
         if (source / "checkpoints" / f"step-{shorter:08d}").is_dir():
             temp = target.with_name(target.name + ".copying")
@@ -184,7 +186,7 @@ def run_all(variants, seeds, budgets, base: quality.Budget, out: Path, work: Pat
                     if not (quality_dit.DIT_DIR / "config.json").is_file():
                         print(f"skipped {variant}: no {quality_dit.DIT_DIR} (scripts/train_digits_models.py --dit)")
                         continue
-                    continue_from_shorter(work, variant, seed, steps, budgets)
+                    continue_from_shorter(work, variant, seed, steps)
                     with _dit_built_once(work):
                         row = quality_dit.run(variant, budget, run_out, run_work)
                 elif runner is None:
@@ -195,7 +197,7 @@ def run_all(variants, seeds, budgets, base: quality.Budget, out: Path, work: Pat
                         images = DigitsDataset("train", size=size).images
                         reference = quality.reference_images(base, size)
                     torch.manual_seed(seed)
-                    resumed = continue_from_shorter(work, variant, seed, steps, budgets)
+                    resumed = continue_from_shorter(work, variant, seed, steps)
                     if resumed:
                         print(f"{variant} seed {seed} steps {steps}: continues the {resumed}-step finetune")
                     with _extra_variants(work):

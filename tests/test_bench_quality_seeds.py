@@ -180,8 +180,9 @@ def test_budgets_share_one_build_and_the_longer_finetune_continues_the_shorter(t
 
     monkeypatch.setattr(quality, "build_variant", counting)
     base = Budget(batch_size=4, samples=8, sample_steps=1, reference=40)
-    rows = qs.run_all(["2to4-magnitude"], [0], [2, 0, 1], base, tmp_path / "out", tmp_path / "work")
-    assert [r["finetune_steps"] for r in rows] == [0, 1, 2]  # ascending, whatever order was given
+    rows = qs.run_all(["2to4-magnitude"], [0], [1, 0], base, tmp_path / "out", tmp_path / "work")
+    assert [r["finetune_steps"] for r in rows] == [0, 1]  # ascending, whatever order was given
+    rows += qs.run_all(["2to4-magnitude"], [0], [2], base, tmp_path / "out", tmp_path / "work")  # a later invocation
     assert builds == [("2to4-magnitude", 0)]  # budgets 1 and 2 load the model built for budget 0
     assert rows[0]["final_loss"] is None and math.isfinite(rows[0]["fid"])
     history = (tmp_path / "work" / "steps-2" / "seed-0" / "2to4-magnitude" / "finetune" / "metrics.jsonl").read_text()
