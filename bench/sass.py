@@ -160,14 +160,16 @@ def parse_ptxas_spills(text: str) -> dict[str, dict[str, int]]:
 
 
 def kernel_label(mangled: str) -> str:
-    """'_ZN7prunedm16sparse_gemm_cuda18sparse_gemm_kernelI6__halfLb1E...' -> 'sparse_gemm_kernel<fp16, conv>'."""
+    """'_ZN7prunedm16sparse_gemm_cuda18sparse_gemm_kernelI6__halfLb1ELb0E...' -> 'sparse_gemm_kernel<fp16, conv>';
+    the bool template arguments in order: conv / linear, then split-k when set; none for the reduction."""
     name, rest = mangled, mangled.removeprefix("_ZN")
     while (length := re.match(r"\d+", rest)) is not None:  # the length-prefixed nested names
         start = length.end()
         name, rest = rest[start : start + int(length.group())], rest[start + int(length.group()) :]
     dtype = "bf16" if "bfloat16" in mangled else "fp16" if "__half" in mangled else "?"
-    kind = "conv" if "Lb1E" in mangled else "linear" if "Lb0E" in mangled else "?"
-    return f"{name}<{dtype}, {kind}>"
+    flags = re.findall(r"Lb([01])E", mangled)
+    parts = [dtype] + [("linear", "conv")[int(f)] for f in flags[:1]] + ["split-k" for f in flags[1:2] if f == "1"]
+    return f"{name}<{', '.join(parts)}>"
 
 
 def analyze(sass: str, res_usage: str, ptxas_log: str, arch: str) -> list[dict]:

@@ -81,6 +81,11 @@ def test_resources_spills_and_labels():
     assert sass.kernel_label(LINEAR_FP16) == "sparse_gemm_kernel<fp16, linear>"
     conv_bf16 = "_ZN7prunedm16sparse_gemm_cuda18sparse_gemm_kernelI13__nv_bfloat16Lb1EEEvNS0_6ParamsIT_EE"
     assert sass.kernel_label(conv_bf16) == "sparse_gemm_kernel<bf16, conv>"
+    split = "_ZN7prunedm16sparse_gemm_cuda18sparse_gemm_kernelI6__halfLb0ELb1EEEvNS0_6ParamsIT_EE"
+    assert sass.kernel_label(split) == "sparse_gemm_kernel<fp16, linear, split-k>"
+    assert sass.kernel_label(split.replace("Lb0ELb1E", "Lb1ELb0E")) == "sparse_gemm_kernel<fp16, conv>"
+    reduce = "_ZN7prunedm16sparse_gemm_cuda21split_k_reduce_kernelI6__halfEEvNS0_6ParamsIT_EEi"
+    assert sass.kernel_label(reduce) == "split_k_reduce_kernel<fp16>"
     (row,) = [r for r in sass.analyze(SNIPPET, RES_USAGE, PTXAS, "sm_80") if r["function"] == LINEAR_FP16]
     assert (row["registers"], row["local"], row["spill_stores"], row["hottest_loop"]["hmma_sp"]) == (77, 8, 12, 2)
 
@@ -106,7 +111,11 @@ def test_real_sm80_compile():
     assert env["nvcc"].startswith("V")
     labels = {r["kernel"] for r in rows}
     assert {"sparse_gemm_kernel<fp16, linear>", "sparse_gemm_kernel<bf16, conv>"} <= labels
+    assert "sparse_gemm_kernel<fp16, linear, split-k>" in labels and "split_k_reduce_kernel<fp16>" in labels
     for row in rows:
         loop = row["hottest_loop"]
-        assert loop is not None and loop["hmma_sp"] >= 8, row["kernel"]
+        if row["kernel"].startswith("split_k_reduce_kernel"):  # no mma.sp: no hot loop to read
+            assert loop is None
+        else:
+            assert loop is not None and loop["hmma_sp"] >= 8, row["kernel"]
         assert row["local"] == 0 and row["spill_stores"] == 0 and row["registers"] <= 255

@@ -51,7 +51,7 @@ inline constexpr bool is_same_v = is_same<A, B>::value;
 namespace prunedm {
 namespace sparse_gemm_cuda {
 
-// prunedm/ops/_nvrtc.py packs Params<T> into kernel-argument bytes at these offsets (240 bytes, 8-aligned).
+// prunedm/ops/_nvrtc.py packs Params<T> into kernel-argument bytes at these offsets (248 bytes, 8-aligned).
 // Checked when nvcc compiles this source (tests/ops/test_nvrtc.py); NVRTC itself has no __builtin_offsetof.
 #if !defined(__CUDACC_RTC__)
 #define PRUNEDM_CHECK_OFFSET(field, offset) \
@@ -68,11 +68,12 @@ PRUNEDM_CHECK_OFFSET(k, 64);
 PRUNEDM_CHECK_OFFSET(activation, 72);
 PRUNEDM_CHECK_OFFSET(res, 80);
 PRUNEDM_CHECK_OFFSET(conv, 128);
+PRUNEDM_CHECK_OFFSET(workspace, 240);
 #undef PRUNEDM_CHECK_OFFSET
 #endif
 static_assert(sizeof(ResidualLayout) == 48 && sizeof(ConvGeometry) == 112, "Params layout changed: update _nvrtc.py");
-static_assert(sizeof(Params<__half>) == 240 && alignof(Params<__half>) == 8, "Params layout changed: update _nvrtc.py");
-static_assert(sizeof(Params<__nv_bfloat16>) == 240, "Params layout changed: update _nvrtc.py");
+static_assert(sizeof(Params<__half>) == 248 && alignof(Params<__half>) == 8, "Params layout changed: update _nvrtc.py");
+static_assert(sizeof(Params<__nv_bfloat16>) == 248, "Params layout changed: update _nvrtc.py");
 static_assert(cta::kStages * cta::kStageBytes <= 48 * 1024, "static shared memory: the loader launches with 0 dynamic");
 static_assert(cta::kThreads == 128 && cta::kBlockM == 128 && cta::kBlockN == 128,
               "launch geometry changed: update _nvrtc.py (THREADS, BLOCK_M, BLOCK_N)");
@@ -82,6 +83,13 @@ template __global__ void sparse_gemm_kernel<__half, false>(const Params<__half>)
 template __global__ void sparse_gemm_kernel<__half, true>(const Params<__half>);
 template __global__ void sparse_gemm_kernel<__nv_bfloat16, false>(const Params<__nv_bfloat16>);
 template __global__ void sparse_gemm_kernel<__nv_bfloat16, true>(const Params<__nv_bfloat16>);
+// Split-K (the extension launches it, and bench.sass reads it; the NVRTC loader runs without split-K).
+template __global__ void sparse_gemm_kernel<__half, false, true>(const Params<__half>);
+template __global__ void sparse_gemm_kernel<__half, true, true>(const Params<__half>);
+template __global__ void sparse_gemm_kernel<__nv_bfloat16, false, true>(const Params<__nv_bfloat16>);
+template __global__ void sparse_gemm_kernel<__nv_bfloat16, true, true>(const Params<__nv_bfloat16>);
+template __global__ void split_k_reduce_kernel<__half>(const Params<__half>, int);
+template __global__ void split_k_reduce_kernel<__nv_bfloat16>(const Params<__nv_bfloat16>, int);
 
 }  // namespace sparse_gemm_cuda
 }  // namespace prunedm

@@ -48,14 +48,28 @@ Params<T> make_params(const at::Tensor& values, const at::Tensor& meta, const at
   return prm;
 }
 
+// Launches with split-K when split_k::choose_splits says the tile grid is too small for the device's SMs:
+// the fp32 workspace comes from torch's caching allocator on the current stream.
+template <typename T, bool kConv>
+void launch_with_split_k(const at::Tensor& input, Params<T> prm, cudaStream_t stream) {
+  const int sm_count = at::cuda::getDeviceProperties(input.device().index())->multiProcessorCount;
+  const int splits = split_k::choose_splits(prm.p, prm.m, prm.k, sm_count);
+  at::Tensor workspace;
+  if (splits > 1) {
+    workspace = at::empty({split_k::workspace_elements(splits, prm.p, prm.m)}, input.options().dtype(at::kFloat));
+    prm.workspace = workspace.mutable_data_ptr<float>();
+  }
+  launch_sparse_gemm<T, kConv>(prm, splits, stream);
+}
+
 // Runs the kernel for T = the CUDA type of input's dtype.
 template <bool kConv, typename Fill>
 void dispatch_and_launch(const at::Tensor& input, Fill fill_params) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (input.scalar_type() == at::kHalf) {
-    launch_sparse_gemm<__half, kConv>(fill_params(__half{}), stream);
+    launch_with_split_k<__half, kConv>(input, fill_params(__half{}), stream);
   } else {
-    launch_sparse_gemm<__nv_bfloat16, kConv>(fill_params(__nv_bfloat16{}), stream);
+    launch_with_split_k<__nv_bfloat16, kConv>(input, fill_params(__nv_bfloat16{}), stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

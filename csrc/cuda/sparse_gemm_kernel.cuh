@@ -15,6 +15,9 @@
 // A warp's 64 rows are two metadata tiles, so lane L's registers are word L of each (prunedm/sparse_gemm.h
 // explains why) and the m16 tiles use selectors 0, 1, 0, 1. A and B fragments are read with ldmatrix.x4.
 // The epilogue stages each warp's tile through shared memory and stores 16 bytes per lane.
+// Split-K (prunedm/split_k.h; small P, e.g. adaLN GEMMs whose P is the batch): gridDim.z CTAs share a tile's
+// K, each starting its pointers at its first chunk (the k loop itself is unchanged), and store fp32 partials;
+// split_k_reduce_kernel sums them in split order and applies the fused epilogue once.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -25,6 +28,7 @@
 
 #include "prunedm/implicit_gemm.h"
 #include "prunedm/sparse_gemm.h"
+#include "prunedm/split_k.h"
 
 namespace prunedm {
 namespace sparse_gemm_cuda {
@@ -97,6 +101,7 @@ struct Params {
   int activation;
   ResidualLayout res;
   ConvGeometry conv;         // conv only
+  float* workspace;          // split-K (gridDim.z > 1): fp32 partials (split_k.h); else nullptr
 };
 
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
@@ -142,15 +147,17 @@ struct ALoader {
   const uint32_t* meta;  // threads < cta::kMetaThreads
   int64_t meta_step;     // words per stage: M
 
-  __device__ __forceinline__ ALoader(const Params<T>& prm, int64_t m0, int tid) : meta_step(prm.m) {
+  // Pointers at k chunk `chunk0` (the CTA's split-K start; 0 without split-K).
+  __device__ __forceinline__ ALoader(const Params<T>& prm, int64_t m0, int tid, int chunk0) : meta_step(prm.m) {
 #pragma unroll
     for (int i = 0; i < cta::kACopies; ++i) {
       const ms::Coord c = cta::a_copy(tid, i);
       const int64_t row = m0 + c.row < prm.m ? m0 + c.row : prm.m - 1;
-      values[i] = prm.values + ms::value_offset(row, 0, 8 * c.col, prm.k);
+      values[i] = prm.values + ms::value_offset(row, chunk0, 8 * c.col, prm.k);
     }
     const int64_t row32 = m0 + ms::kMetaRowTile * (tid / 8);
-    meta = prm.meta + ms::meta_word_offset(row32 < prm.m ? row32 : prm.m - ms::kMetaRowTile, 0, prm.m) + 4 * (tid % 8);
+    meta = prm.meta + ms::meta_word_offset(row32 < prm.m ? row32 : prm.m - ms::kMetaRowTile, chunk0, prm.m) +
+           4 * (tid % 8);
   }
   // Copies one stage to the thread's A destination `dst_a` (stage base + its swizzled unit) and metadata.
   __device__ __forceinline__ void load(uint32_t stage, uint32_t dst_a, int tid) {
@@ -171,12 +178,12 @@ template <typename T>
 struct LinearBLoader {
   const T* src[cta::kBCopies];
 
-  __device__ __forceinline__ LinearBLoader(const Params<T>& prm, int64_t p0, int tid) {
+  __device__ __forceinline__ LinearBLoader(const Params<T>& prm, int64_t p0, int tid, int chunk0) {
 #pragma unroll
     for (int i = 0; i < cta::kBCopies; ++i) {
       const ms::Coord c = cta::b_copy(tid, i);
       const int64_t p = p0 + c.row < prm.p ? p0 + c.row : prm.p - 1;
-      src[i] = prm.b + p * prm.k + 8 * c.col;
+      src[i] = prm.b + p * prm.k + int64_t(chunk0) * cta::kBlockK + 8 * c.col;
     }
   }
   __device__ __forceinline__ void load(uint32_t dst_b, const Params<T>&) {
@@ -196,13 +203,13 @@ struct ConvBLoader {
   ConvColumnOrigin origin[cta::kBCopies];
   ConvTapCursor tap;
 
-  __device__ __forceinline__ ConvBLoader(const Params<T>& prm, int64_t p0, int tid) : tap(prm.conv) {
+  __device__ __forceinline__ ConvBLoader(const Params<T>& prm, int64_t p0, int tid, int chunk0) : tap(prm.conv) {
 #pragma unroll
     for (int i = 0; i < cta::kBCopies; ++i) {
       const int64_t p = p0 + cta::b_copy(tid, i).row;
       origin[i] = conv_column_origin(prm.conv, p < prm.p ? p : prm.p - 1);
     }
-    tap.advance(prm.conv, 8 * cta::b_copy(tid, 0).col);
+    tap.advance(prm.conv, chunk0 * cta::kBlockK + 8 * cta::b_copy(tid, 0).col);
   }
   // The copy of a padding tap has src-size 0: it reads nothing and zero-fills, so its (outside) address is
   // never dereferenced, as in CUTLASS's cp_async_zfill (a select back into the input would cost 0.65 more
@@ -227,16 +234,36 @@ struct BLoader<T, true> {
   using type = ConvBLoader<T>;
 };
 
-template <typename T, bool kConv>
+// The last step of every epilogue: out[p, o..o+7] = v + residual, in float, rounded once to T, one 16-byte store.
+template <typename T>
+__device__ __forceinline__ void store_output8(const Params<T>& prm, int64_t p, int64_t o, float (&v)[8]) {
+  if (prm.residual != nullptr) {
+    const T* r = prm.residual + residual_offset(prm.res, p, o);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] += to_float(r[j * prm.res.stride_c]);
+  }
+  alignas(16) T packed[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) packed[j] = from_float<T>(v[j]);
+  *reinterpret_cast<uint4*>(prm.out + p * prm.m + o) = *reinterpret_cast<const uint4*>(packed);
+}
+
+// kSplitK: the split-K instance (gridDim.z CTAs per tile, fp32 partials to prm.workspace). A separate
+// instance, not a runtime branch: nvcc 13's register allocation for sm_90a costs the k loop 10 more
+// instructions when one kernel holds both epilogues.
+template <typename T, bool kConv, bool kSplitK = false>
 __global__ void __launch_bounds__(cta::kThreads) sparse_gemm_kernel(const Params<T> prm) {
   __shared__ alignas(128) unsigned char smem[cta::kStages * cta::kStageBytes];
   const int tid = threadIdx.x, lane = tid % ms::kWarpSize, warp = tid / ms::kWarpSize;
   const int warp_m = warp % cta::kWarpsM, warp_n = warp / cta::kWarpsM;
   const int64_t m0 = int64_t(blockIdx.y) * cta::kBlockM, p0 = int64_t(blockIdx.x) * cta::kBlockN;
-  const int k_chunks = int(prm.k / cta::kBlockK);
+  // Split-K: CTA z of gridDim.z computes k chunks [begin, end) into an fp32 partial (split_k.h).
+  const int chunks = int(prm.k / cta::kBlockK);
+  const split_k::ChunkRange range =
+      kSplitK ? split_k::chunk_range(chunks, gridDim.z, blockIdx.z) : split_k::ChunkRange{0, chunks};
 
-  ALoader<T> a_loader(prm, m0, tid);
-  typename BLoader<T, kConv>::type b_loader(prm, p0, tid);
+  ALoader<T> a_loader(prm, m0, tid, range.begin);
+  typename BLoader<T, kConv>::type b_loader(prm, p0, tid, range.begin);
   // Per-thread byte offsets inside a stage: cp.async destinations and ldmatrix / metadata sources.
   const ms::Coord ac = cta::a_copy(tid, 0), bc = cta::b_copy(tid, 0);
   const uint32_t dst_a = cta::kAOffset + cta::kUnit * cta::a_unit(ac.row, ac.col);
@@ -257,7 +284,7 @@ __global__ void __launch_bounds__(cta::kThreads) sparse_gemm_kernel(const Params
   const uint32_t first = shared_address(smem), last = first + (cta::kStages - 1) * cta::kStageBytes;
 #pragma unroll
   for (int s = 0; s < cta::kStages - 1; ++s) {
-    if (s < k_chunks) {
+    if (range.begin + s < range.end) {
       const uint32_t stage = first + s * cta::kStageBytes;
       a_loader.load(stage, stage + dst_a, tid);
       b_loader.load(stage + dst_b, prm);
@@ -266,10 +293,10 @@ __global__ void __launch_bounds__(cta::kThreads) sparse_gemm_kernel(const Params
   }
 
   uint32_t read = first, write = last;
-  for (int kc = 0; kc < k_chunks; ++kc) {
+  for (int kc = range.begin; kc < range.end; ++kc) {
     cp_async_wait<cta::kStages - 2>();
     __syncthreads();  // stage kc is visible to all, and stage kc - 1 is no longer being read
-    if (kc + cta::kStages - 1 < k_chunks) {
+    if (kc + cta::kStages - 1 < range.end) {
       a_loader.load(write, write + dst_a, tid);
       b_loader.load(write + dst_b, prm);
     }
@@ -299,6 +326,25 @@ __global__ void __launch_bounds__(cta::kThreads) sparse_gemm_kernel(const Params
 
   // Epilogue: bias and activation in float per fragment, staged per warp as [column][feature] floats; then
   // 8 consecutive features of a column per lane: residual in float, one rounding to T, one 16-byte store.
+  // A split-K partial instead stores its raw fp32 fragments to the workspace (column pairs 2t, 2t + 1 as one
+  // 8-byte store, no shared-memory round trip) and leaves bias, activation and residual to
+  // split_k_reduce_kernel, which applies them once, after the sum.
+  if (kSplitK) {
+#pragma unroll
+    for (int mt = 0; mt < cta::kMTiles; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < cta::kNTiles; ++nt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const ms::Coord c = ms::c_coord(lane, 2 * h);
+          const int64_t o = m0 + warp_m * cta::kWarpM + mt * ms::kTileM + c.row;
+          const int64_t p = p0 + warp_n * cta::kWarpN + nt * ms::kTileN + c.col;
+          if (o < prm.m && p < prm.p)
+            *reinterpret_cast<float2*>(prm.workspace + split_k::workspace_offset(blockIdx.z, o, p, prm.m, prm.p)) =
+                make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
+        }
+    return;
+  }
   const int g = lane / 4;
   float bias[cta::kMTiles][2];
 #pragma unroll
@@ -331,28 +377,53 @@ __global__ void __launch_bounds__(cta::kThreads) sparse_gemm_kernel(const Params
       const float4 lo = *reinterpret_cast<const float4*>(&stage[e.row * cta::kEpiPitch + e.col]);
       const float4 hi = *reinterpret_cast<const float4*>(&stage[e.row * cta::kEpiPitch + e.col + 4]);
       float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-      if (prm.residual != nullptr) {
-        const T* r = prm.residual + residual_offset(prm.res, p, o);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] += to_float(r[j * prm.res.stride_c]);
-      }
-      alignas(16) T packed[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) packed[j] = from_float<T>(v[j]);
-      *reinterpret_cast<uint4*>(prm.out + p * prm.m + o) = *reinterpret_cast<const uint4*>(packed);
+      store_output8(prm, p, o, v);
     }
     __syncwarp();
   }
 }
 
+// The deterministic split-K reduction (split_k.h): item i sums the partials of its (p, o..o+7) over splits
+// 0, 1, ..., splits - 1 in that order, then applies bias and activation, residual and the rounding as the
+// unsplit epilogue does. Consecutive threads take consecutive columns p, so each partial load is coalesced.
+template <typename T>
+__global__ void __launch_bounds__(split_k::kReduceThreads) split_k_reduce_kernel(const Params<T> prm, int splits) {
+  const int64_t item = int64_t(blockIdx.x) * split_k::kReduceThreads + threadIdx.x;
+  if (item >= split_k::reduce_items(prm.p, prm.m)) return;
+  const split_k::ReduceItem it = split_k::reduce_item(item, prm.p);
+  const int64_t feature_stride = split_k::workspace_offset(0, 1, 0, prm.m, prm.p);
+  const int64_t split_stride = split_k::workspace_offset(1, 0, 0, prm.m, prm.p);
+  const float* w = prm.workspace + split_k::workspace_offset(0, it.o, it.p, prm.m, prm.p);
+  float v[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] = w[j * feature_stride];
+  for (int s = 1; s < splits; ++s) {
+    w += split_stride;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] += w[j * feature_stride];
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    v[j] = apply_activation(v[j] + (prm.bias != nullptr ? to_float(prm.bias[it.o + j]) : 0.f), prm.activation);
+  store_output8(prm, it.p, it.o, v);
+}
+
 #if !defined(PRUNEDM_NVRTC)  // NVRTC compiles device code only (csrc/cuda/nvrtc_entry.cu): no streams, no <<<>>>
-// Launches the kernel over out [P, M] (nothing to do when P == 0).
+// Launches the kernel over out [P, M] (nothing to do when P == 0) with `splits` k splits: splits > 1 needs
+// prm.workspace (split_k::workspace_elements floats) and runs split_k_reduce_kernel after the GEMM on the same stream.
 template <typename T, bool kConv>
-void launch_sparse_gemm(const Params<T>& prm, cudaStream_t stream) {
+void launch_sparse_gemm(const Params<T>& prm, int splits, cudaStream_t stream) {
   if (prm.p == 0) return;
   const dim3 grid(unsigned((prm.p + cta::kBlockN - 1) / cta::kBlockN),
-                  unsigned((prm.m + cta::kBlockM - 1) / cta::kBlockM));
-  sparse_gemm_kernel<T, kConv><<<grid, cta::kThreads, 0, stream>>>(prm);
+                  unsigned((prm.m + cta::kBlockM - 1) / cta::kBlockM), unsigned(splits));
+  if (splits == 1) {
+    sparse_gemm_kernel<T, kConv><<<grid, cta::kThreads, 0, stream>>>(prm);
+  } else {
+    sparse_gemm_kernel<T, kConv, true><<<grid, cta::kThreads, 0, stream>>>(prm);
+    const int64_t items = split_k::reduce_items(prm.p, prm.m);
+    const unsigned blocks = unsigned((items + split_k::kReduceThreads - 1) / split_k::kReduceThreads);
+    split_k_reduce_kernel<T><<<blocks, split_k::kReduceThreads, 0, stream>>>(prm, splits);
+  }
 }
 #endif
 

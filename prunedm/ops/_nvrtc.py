@@ -61,13 +61,14 @@ _FIELDS = (
     + [("m", np.int64, 48), ("p", np.int64, 56), ("k", np.int64, 64), ("activation", np.int32, 72)]
     + [(f"res_{name}", np.int64, 80 + 8 * i) for i, name in enumerate(_RES_FIELDS)]
     + [(f"conv_{name}", np.int64, 128 + 8 * i) for i, name in enumerate(_CONV_FIELDS)]
+    + [("workspace", np.uint64, 240)]  # split-K partials: always 0 here (this path launches without split-K)
 )
 PARAMS_DTYPE = np.dtype(
     {
         "names": [f[0] for f in _FIELDS],
         "formats": [f[1] for f in _FIELDS],
         "offsets": [f[2] for f in _FIELDS],
-        "itemsize": 240,
+        "itemsize": 248,
     }  # fmt: skip
 )
 
@@ -383,7 +384,7 @@ def current_stream_ptr(device: torch.device) -> int:
 
 
 def make_params(values, meta, b, bias, residual, out, m, p, k, activation, res, conv=None) -> np.ndarray:
-    """Params<T> for one launch as a size-1 structured array (cupy passes it by value, 240 bytes);
+    """Params<T> for one launch as a size-1 structured array (cupy passes it by value, 248 bytes);
     res: the six ResidualLayout fields, conv: the 14 ConvGeometry fields or None."""
     params = np.zeros(1, dtype=PARAMS_DTYPE)
     for name, t in zip(_POINTERS, (values, meta, b, bias, residual, out)):

@@ -79,6 +79,29 @@ def test_linear_agrees_with_the_cpu_twin():
     assert_close(gpu.cpu(), cpu)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 5, 17])
+def test_split_k_for_small_p_matches_and_is_deterministic(dtype, tokens):
+    # P <= 17 columns and one 128-feature tile: split_k::choose_splits splits K = 2080 (65 chunks, not a multiple
+    # of splits x 32) across up to 16 CTAs on any GPU of 2+ SMs; the fused epilogue applies once, after the sum.
+    _require_kernels()
+    _, values, meta = packed(128, 2080, dtype, seed=20)
+    x = randn(tokens, 2080, dtype=dtype, seed=21)
+    bias, residual = randn(128, dtype=dtype, seed=22), randn(tokens, 128, dtype=dtype, seed=23)
+    out = sparse_linear_2to4(x, values, meta, bias, activation="gelu", residual=residual, backend="extension")
+    assert_close(out, reference.sparse_linear_2to4_ref(x, values, meta, bias, "gelu", residual))
+    for _ in range(3):  # no atomics: the same input gives the same bits
+        again = sparse_linear_2to4(x, values, meta, bias, activation="gelu", residual=residual, backend="extension")
+        assert torch.equal(again, out)
+    # The conv kernel splits the same way (a 4x4 feature map at batch 1: P = 16).
+    mat, cvalues, cmeta = packed(128, 256 * 9, dtype, seed=24)
+    xc, shape = randn(1, 256, 4, 4, dtype=dtype, seed=25), (128, 256, 3, 3)
+    conv = sparse_conv2d_2to4(xc, cvalues, cmeta, shape, bias, padding=1, activation="silu", backend="extension")
+    assert_close(conv, reference.sparse_conv2d_2to4_ref(xc, cvalues, cmeta, shape, bias, 1, 1, 1, "silu", None))
+    assert torch.equal(sparse_conv2d_2to4(xc, cvalues, cmeta, shape, bias, padding=1, activation="silu",
+                                          backend="extension"), conv)  # fmt: skip
+
+
 def test_linear_misaligned_and_strided_inputs():
     _require_kernels()
     _, values, meta = packed(32, 64, torch.bfloat16, seed=9)

@@ -142,8 +142,8 @@ def test_assembled_source_is_one_self_contained_unit():
         "#include <cuda_bf16.h>",
         "#include <cuda_fp16.h>",
     ]
-    for part in ("cuda/nvrtc_entry.cu", "cuda/sparse_gemm_kernel.cuh", "include/prunedm/sparse_gemm.h",
-                 "include/prunedm/implicit_gemm.h", "include/prunedm/sparse24.h"):  # fmt: skip
+    headers = ("sparse_gemm.h", "implicit_gemm.h", "sparse24.h", "split_k.h")
+    for part in ("cuda/nvrtc_entry.cu", "cuda/sparse_gemm_kernel.cuh", *(f"include/prunedm/{h}" for h in headers)):
         assert source.count(f"// ---- {part}\n") == 1
     assert "#pragma once" not in source and "sparse_gemm_host.cuh" not in source
     for name in _nvrtc.KERNELS.values():
@@ -155,7 +155,7 @@ def test_package_data_ships_every_source_nvrtc_reads():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
     globs = config["tool"]["setuptools"]["package-data"]["prunedm._csrc"]
     used = re.findall(r"^// ---- (\S+)$", _nvrtc.assemble_source(), flags=re.M)
-    assert len(used) == 5
+    assert len(used) == 6
     for path in used:
         assert any(fnmatch(path, g) for g in globs), path
     assert "cupy-cuda12x" in config["project"]["optional-dependencies"]["cupy"]
@@ -164,13 +164,14 @@ def test_package_data_ships_every_source_nvrtc_reads():
 def test_params_layout_matches_the_kernel_struct():
     # nvrtc_entry.cu static_asserts the same offsets on Params<T> (compiled by the nvcc test below).
     dtype = _nvrtc.PARAMS_DTYPE
-    assert dtype.itemsize == 240
+    assert dtype.itemsize == 248
     offsets = {name: dtype.fields[name][1] for name in dtype.names}
     assert [offsets[n] for n in ("values", "meta", "b", "bias", "residual", "out")] == [0, 8, 16, 24, 32, 40]
     assert (offsets["m"], offsets["p"], offsets["k"], offsets["activation"]) == (48, 56, 64, 72)
     assert (offsets["res_out_h"], offsets["res_stride_w"], offsets["conv_batch"], offsets["conv_out_w"]) == (
         80, 120, 128, 232
     )  # fmt: skip
+    assert offsets["workspace"] == 240
 
 
 NVCC = shutil.which("nvcc")
@@ -187,8 +188,10 @@ def test_nvcc_compiles_the_assembled_source(tmp_path, arch, std_headers):
     subprocess.run([*cmd, "-o", str(tmp_path / "out.ptx")], check=True, capture_output=True, text=True)
     ptx = (tmp_path / "out.ptx").read_text()
     entries = re.findall(r"^\.visible \.entry (\S+)\(\n\s*\.param \.align 8 \.b8 \S+\[(\d+)\]", ptx, flags=re.M)
-    assert len(entries) == 4 and {size for _, size in entries} == {"240"}
-    assert {e.split("sparse_gemm_kernel")[1][:4] for e, _ in entries} == {"I6__", "I13_"}
+    assert len(entries) == 10 and {size for _, size in entries} == {"248"}
+    gemms = [e for e, _ in entries if "sparse_gemm_kernel" in e]  # (fp16, bf16) x (linear, conv) x split-K
+    assert len(gemms) == 8 and {e.split("sparse_gemm_kernel")[1][:4] for e in gemms} == {"I6__", "I13_"}
+    assert sum("split_k_reduce_kernel" in e for e, _ in entries) == 2
     assert len(re.findall(r"\bmma\.sp", ptx)) >= 4 * 8  # 2 m16 x 4 n8 tiles per k step, in each kernel
     assert "cp.async.cg.shared.global" in ptx
 
@@ -295,7 +298,7 @@ def test_linear_launch_arguments(fake_gpu):
     (launch,) = _events(fake_gpu.log, "launch")
     assert launch["kernel"] == "_lowered_" + _nvrtc.KERNELS[(torch.float16, False)].replace(" ", "")
     assert launch["grid"] == [2, 1, 1] and launch["block"] == [128, 1, 1] and launch["shared_mem"] == 0
-    assert launch["stream"] == 0xABC0 and launch["nargs"] == 1 and launch["size"] == 1 and launch["itemsize"] == 240
+    assert launch["stream"] == 0xABC0 and launch["nargs"] == 1 and launch["size"] == 1 and launch["itemsize"] == 248
     p = launch["params"]
     pointers = [p[n] for n in ("values", "meta", "b", "bias", "residual", "out")]
     assert pointers == [t.data_ptr() for t in (values, meta, x, bias, residual, out)]
