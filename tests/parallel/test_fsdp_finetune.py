@@ -11,9 +11,10 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tiny_models import tiny_pruning_unet
+
+from tests.parallel.gloo_ranks import spawn_ranks
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend"),
@@ -56,22 +57,15 @@ def _run(out, **overrides):
     return {k: v.detach().clone() for k, v in result.ema_model.state_dict().items()}
 
 
-def _worker(rank: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        ema = _run(f"{out}/run")
-        if rank == 0:
-            save_file({k: v.contiguous() for k, v in ema.items()}, f"{out}/ema.safetensors")
-    finally:
-        dist.destroy_process_group()
+def _two_ranks(rank: int, out: str) -> dict[str, torch.Tensor]:
+    return _run(f"{out}/run")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One 2-rank run (spawning costs seconds) and one uninterrupted single-process run of the same config."""
     out = tmp_path_factory.mktemp("fsdp-finetune")
-    mp.spawn(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
+    spawn_ranks(WORLD, out, _two_ranks, "ema.safetensors")
     return out, load_file(out / "ema.safetensors"), _run(out / "single")
 
 

@@ -11,9 +11,10 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from tests.parallel.gloo_ranks import spawn_ranks
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend"),
@@ -94,18 +95,6 @@ def _results(learner, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _spawned(rank: int, world: int, store: str, out: str, body, file: str) -> None:
-    """A gloo rank of `world` running body(rank, out) -> results, which rank 0 writes to out/file."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        results = body(rank, out)
-        if rank == 0:
-            save_file(results, f"{out}/{file}")
-    finally:
-        dist.destroy_process_group()
-
-
 def _two_ranks(rank: int, out: str) -> dict[str, torch.Tensor]:
     results = {}
     for preset in PRESETS:
@@ -146,7 +135,7 @@ def _four_ranks(rank: int, out: str) -> dict[str, torch.Tensor]:
 def sharded(tmp_path_factory):
     """One 2-rank run of every preset (spawning costs seconds): its results and its mid-way checkpoints."""
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_spawned, args=(WORLD, str(out / "store"), str(out), _two_ranks, "rank0.safetensors"), nprocs=WORLD)
+    spawn_ranks(WORLD, out, _two_ranks, "rank0.safetensors")
     return out, load_file(out / "rank0.safetensors")
 
 
@@ -203,10 +192,8 @@ def test_stopped_sharded_run_resumes_in_one_process(sharded):
 @pytest.mark.slow  # 4 processes on gloo, collectives oversubscribed on 2 cores: ~50 s there, seconds on 4+
 def test_four_ranks_give_the_masks_of_one_and_two_and_resume_the_two_rank_run(sharded):
     out, two = sharded
-    mp.spawn(
-        _spawned, args=(FOUR, str(out / "store-four"), str(out), _four_ranks, "four-rank0.safetensors"), nprocs=FOUR
-    )
-    four = load_file(out / "four-rank0.safetensors")
+    spawn_ranks(FOUR, out, _four_ranks, "four.safetensors")
+    four = load_file(out / "four.safetensors")
     for preset in FOUR_PRESETS:
         single = _one_process(preset, range(STEPS))
         for name, mask in single.masks().items():

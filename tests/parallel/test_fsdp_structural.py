@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from tests.parallel.gloo_ranks import spawn_ranks
 from tests.pruning.test_depth import tiny_dit
 from tests.structural.test_structural_distributed import _batch as _gate_batch
 from tests.structural.test_structural_distributed import _learner as _gate_learner
@@ -70,35 +70,30 @@ def _depth_search(rank: int | None):
                             loss_fn=_depth_loss, logits_lr=0.05, ema_decay=0.5, shard=rank is not None)  # fmt: skip
 
 
-def _worker(rank: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        learner = _gate_learner(_dit())
-        learner.shard()
-        results = {}
-        for step in range(STEPS):
-            if step == STEPS // 2 and rank == 0:  # the gates are whole on every rank: rank 0 writes them
-                learner.save(f"{out}/gates.safetensors")
-                results.update(_gate_state(learner, "half."))
-            learner.step(_gate_batch(rank, step))
-        results.update(_gate_state(learner))
-        with pytest.raises(ValueError, match="apply\\(\\) needs the whole model"):
-            learner.apply()
-        depth = _depth_search(rank)
-        results["depth.keep"] = torch.tensor(depth.keep_indices)
-        results["depth.logits"] = depth.logits
-        results["depth.decision"] = depth.decision_logits
-        results["depth.losses"] = torch.tensor(depth.losses)
-        save_file(results, f"{out}/rank{rank}.safetensors")
-    finally:
-        dist.destroy_process_group()
+def _two_ranks(rank: int, out: str) -> dict[str, torch.Tensor]:
+    learner = _gate_learner(_dit())
+    learner.shard()
+    results = {}
+    for step in range(STEPS):
+        if step == STEPS // 2 and rank == 0:  # the gates are whole on every rank: rank 0 writes them
+            learner.save(f"{out}/gates.safetensors")
+            results.update(_gate_state(learner, "half."))
+        learner.step(_gate_batch(rank, step))
+    results.update(_gate_state(learner))
+    with pytest.raises(ValueError, match="apply\\(\\) needs the whole model"):
+        learner.apply()
+    depth = _depth_search(rank)
+    results["depth.keep"] = torch.tensor(depth.keep_indices)
+    results["depth.logits"] = depth.logits
+    results["depth.decision"] = depth.decision_logits
+    results["depth.losses"] = torch.tensor(depth.losses)
+    return results
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp-structural")
-    mp.spawn(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
+    spawn_ranks(WORLD, out, _two_ranks, "rank{rank}.safetensors")
     return out, [load_file(out / f"rank{rank}.safetensors") for rank in range(WORLD)]
 
 
