@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 from diffusers.models.attention import FeedForward
@@ -35,3 +38,25 @@ def test_dit_ecodiff_is_registered_with_a_baseline():
     assert "dit-ecodiff" in quality_dit.DIT_VARIANTS and "dit-ecodiff" in quality_seeds.DEFAULT_VARIANTS
     assert quality_seeds.baseline_of("dit-ecodiff") == "depth-every-k"
     assert quality_dit.DESCRIPTIONS["dit-ecodiff"]
+
+
+@pytest.mark.skipif(not (quality_dit.DIT_DIR / "config.json").is_file(), reason="the digits DiT is not shipped yet")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_shipped_digits_dit_is_small_loads_as_fp32_and_denoises():
+    from diffusers import DDPMScheduler
+
+    from prunedm.data import DigitsDataset
+
+    weights = quality_dit.DIT_DIR / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size < 2_000_000  # fp16 on disk
+    info = json.loads((quality_dit.DIT_DIR / "training.json").read_text())
+    assert info["steps"] > 0 and math.isfinite(info["fid_1000_ddim25"])
+    model = quality_dit.load_dit().eval()
+    assert next(model.parameters()).dtype == torch.float32 and len(model.transformer_blocks) == 8
+    test = DigitsDataset("test")
+    images, labels = test.images[:32], test.labels[:32]
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    t = torch.full((32,), 300)
+    with torch.no_grad():
+        predicted = model(DDPMScheduler(num_train_timesteps=1000).add_noise(images, noise, t), t, labels).sample
+    assert torch.mean((predicted - noise) ** 2) < 0.3  # predicting zero scores 1.0
