@@ -71,7 +71,7 @@ def _depth_search(rank: int | None):
 
 
 def _two_ranks(rank: int, out: str) -> dict[str, torch.Tensor]:
-    learner = _gate_learner(_dit())
+    learner = _gate_learner(_dit(), gradient_checkpointing=True)  # FSDP through checkpointed forwards too
     learner.shard()
     results = {}
     for step in range(STEPS):
