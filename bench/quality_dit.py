@@ -22,11 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import prunedm
 from prunedm._atomic import write_text_atomic
 
 from . import quality
 
-DIT_DIR = quality.ASSETS / "digits-dit"
+# The package's assets (bench is installed as prunedm.bench, so not a path relative to this file).
+DIT_DIR = Path(prunedm.__file__).resolve().parent / "assets" / "digits-dit"
 # 8 blocks, hidden 64 (4 heads x 16), patch 2 on the 16x16 digits: 64 tokens; class-conditional (DiT's adaLN-Zero
 # with a label embedding of 10 digits plus the null class that label dropout trains).
 DIT_CONFIG = dict(
