@@ -363,6 +363,10 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
         sharded = config["parallel"] == "fsdp"
         if sharded and learner.model_optimizer is not None:
             raise ConfigError(f"parallel: fsdp learns masks of a frozen model: {method}.model_lr must be 0")
+        if sharded and config["batch_size"] % world:  # the ranks' mean losses and gradients are the joined batch's
+            raise ConfigError(
+                f"parallel: fsdp needs batch_size a multiple of {world} (the ranks), got {config['batch_size']}"
+            )
         if sharded and world > 1:  # FSDP2: model, logits and Adam state sharded across ranks (prunedm.parallel)
             learner.shard()
         state = out / ("learner-sharded" if sharded else "learner.safetensors")

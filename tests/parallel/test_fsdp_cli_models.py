@@ -2,7 +2,8 @@
 prompts) and a tiny SDXL-like one (UNet2DConditionModel in SDXL's layout: a plain first down block, then
 cross-attention blocks of 2 linear-projection transformer layers; conditioned as SD, one CLIP encoder, since the
 CLI does not build SDXL's pooled-text and time-id inputs): learn-mask (MaskLLM on Flux, MaskPro on the UNet) and
-finetune, all four in one spawn. Each writes exact 2:4 masks or a finite loss."""
+finetune, all four in one spawn. Each writes exact 2:4 masks or a finite loss; a batch the ranks cannot split
+evenly is refused."""
 
 from __future__ import annotations
 
@@ -65,8 +66,9 @@ def _worker(rank: int, jobs: list[list[str]], ports: list[int]) -> None:
     torch.set_num_threads(1)
     for argv, port in zip(jobs, ports):
         os.environ["MASTER_PORT"] = str(port)
-        if main(argv) != 0:
-            raise AssertionError(f"rank {rank}: prunedm {' '.join(argv)} failed")
+        expected = 2 if "batch_size=3" in argv else 0
+        if main(argv) != expected:
+            raise AssertionError(f"rank {rank}: prunedm {' '.join(argv)} did not exit with {expected}")
 
 
 def _check_masks(out, world: int = WORLD):
@@ -102,7 +104,10 @@ def test_learn_mask_and_finetune_fsdp_on_tiny_flux_and_sdxl_like(
         ],
         [*tune, f"model={sdxl_like_pipeline}", "--out", str(outs["sdxl-ft"])],
     ]
+    odd = [*learn, f"model={flux_pipeline}", "batch_size=3", "--out", str(tmp_path / "odd")]  # refused: exit 2
+    jobs.append(odd)
     mp.spawn(_worker, args=(jobs, _free_ports(len(jobs))), nprocs=WORLD, join=True)
+    assert not (tmp_path / "odd").exists()
     for name in ("flux-lm", "sdxl-lm"):
         _check_masks(outs[name])
     assert "maskpro" in json.loads((outs["sdxl-lm"] / "report.json").read_text())
