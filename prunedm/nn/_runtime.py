@@ -8,6 +8,7 @@ callable that later calls with that signature run, with no policy work."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from prunedm import ops
 from prunedm.nn import _autotune, _backends, _cusparselt
@@ -17,6 +18,23 @@ FALLBACK_ERRORS = (RuntimeError, NotImplementedError, ValueError, TypeError)
 PATH_TEXT = {"torch": "torch.sparse 2:4 kernel", "prunedm": "prunedm 2:4 kernel", "dense": "dense"}
 _KERNEL_NAME = {"torch": "torch.sparse's 2:4 kernel", "prunedm": "prunedm's 2:4 kernel"}
 MAX_SIGNATURES = 1024  # distinct input signatures remembered per layer (then the memo starts again)
+
+
+def ampere_class_problem(device: torch.device) -> tuple[str, str] | None:
+    """(key, reason) when backend="auto" does not offer prunedm's mma.sp kernels on `device`: compute
+    capability 9.x. They are Ampere-class kernels (warp-level mma.sp, cp.async; no wgmma.sp, no TMA), so on
+    Hopper linears go to torch.sparse (cuSPARSELt) or dense and convs dense (1x1 convs as cuSPARSELt GEMMs);
+    backend="prunedm" still runs them there. Other capabilities are timed as usual."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return None
+    return "prunedm-ampere-class", (
+        f"sm_{major}{minor}: prunedm's mma.sp kernels are Ampere-class (no wgmma.sp), not an auto candidate here: "
+        "linears run torch.sparse (cuSPARSELt) or dense, convs dense (1x1 convs as cuSPARSELt GEMMs); "
+        "backend='prunedm' runs them anyway"
+    )
 
 
 def key_text(key: tuple) -> str:
@@ -48,12 +66,15 @@ class _Runtime:
         self.autotune_context = ""
         self.timing = True
         self.keep_dense = False  # auto picked dense somewhere: keep the dense weight (speed over memory)
+        self.auto_note = ""  # why auto leaves a path out on this device (said in every auto decision's reason)
 
     # -- which paths can run on the buffers' device ----------------------------------------------------
 
-    def prepare(self, layer) -> None:
+    def prepare(self, layer, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        """Work out the sparse paths for the buffers' device and dtype (device/dtype: a seam for the tests)."""
         self.prepared = True
-        device, dtype = layer.values.device, layer.values.dtype
+        device = layer.values.device if device is None else device
+        dtype = layer.values.dtype if dtype is None else dtype
         if layer.backend == "dense":
             self.dense_problem = "backend='dense'"
             return
@@ -62,7 +83,11 @@ class _Runtime:
             problems["torch"] = self._prepare_torch(layer, device, dtype)
         # auto considers prunedm's kernels on CUDA only: their CPU twin is exact, not fast.
         if layer.backend == "prunedm" or (layer.backend == "auto" and device.type == "cuda"):
-            problems["prunedm"] = self._prepare_prunedm(layer, device, dtype)
+            left_out = ampere_class_problem(device) if layer.backend == "auto" else None
+            if left_out is not None:
+                problems["prunedm"], self.auto_note = left_out, left_out[1]
+            else:
+                problems["prunedm"] = self._prepare_prunedm(layer, device, dtype)
         if self.paths:
             if layer.backend == "auto":
                 self._load_auto_decisions(layer, device)
@@ -116,6 +141,33 @@ class _Runtime:
         self.paths.append("prunedm")
         return None
 
+    # -- the torch path's GEMM (linears, and 1x1 convs over NHWC pixels) ---------------------------------
+
+    def gemm_operands(self, layer, x2d: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x2d [M, K] as the [M, K padded] matrix torch.sparse's kernel takes, and the bias it can fuse (None when
+        the packed rows are padded: torch_gemm adds it after slicing)."""
+        rows, cols = self.sparse_shape
+        x2d = x2d.to(layer.values.dtype).contiguous()
+        if cols != x2d.shape[1]:
+            x2d = F.pad(x2d, (0, cols - x2d.shape[1]))
+        return x2d, layer.bias if rows == out_features else None
+
+    def torch_gemm(self, layer, x2d: torch.Tensor, fused_bias, out_features: int, key: tuple | None) -> torch.Tensor:
+        """x2d (from gemm_operands) @ W^T + bias -> [M, out_features]: cuSPARSELt with the searched parameters for
+        `key`, else the torch.sparse tensor (CUTLASS)."""
+        rows, _ = self.sparse_shape
+        with torch.autocast(x2d.device.type, enabled=False):
+            if self.cslt_packed is not None:
+                params = self.cslt_params.get(key, _cusparselt.DEFAULT_PARAMS)
+                y = _cusparselt.linear(self.cslt_packed, x2d, fused_bias, rows, params)
+            else:
+                y = F.linear(x2d, self.sparse_weight, fused_bias)
+            if rows != out_features:
+                y = y[:, :out_features]
+                if layer.bias is not None:
+                    y = y + layer.bias
+        return y
+
     # -- which path an input takes ----------------------------------------------------------------------
 
     def static_path(self, layer, x: torch.Tensor) -> str:
@@ -154,7 +206,8 @@ class _Runtime:
         entry = self.auto_entries.get(key, {})
         times = ", ".join(f"{name} {ms:.4g} ms" for name, ms in sorted(entry.get("times_ms", {}).items()))
         source = "cached" if entry.get("source") == "cache" else "timed"
-        return path, f"auto picked {path} for {key_text(key)} ({source}: {times})"
+        note = f"; {self.auto_note}" if self.auto_note else ""
+        return path, f"auto picked {path} for {key_text(key)} ({source}: {times}){note}"
 
     def remember(self, signature: tuple, forward, last_run: tuple[str, str]) -> None:
         if len(self.calls) >= MAX_SIGNATURES:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair, _reverse_repeat_tuple
 
 from prunedm import ops
-from prunedm.nn import _autotune, _cusparselt, _packing
+from prunedm.nn import _autotune, _packing
 from prunedm.nn._base import _any_autocast, _SparseWeight
 from prunedm.nn._storage import _conv_matrix, _keep_mask
 from prunedm.ops import _backends as op_table
@@ -102,26 +102,11 @@ class SparseLinear(_SparseWeight):
 
     def _sparse_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x as the [M, K padded] matrix the sparse kernels take, and the bias they can fuse (None if padded rows)."""
-        rows, cols = self._runtime.sparse_shape
-        x2d = x.reshape(-1, self.in_features).to(self.values.dtype).contiguous()
-        if cols != self.in_features:
-            x2d = F.pad(x2d, (0, cols - self.in_features))
-        return x2d, self.bias if rows == self.out_features else None
+        return self._runtime.gemm_operands(self, x.reshape(-1, self.in_features), self.out_features)
 
     def _forward_sparse(self, x: torch.Tensor) -> torch.Tensor:
-        runtime = self._runtime
-        rows, _ = runtime.sparse_shape
         x2d, fused_bias = self._sparse_operands(x)
-        with torch.autocast(x.device.type, enabled=False):
-            if runtime.cslt_packed is not None:
-                params = runtime.cslt_params.get(self._input_key(x), _cusparselt.DEFAULT_PARAMS)
-                y = _cusparselt.linear(runtime.cslt_packed, x2d, fused_bias, rows, params)
-            else:
-                y = F.linear(x2d, runtime.sparse_weight, fused_bias)
-            if rows != self.out_features:
-                y = y[:, : self.out_features]
-                if self.bias is not None:
-                    y = y + self.bias
+        y = self._runtime.torch_gemm(self, x2d, fused_bias, self.out_features, self._input_key(x))
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _prunedm_call(self, x: torch.Tensor, kernel) -> torch.Tensor:
@@ -177,11 +162,17 @@ class SparseConv2d(_SparseWeight):
 
     The matrix is [Cout, kh*kw*Cin] in (kh, kw, Cin) order (prunedm.ops.conv_weight_to_matrix),
     padded to multiples of 32. torch.sparse has no 2:4 convolution: backend="prunedm" (and "auto" on
-    a GPU, when timed faster) runs prunedm's sparse implicit-GEMM conv; otherwise the dense conv of
-    the masked weight runs, the weight rebuilt per call."""
+    a GPU, when timed faster) runs prunedm's sparse implicit-GEMM conv; a 1x1, stride-1, unpadded conv
+    is also a linear over NHWC pixels, which backend="torch" (and "auto") runs through torch.sparse's
+    2:4 GEMM (cuSPARSELt); otherwise the dense conv of the masked weight runs, the weight rebuilt per call."""
 
-    _supports_torch_kernel = False
     _prunedm_op = "sparse_conv2d_2to4"
+
+    @property
+    def _supports_torch_kernel(self) -> bool:
+        """1x1, stride 1, no padding (any dilation, groups=1): out[n, :, h, w] = W x[n, :, h, w] + b, a GEMM."""
+        unpadded = self.padding in ("valid", "same") or self.padding == (0, 0)
+        return self.kernel_size == (1, 1) and self.stride == (1, 1) and unpadded
 
     def __init__(
         self,
@@ -327,6 +318,23 @@ class SparseConv2d(_SparseWeight):
             f"conv2d {self.out_channels}x{self.in_channels}x{kh}x{kw} s{list(self.stride)} p{self.padding} "
             f"d{list(self.dilation)} {self.padding_mode} bias={self.bias is not None} {dtype}"
         )
+
+    def _sparse_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A 1x1 conv's GEMM operand: x's pixels in NHWC order as [N*H*W, Cin padded], and the fusable bias."""
+        pixels = x if x.dim() == 4 else x.unsqueeze(0)
+        return self._runtime.gemm_operands(self, pixels.permute(0, 2, 3, 1).reshape(-1, self.in_channels),
+                                           self.out_channels)  # fmt: skip
+
+    def _forward_sparse(self, x: torch.Tensor) -> torch.Tensor:
+        """A 1x1 conv as torch.sparse's 2:4 GEMM over NHWC pixels; the output in x's memory format."""
+        pixels = x if x.dim() == 4 else x.unsqueeze(0)
+        n, _, h, w = pixels.shape
+        x2d, fused_bias = self._sparse_operands(pixels)
+        y = self._runtime.torch_gemm(self, x2d, fused_bias, self.out_channels, self._input_key(x))
+        y = y.reshape(n, h, w, self.out_channels).permute(0, 3, 1, 2)  # channels_last memory
+        if pixels.is_contiguous() or not pixels.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous()
+        return y if x.dim() == 4 else y.squeeze(0)
 
     def _prunedm_call(self, x: torch.Tensor, kernel) -> torch.Tensor:
         """kernel(x_in, values, meta, shape, bias, stride, padding, dilation) on x (padded when the mode asks)."""
