@@ -7,8 +7,6 @@ import math
 
 import pytest
 import torch
-from diffusers.models.attention import FeedForward
-from diffusers.models.attention_processor import Attention
 
 from prunedm.bench import quality_dit, quality_seeds
 from prunedm.bench.quality import Budget
@@ -23,9 +21,7 @@ def test_dit_ecodiff_removes_half_the_heads_and_ffn_units(monkeypatch):
     budget = Budget(batch_size=4, mask_steps=2, seed=0)
     assert quality_dit.ecodiff_steps(budget) == 1
     pruned = quality_dit.build_variant("dit-ecodiff", data, budget, model=model)
-    heads = sum(m.heads for m in pruned.modules() if isinstance(m, Attention))
-    units = sum(m.net[2].in_features for m in pruned.modules() if isinstance(m, FeedForward))
-    assert (heads, units) == (2, 64)  # keep ratio 0.5 of 2 x 2 heads and of 2 x 64 FFN units
+    assert quality_dit.kept_units(pruned) == {"heads": 2, "ffn_units": 64}  # keep ratio 0.5 of 2 x 2, 2 x 64
     # what went: 2 heads (q, k, v rows + out columns, 8 each) and 64 units (in row + bias, out column)
     after = sum(p.numel() for p in pruned.parameters())
     assert before - after == 2 * (3 * 8 * (16 + 1) + 8 * 16) + 64 * (16 + 1 + 16)
