@@ -11,10 +11,10 @@ import sys
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from prunedm.cli import main
+from tests.parallel.gloo_ranks import start_ranks
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend"),
@@ -55,13 +55,13 @@ def _torchrun_worker(rank: int, port: int, argv: list[str]) -> None:
     raise AssertionError("the run was not stopped at its first checkpoint")
 
 
-@pytest.mark.slow  # two processes importing diffusers, then a third run: ~60 s on 2 shared cores
+@pytest.mark.slow  # two forked ranks, then a third run in this process: ~25 s on 2 loaded cores
 def test_learn_mask_fsdp_two_ranks_then_resume_in_one_process(tmp_path):
     from prunedm import load_pretrained, ops
 
     out = tmp_path / "out"
     argv = [*ARGS, "steps=2", "device=cpu", "--out", str(out)]
-    mp.spawn(_torchrun_worker, args=(_free_port(), argv), nprocs=WORLD, join=True)  # killed after step 1
+    start_ranks(_torchrun_worker, (_free_port(), argv), WORLD)  # killed after step 1
     assert json.loads((out / "learner-sharded" / "prunedm.json").read_text())["world_size"] == WORLD
     assert not (out / "masks.safetensors").exists()
     # One process continues the 2-rank run from its sharded checkpoint.

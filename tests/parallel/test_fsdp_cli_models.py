@@ -15,12 +15,12 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from prunedm.cli import main
 from tests.cli.test_conditioning import sd_pipeline  # noqa: F401 (fixture)
 from tests.cli.test_conditioning_mmdit import captioned, flux_pipeline  # noqa: F401 (fixtures)
+from tests.parallel.gloo_ranks import start_ranks
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -28,7 +28,7 @@ pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
     pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.slow,  # 2 processes importing diffusers and transformers, 4 CLI jobs: ~1 min on 2 shared cores
+    pytest.mark.slow,  # 2 forked ranks, 5 CLI jobs on a Flux and a UNet pipeline: ~55 s on 2 loaded cores
 ]
 
 WORLD = 2
@@ -106,7 +106,7 @@ def test_learn_mask_and_finetune_fsdp_on_tiny_flux_and_sdxl_like(
     ]
     odd = [*learn, f"model={flux_pipeline}", "batch_size=3", "--out", str(tmp_path / "odd")]  # refused: exit 2
     jobs.append(odd)
-    mp.spawn(_worker, args=(jobs, _free_ports(len(jobs))), nprocs=WORLD, join=True)
+    start_ranks(_worker, (jobs, _free_ports(len(jobs))), WORLD)
     assert not (tmp_path / "odd").exists()
     for name in ("flux-lm", "sdxl-lm"):
         _check_masks(outs[name])

@@ -189,7 +189,7 @@ def test_stopped_sharded_run_resumes_in_one_process(sharded):
             _assert_logits_close(resumed.logits[name].detach(), logits.detach(), preset)
 
 
-@pytest.mark.slow  # 4 processes on gloo, collectives oversubscribed on 2 cores: ~50 s there, seconds on 4+
+@pytest.mark.slow  # 4 processes on gloo, collectives oversubscribed on 2 cores: ~15 s there, seconds on 4+
 def test_four_ranks_give_the_masks_of_one_and_two_and_resume_the_two_rank_run(sharded):
     out, two = sharded
     spawn_ranks(FOUR, out, _four_ranks, "four.safetensors")

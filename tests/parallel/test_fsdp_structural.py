@@ -23,7 +23,7 @@ diffusers = pytest.importorskip("diffusers")
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend"),
     pytest.mark.skipif(sys.platform == "win32", reason="file:// rendezvous"),
-    pytest.mark.slow,  # one 2-rank spawn importing diffusers, FSDP on gloo: ~45 s on 2 shared cores
+    pytest.mark.slow,  # one 2-rank run, FSDP on gloo: ~10 s on 2 loaded cores
 ]
 
 WORLD = 2
