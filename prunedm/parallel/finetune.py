@@ -6,7 +6,13 @@ atomic, resumable on any number of ranks) and the final EMA model gathered tenso
 Noise, timesteps and batch order are drawn for the global batch from (seed, step) and each rank takes its
 items (rank::world), so the run does not depend on the number of ranks: one process (no torch.distributed)
 runs the same path unsharded, and its weights match a sharded run's up to the order of float sums. Dropout
-draws from the global RNG seeded per (seed, step, rank). Masked KD (distill) and fp16 are refused."""
+draws from the global RNG seeded per (seed, step, rank). fp16 is refused.
+
+Masked KD (distill): the teacher is sharded per block like the student (forward only, gathered block by block)
+and every rank computes DistillLoss on its items; its terms are means over equal shares of the joined batch, so
+the ranks' mean is the joined batch's loss and FSDP's averaged gradients are its gradients. The one term that
+is not a plain mean (output_mask_sigma: divided by the kept-element count) divides by the joined batch's count
+over the ranks."""
 
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from prunedm._optional import optional_import
 from prunedm.diffusion import add_noise, diffusion_target, predict, sample_timesteps
 from prunedm.parallel import fsdp
 from prunedm.train import checkpoint as ckpt
+from prunedm.train.distill import DistillLoss
 from prunedm.train.finetune import (
     MIXED_PRECISION,
     FinetuneConfig,
@@ -204,11 +211,6 @@ def finetune_sharded(
     out_dir/checkpoints (the DDP path's safetensors checkpoints are not read here, nor these there). Resuming
     on the rank count that saved is bit-exact; on another count the gradient sums change order (close, not equal)."""
     config = config or FinetuneConfig()
-    if distill is not None:
-        raise ValueError(
-            "finetune: masked KD (distill) under parallel 'fsdp' is not supported yet (the teacher is not sharded); "
-            "use parallel 'ddp'"
-        )
     if config.mixed_precision == "fp16":
         raise ValueError(
             "finetune.mixed_precision 'fp16' under parallel 'fsdp' needs a sharded gradient scaler, which is not "
@@ -226,8 +228,13 @@ def finetune_sharded(
 
     masks = nm_sparse_masks(model) if config.keep_sparsity else {}
     skeleton = _meta_skeleton(model)
+    distill_loss = DistillLoss(distill, model) if distill is not None else None
     if dist.is_available() and dist.is_initialized():
-        fsdp.shard_model(model, fsdp.device_mesh(device))
+        mesh = fsdp.device_mesh(device)
+        fsdp.shard_model(model, mesh)
+        if distill_loss is not None:
+            fsdp.shard_model(distill.teacher, mesh)
+            distill_loss.count = lambda kept: fsdp.sum_over_ranks(kept) / world
     masks = _local_masks(model, masks)
     live = _state(model)
     ema = {name: tensor.detach().clone() for name, tensor in live.items()}
@@ -261,7 +268,10 @@ def finetune_sharded(
         noisy = add_noise(scheduler, images, noise, timesteps)
         target = diffusion_target(scheduler, images, noise, timesteps)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = F.mse_loss(predict(model, noisy, timesteps, batch).float(), target.float())
+            if distill_loss is None:
+                loss = F.mse_loss(predict(model, noisy, timesteps, batch).float(), target.float())
+            else:
+                loss = distill_loss(model, noisy, timesteps, batch, target, step=step)  # beta resumes exactly
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
@@ -281,6 +291,8 @@ def finetune_sharded(
         if callback is not None:
             callback(done, {"loss": loss_value})
     bar.close()
+    if distill_loss is not None:
+        distill_loss.remove()
     _gather_into(skeleton, ema, keep=rank == 0)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

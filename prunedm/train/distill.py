@@ -34,13 +34,15 @@ class DistillConfig:
     output_mask_sigma: float | None = None  # output KD masking (the teacher-only masked_mse); None: plain MSE
 
 
-def masked_mse(student: torch.Tensor, teacher: torch.Tensor, sigma: float | None) -> torch.Tensor:
-    """MSE over the elements where the teacher is within mean +/- sigma * std (per sample)."""
+def masked_mse(student: torch.Tensor, teacher: torch.Tensor, sigma: float | None, count=None) -> torch.Tensor:
+    """MSE over the elements where the teacher is within mean +/- sigma * std (per sample). `count` maps this
+    batch's kept-element count to the divisor (a sharded run: the joined batch's count over the ranks)."""
     student, teacher = student.float(), teacher.float()
     if sigma is None:
         return torch.mean((student - teacher) ** 2)
     keep = within_sigma(teacher, sigma)
-    return ((student - teacher) ** 2 * keep).sum() / keep.sum().clamp_min(1)
+    kept = keep.sum().float()
+    return ((student - teacher) ** 2 * keep).sum() / (kept if count is None else count(kept)).clamp_min(1)
 
 
 def within_sigma(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -123,6 +125,7 @@ class DistillLoss:
         else:
             pairs = dict(config.feature_layers)
         self.config, self.pairs, self.step = config, pairs, 0
+        self.count = None  # masked_mse's divisor map (prunedm.parallel.finetune sets it per rank)
         config.teacher.eval().requires_grad_(False)
         self.student_capture = _Capture(student, list(pairs))
         self.teacher_capture = _Capture(config.teacher, list(pairs.values()))
@@ -141,7 +144,7 @@ class DistillLoss:
         with torch.no_grad():
             teacher_out = predict(c.teacher, noisy, timesteps, batch)
         student_out = predict(model, noisy, timesteps, batch)
-        loss = c.kd_weight * masked_mse(student_out, teacher_out, c.output_mask_sigma)
+        loss = c.kd_weight * masked_mse(student_out, teacher_out, c.output_mask_sigma, self.count)
         loss = loss + c.gt_weight * torch.mean((student_out.float() - target.float()) ** 2)
         beta = self.feature_weight(step)
         if self.pairs and beta > 0:

@@ -1,10 +1,12 @@
 """finetune under FSDP2 (parallel: fsdp) on 2 gloo processes (CPU): a tiny attention UNet with 2:4 masks
-(keep_sparsity) sharded per block, AdamW, clipping and the EMA on each rank's rows. Its weights match one
+(keep_sparsity) sharded per block, AdamW, clipping and the EMA on each rank's rows, without and with masked KD
+from the dense UNet (teacher sharded too). Its weights match one
 process on the joined batch, the masks hold exactly, and a run stopped mid-way resumes in one process from
 its sharded checkpoint with the uninterrupted run's result."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 
@@ -24,6 +26,7 @@ pytestmark = [
 
 WORLD = 2
 STEPS = 4
+KD_STEPS = 2  # the KD runs: 2 steps (one checkpoint) keep the spawn short
 LR = 1e-3
 
 
@@ -49,24 +52,38 @@ def _config(**overrides):
     return FinetuneConfig(**settings)
 
 
-def _run(out, **overrides):
+def _kd():
+    """Masked KD from the dense UNet: output KD masked at 2 sigma (the count-divided term), features of the
+    attention down block and the mid block at beta 0.1."""
+    from prunedm.train import DistillConfig
+
+    pairs = {"down_blocks.1": "down_blocks.1", "mid_block": "mid_block"}
+    return DistillConfig(tiny_pruning_unet(), feature_layers=pairs, feature_weight=0.1, output_mask_sigma=2.0)
+
+
+def _run(out, distill=None, **overrides):
     from prunedm.parallel.finetune import finetune_sharded
 
     model = _masked_unet()
-    result = finetune_sharded(model, _images(), out, _config(**overrides), resume=True)
+    result = finetune_sharded(model, _images(), out, _config(**overrides), resume=True, distill=distill)
     return {k: v.detach().clone() for k, v in result.ema_model.state_dict().items()}
 
 
 def _two_ranks(rank: int, out: str) -> dict[str, torch.Tensor]:
-    return _run(f"{out}/run")
+    kd = {f"kd.{k}": v for k, v in _run(f"{out}/kd", distill=_kd(), steps=KD_STEPS).items()}
+    return {**_run(f"{out}/run"), **kd}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One 2-rank run (spawning costs seconds) and one uninterrupted single-process run of the same config."""
+    """One 2-rank spawn (spawning costs seconds) running the plain and the masked-KD config, and one
+    uninterrupted single-process run of each; the KD results are under "kd."."""
     out = tmp_path_factory.mktemp("fsdp-finetune")
     spawn_ranks(WORLD, out, _two_ranks, "ema.safetensors")
-    return out, load_file(out / "ema.safetensors"), _run(out / "single")
+    both = load_file(out / "ema.safetensors")
+    sharded = {k: v for k, v in both.items() if not k.startswith("kd.")}
+    single_kd = {f"kd.{k}": v for k, v in _run(out / "single-kd", distill=_kd(), steps=KD_STEPS).items()}
+    return out, sharded, _run(out / "single"), both, single_kd
 
 
 def _checkpoint_weights(path) -> dict[str, torch.Tensor]:
@@ -90,7 +107,7 @@ def _assert_close(actual: dict, expected: dict) -> None:
 
 
 def test_sharded_weights_close_to_one_process_and_masks_kept(runs):
-    out, sharded, single = runs
+    out, sharded, single = runs[:3]
     _assert_close(sharded, single)
     start = _masked_unet().state_dict()
     assert any(not torch.equal(sharded[k], start[k]) for k in start), "nothing trained: the comparison is vacuous"
@@ -105,7 +122,7 @@ def test_sharded_weights_close_to_one_process_and_masks_kept(runs):
 
 
 def test_stopped_sharded_run_resumes_on_one_rank(runs, tmp_path):
-    out, sharded, single = runs
+    out, sharded, single = runs[:3]
     stopped = tmp_path / "stopped"
     shutil.copytree(out / "run", stopped)
     shutil.rmtree(stopped / "checkpoints" / f"step-{STEPS:08d}")  # killed before its last checkpoint
@@ -121,12 +138,43 @@ def test_stopped_sharded_run_resumes_on_one_rank(runs, tmp_path):
         assert torch.equal(value, single[name]), name
 
 
+def test_masked_kd_sharded_close_to_one_process(runs):
+    out, plain, both, single_kd = runs[0], runs[1], runs[3], runs[4]
+    losses = [[json.loads(line)["loss"] for line in (out / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("kd", "single-kd")]  # fmt: skip
+    # the ranks' mean loss is the joined batch's (the count-divided output term included): step 1 before any
+    # update agrees to float rounding
+    assert len(losses[0]) == KD_STEPS and losses[0][0] == pytest.approx(losses[1][0], rel=1e-6, abs=0)
+    sharded_kd = {k: v for k, v in both.items() if k.startswith("kd.")}
+    _assert_close(sharded_kd, single_kd)  # the tolerance and reasons of the runs without KD (2 steps fewer)
+    differs = [k for k in plain if not torch.equal(sharded_kd[f"kd.{k}"], plain[k])]
+    assert differs, "the KD loss changed nothing: the comparison is vacuous"
+    for name, value in plain.items():  # keep_sparsity holds under KD too
+        if name.endswith(".weight") and value.dim() > 1 and (value == 0).any():
+            assert torch.equal(sharded_kd[f"kd.{name}"] == 0, value == 0), name
+
+
+def test_masked_output_kd_divides_by_the_joined_count():
+    """What the sharded KD gives each rank's masked output term: the ranks' mean is the joined batch's value
+    even where the halves keep different numbers of elements (the halves' own counts would not give it)."""
+    from prunedm.train.distill import masked_mse, within_sigma
+
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(4, 3, 8, 8, generator=gen), torch.randn(4, 3, 8, 8, generator=gen)
+    teacher[0::2, :, :2] *= 8  # outliers in rank 0's items only: its half keeps fewer elements
+    joined = masked_mse(student, teacher, 2.0)
+    kept = within_sigma(teacher, 2.0).sum().float()
+    halves = [(student[r::WORLD], teacher[r::WORLD]) for r in range(WORLD)]
+    sharded = sum(masked_mse(s, t, 2.0, lambda k: kept / WORLD) for s, t in halves) / WORLD
+    own = sum(masked_mse(s, t, 2.0) for s, t in halves) / WORLD
+    torch.testing.assert_close(sharded, joined, rtol=1e-6, atol=0)
+    assert abs(float(own / joined) - 1) > 1e-3
+
+
 def test_refusals(tmp_path):
     from prunedm.parallel.finetune import finetune_sharded
-    from prunedm.train import DistillConfig, finetune
+    from prunedm.train import finetune
 
-    with pytest.raises(ValueError, match="masked KD .distill. under parallel 'fsdp' is not supported"):
-        finetune_sharded(_masked_unet(), _images(), tmp_path / "kd", _config(), distill=DistillConfig(_masked_unet()))
     with pytest.raises(ValueError, match="mixed_precision 'fp16' under parallel 'fsdp'"):
         finetune_sharded(_masked_unet(), _images(), tmp_path / "fp16", _config(mixed_precision="fp16"))
     finetune(_masked_unet(), _images(), tmp_path / "ddp", _config(steps=1))  # the DDP path's checkpoints
