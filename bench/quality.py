@@ -26,13 +26,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import prunedm
 from prunedm._atomic import write_text_atomic
 from prunedm.diffusion import denoising_loss as shared_denoising_loss
 from prunedm.measure import layer_macs, time_ms
 
 from .common import environment, save_figure, write_results
 
-ASSETS = Path(__file__).resolve().parents[1] / "prunedm" / "assets"
+# From the package, so it is right both in a checkout (bench/) and installed (prunedm.bench).
+ASSETS = Path(prunedm.__file__).resolve().parent / "assets"
 DENSE_DIR = ASSETS / "digits-ddpm"
 CHANNEL_IMPORTANCES = ("random", "magnitude", "taylor", "diff-pruning")
 MASK_METHODS = ("magnitude", "maskllm", "maskpro")
