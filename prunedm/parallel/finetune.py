@@ -6,7 +6,9 @@ atomic, resumable on any number of ranks) and the final EMA model gathered tenso
 Noise, timesteps and batch order are drawn for the global batch from (seed, step) and each rank takes its
 items (rank::world), so the run does not depend on the number of ranks: one process (no torch.distributed)
 runs the same path unsharded, and its weights match a sharded run's up to the order of float sums. Dropout
-draws from the global RNG seeded per (seed, step, rank). fp16 is refused.
+draws from the global RNG seeded per (seed, step, rank). fp16 is refused; bf16 is FSDP2's MixedPrecisionPolicy
+(bf16 gathered parameters and compute, fp32 sharded parameters, optimizer state and gradient reduction) under
+torch.distributed, autocast in one process.
 
 Masked KD (distill): the teacher is sharded per block like the student (forward only, gathered block by block)
 and every rank computes DistillLoss on its items; its terms are means over equal shares of the joined batch, so
@@ -231,10 +233,11 @@ def finetune_sharded(
     distill_loss = DistillLoss(distill, model) if distill is not None else None
     if dist.is_available() and dist.is_initialized():
         mesh = fsdp.device_mesh(device)
-        fsdp.shard_model(model, mesh)
+        fsdp.shard_model(model, mesh, compute_dtype=amp_dtype)
         if distill_loss is not None:
-            fsdp.shard_model(distill.teacher, mesh)
+            fsdp.shard_model(distill.teacher, mesh, compute_dtype=amp_dtype)
             distill_loss.count = lambda kept: fsdp.sum_over_ranks(kept) / world
+        amp_dtype = None  # bf16: FSDP2's MixedPrecisionPolicy in place of autocast
     masks = _local_masks(model, masks)
     live = _state(model)
     ema = {name: tensor.detach().clone() for name, tensor in live.items()}

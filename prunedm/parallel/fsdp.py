@@ -70,14 +70,19 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for block in blocks if block is not skip]
 
 
-def shard_model(model: nn.Module, mesh: DeviceMesh, blocks: Iterable[nn.Module] | None = None) -> list[nn.Module]:
-    """fully_shard each block (default: find_blocks(model)), then the root; returns the blocks."""
-    from torch.distributed.fsdp import fully_shard
+def shard_model(
+    model: nn.Module, mesh: DeviceMesh, blocks: Iterable[nn.Module] | None = None, compute_dtype=None
+) -> list[nn.Module]:
+    """fully_shard each block (default: find_blocks(model)), then the root; returns the blocks. compute_dtype
+    (e.g. torch.bfloat16): FSDP2's MixedPrecisionPolicy, the gathered parameters and the forward in that dtype,
+    the sharded (master) parameters and the gradient reduction in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = {} if compute_dtype is None else {"mp_policy": MixedPrecisionPolicy(compute_dtype, torch.float32)}
     blocks = find_blocks(model) if blocks is None else list(blocks)
     for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, **policy)
+    fully_shard(model, mesh=mesh, **policy)
     return blocks
 
 
