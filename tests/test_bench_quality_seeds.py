@@ -204,7 +204,7 @@ def test_targets_report_masks_on_frozen_weights_and_the_dense_reference():
     rows += [_row("2to4-magnitude", s, 10.5 + s, steps=400) for s in range(3)]
     text = qs.targets(qs.aggregate(rows))
     assert "0 finetune steps, MaskLLM's and MaskPro's own protocol): met (best 2to4-maskllm-short, FID -240.00" in text
-    assert "within 10% of dense FID (11.00) at 400 steps: missed (within: dense, 2to4-magnitude)" in text
+    assert "within 10% of dense FID (11.00) at 400 steps: missed (within: 2to4-magnitude)" in text
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
