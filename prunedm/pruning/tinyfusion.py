@@ -13,18 +13,26 @@ Faithful by default (preset "official", VainF/TinyFusion prune_by_learning.py); 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunedm.diffusion import denoising_loss as shared_denoising_loss
-from prunedm.diffusion import sample_timesteps
+from prunedm._atomic import remove_stale_temps
+from prunedm._optional import optional_import
 from prunedm.parallel import fsdp
 from prunedm.pruning.depth import _block_input, _block_output, transformer_blocks
-from prunedm.pruning.importance import optional_import
+from prunedm.pruning.tinyfusion_loss import (
+    class_dropout,
+    denoising_loss,  # noqa: F401  (re-exported by prunedm.pruning)
+    keyed_denoising_loss,
+    label_embedders,
+    stream_seed,
+)
+from prunedm.pruning.tinyfusion_state import load_search, save_search, search_tensors
 
 
 @dataclass
@@ -51,30 +59,6 @@ def keep_patterns(group_size: int, keep: int) -> torch.Tensor:
         for kept in itertools.combinations(range(group_size), keep)
     ]
     return torch.tensor(rows)
-
-
-def denoising_loss(model: nn.Module, batch, scheduler=None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Noise-prediction MSE for a DiT-style model at uniformly drawn timesteps.
-
-    batch: latents, (latents, class_labels), or a dict with "latents"/"sample" and "class_labels".
-    The first `latents.shape[1]` output channels are the noise estimate (DiT also predicts variance)."""
-    DDPMScheduler = optional_import("diffusers", "denoising_loss").DDPMScheduler  # noqa: N806
-
-    scheduler = scheduler if scheduler is not None else DDPMScheduler(num_train_timesteps=1000)
-    labels = None
-    if isinstance(batch, Mapping):
-        latents, labels = batch.get("latents", batch.get("sample")), batch.get("class_labels")
-    elif isinstance(batch, (list, tuple)):
-        latents, labels = batch[0], (batch[1] if len(batch) > 1 else None)
-    else:
-        latents = batch
-    n = latents.shape[0]
-    if labels is None and getattr(getattr(model, "config", None), "num_embeds_ada_norm", None):
-        labels = torch.zeros(n, dtype=torch.long, device=latents.device)
-    # Timesteps before noise (the order this loss has always drawn in, so seeded runs stay the same).
-    t = sample_timesteps(scheduler, n, latents.device, generator)
-    batch = {"images": latents, **({"class_labels": labels} if labels is not None else {})}
-    return shared_denoising_loss(model, scheduler, batch, generator, timesteps=t)
 
 
 # Where each constant comes from. "official": VainF/TinyFusion prune_by_learning.py (its defaults and the
@@ -184,6 +168,24 @@ def _lora_hook(down: nn.Parameter, up: nn.Parameter, scale: float):
     return lambda module, args, output: output + scale * F.linear(F.linear(args[0], down), up)
 
 
+def _options(preset: str, given: dict, lora, grad_clip, ema_decay) -> dict:
+    """The search's settings: `given` where set, else TINYFUSION_PRESETS[preset]'s; ValueError for bad ones."""
+    if preset not in TINYFUSION_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(TINYFUSION_PRESETS)}, got {preset!r}")
+    chosen = TINYFUSION_PRESETS[preset]
+    opts = {k: (chosen[k] if v is None else v) for k, v in given.items()}
+    opts["lora"] = chosen["lora"] if lora == "preset" else lora
+    opts["grad_clip"] = chosen["grad_clip"] if grad_clip == "preset" else grad_clip
+    opts["ema_decay"] = chosen["ema_decay"] if ema_decay == "preset" else ema_decay
+    if opts["lora"] not in LORA_SCOPES:
+        raise ValueError(f"lora must be one of {LORA_SCOPES}, got {opts['lora']!r}")
+    if opts["optimizer"] not in ("adam", "adamw"):
+        raise ValueError(f"optimizer must be 'adam' or 'adamw', got {opts['optimizer']!r}")
+    if opts["ema_decay"] is not None and not 0.0 <= opts["ema_decay"] < 1.0:
+        raise ValueError(f"ema_decay must lie in [0, 1), got {opts['ema_decay']}")
+    return opts
+
+
 def learn_depth_keep(
     model: nn.Module,
     data: Iterable,
@@ -207,57 +209,60 @@ def learn_depth_keep(
     blocks_attr: str = "transformer_blocks",
     seed: int = 0,
     shard: bool = False,
+    scheduler=None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> DepthSearchResult:
     """Learn which `keep_per_group` of every `group_size` consecutive blocks to keep (e.g. 1:2, 2:4, 7:14).
 
     Each step samples keep patterns per group (straight-through Gumbel-softmax of scaling x logits at a
     temperature annealed linearly from tau[0] to tau[1]); with per_sample each image of the batch gets its
     own pattern. Skipped blocks pass their input through. The loss (`loss_fn(model, batch)`, by default
-    `denoising_loss`) trains the pattern logits and, as the recoverability term, LoRA deltas (scope
-    `lora`: "all" Linears, "blocks" only, None: no LoRA), so a pattern is judged by how well the model
-    recovers with it. The decision is the argmax of an EMA of the logits (ema_decay None: of the logits).
-    Unset arguments come from TINYFUSION_PRESETS[preset] ("official" or "short"). `data` is cycled for
-    `steps` batches. The model's weights are unchanged; the LoRA is discarded.
+    keyed_denoising_loss on `scheduler`, DDPM over 1000 steps unless given) trains the pattern logits and, as
+    the recoverability term, LoRA deltas (scope `lora`: "all" Linears, "blocks" only, None: no LoRA), so a
+    pattern is judged by how well the model recovers with it. The decision is the argmax of an EMA of the logits
+    (ema_decay None: of the logits). Unset arguments come from TINYFUSION_PRESETS[preset] ("official" or
+    "short"). `data` is cycled for `steps` batches (a sequence: batch step % len(data)). The model's weights are
+    unchanged; the LoRA is discarded. on_step(done, loss) after each step.
 
-    shard (parallel: fsdp; every rank calls it with its own batches, all of one size): the model is sharded
-    with FSDP2 per block (and left so: prune an unsharded copy with keep_indices); gate logits, LoRA and
-    optimizer state stay whole on every rank, their gradients averaged over ranks. Per-image patterns are drawn
-    over the joined batch and each rank takes its rows, so with a deterministic loss_fn the search equals one
-    process's on the joined batch (up to float rounding). The default loss draws each rank's noise and timesteps
-    from its own stream (seeded by seed and rank): one process drawing for the joined batch interleaves them
-    with the gate draws in one stream, which ranks cannot share without holding every rank's images. Draws the
-    model itself makes in train mode (DiT's class-label dropout, from the global RNG) are each rank's own too."""
-    if preset not in TINYFUSION_PRESETS:
-        raise ValueError(f"preset must be one of {sorted(TINYFUSION_PRESETS)}, got {preset!r}")
-    chosen = TINYFUSION_PRESETS[preset]
+    Randomness: the gate draws of step s come from a generator seeded by (seed, s); the default loss draws each
+    sample's timestep, noise and class-label dropout keyed by (seed, s, its row in the joined batch)
+    (prunedm.pruning.tinyfusion_loss). The model's own label dropout (DiT's LabelEmbedding, which in diffusers
+    draws from the global RNG once per block) is off during the search: the default loss drops each sample's
+    label once, with the model's probability, as the original DiT does; a custom loss_fn drops labels itself.
+
+    shard (parallel: fsdp; every rank calls it with its own rows of the joined batch, all of one size n, rank r
+    holding rows [r*n, (r+1)*n)): the model is sharded with FSDP2 per block (and left so: prune an unsharded
+    copy with keep_indices); gate logits, LoRA and optimizer state stay whole on every rank, their gradients
+    averaged over ranks. Per-image patterns are drawn over the joined batch and each rank takes its rows, and the
+    default loss's draws are keyed by global row, so the search equals one process's on the joined batch up to
+    float rounding of the reductions (a custom loss_fn: when it draws nothing per rank).
+
+    checkpoint_dir with checkpoint_every k > 0: after every k-th and the last step the search state (logits,
+    EMA, LoRA, optimizer state, step, losses) is written there (prunedm.pruning.tinyfusion_state; rank 0 writes,
+    the state being whole on every rank). resume: continue from the newest checkpoint there (none: from the
+    start), bit for bit as the uninterrupted run in one process, and on any number of ranks under shard."""
     given = {"per_sample": per_sample, "scaling": scaling, "tau": tau, "lora_rank": lora_rank,
              "lora_alpha": lora_alpha, "optimizer": optimizer, "logits_lr": logits_lr, "lora_lr": lora_lr}  # fmt: skip
-    opts = {k: (chosen[k] if v is None else v) for k, v in given.items()}
-    opts["lora"] = chosen["lora"] if lora == "preset" else lora
-    opts["grad_clip"] = chosen["grad_clip"] if grad_clip == "preset" else grad_clip
-    opts["ema_decay"] = chosen["ema_decay"] if ema_decay == "preset" else ema_decay
-    if opts["lora"] not in LORA_SCOPES:
-        raise ValueError(f"lora must be one of {LORA_SCOPES}, got {opts['lora']!r}")
-    if opts["optimizer"] not in ("adam", "adamw"):
-        raise ValueError(f"optimizer must be 'adam' or 'adamw', got {opts['optimizer']!r}")
-    if opts["ema_decay"] is not None and not 0.0 <= opts["ema_decay"] < 1.0:
-        raise ValueError(f"ema_decay must lie in [0, 1), got {opts['ema_decay']}")
+    opts = _options(preset, given, lora, grad_clip, ema_decay)
+    if checkpoint_every < 0 or ((checkpoint_every or resume) and checkpoint_dir is None):
+        raise ValueError(f"checkpoint_every={checkpoint_every}, resume={resume}: need checkpoint_every >= 0 and, "
+                         "to checkpoint or resume, a checkpoint_dir")  # fmt: skip
     blocks = transformer_blocks(model, blocks_attr)
     if len(blocks) % group_size:
         raise ValueError(f"{len(blocks)} blocks do not split into groups of {group_size}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the LoRA's initial values
     param = next(model.parameters())
     patterns = keep_patterns(group_size, keep_per_group).to(param.device)
     num_groups = len(blocks) // group_size
     logits = nn.Parameter(torch.zeros(num_groups, len(patterns), device=param.device))
     ema = logits.detach().clone()
     rank, world = (torch.distributed.get_rank(), fsdp.world_size()) if shard else (0, 1)
-    if loss_fn is None:
-        DDPMScheduler = optional_import("diffusers", "learn_depth_keep").DDPMScheduler  # noqa: N806
-
-        scheduler = DDPMScheduler(num_train_timesteps=1000)
-        noise_generator = generator if not shard else torch.Generator().manual_seed(seed + 7919 * (rank + 1))
-        loss_fn = lambda m, b: denoising_loss(m, b, scheduler, noise_generator)  # noqa: E731
+    dropout = class_dropout(model)
+    if loss_fn is None and scheduler is None:
+        scheduler = optional_import("diffusers", "learn_depth_keep").DDPMScheduler(num_train_timesteps=1000)
 
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in frozen:
@@ -274,24 +279,44 @@ def learn_depth_keep(
     else:
         optim = torch.optim.Adam(groups)
     scale_range = opts["scaling"] if isinstance(opts["scaling"], tuple) else (opts["scaling"],) * 2
+    state = search_tensors(logits, ema, lora_params)
+    identity = {"blocks": len(blocks), "group_size": group_size, "keep_per_group": keep_per_group, "steps": steps,
+                "seed": seed, "default_loss": loss_fn is None, **{k: list(v) if isinstance(v, tuple) else v
+                                                                  for k, v in opts.items()}}  # fmt: skip
 
-    losses = []
+    start, losses = 0, []
+    if resume:
+        if rank == 0:
+            remove_stale_temps(checkpoint_dir)  # what a killed writer left; only rank 0 writes there
+        if world > 1:
+            torch.distributed.barrier()
+        found = load_search(Path(checkpoint_dir), state, optim, identity)
+        if found is not None:
+            start, losses = found
     was_training = model.training
     model.train()
+    for embedder in label_embedders(model):  # labels are dropped (once per sample) by the default loss
+        embedder.eval()
     try:
-        batches = _cycle(data)
-        for step in range(steps):
+        batches = _batches(data, start)
+        for step in range(start, steps):
             progress = step / max(1, steps - 1)
             temperature = opts["tau"][0] + (opts["tau"][1] - opts["tau"][0]) * progress
             scale = scale_range[0] + (scale_range[1] - scale_range[0]) * progress
+            draws = torch.Generator().manual_seed(stream_seed(seed, step, -1, "gates"))
             if opts["per_sample"]:
                 gates.gates = None
-                gates.sampler = lambda n, t=temperature, s=scale: sample_keep_gates(
-                    logits, patterns, t, s, n * world, generator
+                gates.sampler = lambda n, t=temperature, s=scale, g=draws: sample_keep_gates(
+                    logits, patterns, t, s, n * world, g
                 )[rank * n : (rank + 1) * n]
             else:
-                gates.gates = sample_keep_gates(logits, patterns, temperature, scale, None, generator)
-            loss = loss_fn(model, next(batches))
+                gates.gates = sample_keep_gates(logits, patterns, temperature, scale, None, draws)
+            batch = next(batches)
+            if loss_fn is None:
+                first = rank * _batch_rows(batch)
+                loss = keyed_denoising_loss(model, batch, scheduler, seed, step, first, dropout)
+            else:
+                loss = loss_fn(model, batch)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:  # the mean over ranks of their batches' gradients: the joined batch's
@@ -305,6 +330,14 @@ def learn_depth_keep(
             if opts["ema_decay"] is not None:
                 ema.mul_(opts["ema_decay"]).add_(logits.detach(), alpha=1 - opts["ema_decay"])
             losses.append(float(loss.detach()))
+            done = step + 1
+            if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
+                if rank == 0:
+                    save_search(Path(checkpoint_dir), done, state, optim, losses, identity)
+                if world > 1:  # no rank runs ahead of a checkpoint that is not yet complete
+                    torch.distributed.barrier()
+            if on_step is not None:
+                on_step(done, losses[-1])
     finally:
         model.train(was_training)
         gates.remove()
@@ -317,6 +350,24 @@ def learn_depth_keep(
     best = patterns[decided.argmax(-1)]  # [groups, group_size]
     keep = [g * group_size + j for g in range(num_groups) for j in range(group_size) if best[g, j] > 0]
     return DepthSearchResult(keep, patterns.cpu(), logits.detach().cpu(), losses, decided.cpu())
+
+
+def _batch_rows(batch) -> int:
+    """The number of samples in a batch (latents, a tuple or a dict, as keyed_denoising_loss takes it)."""
+    if isinstance(batch, dict):
+        batch = next(batch[k] for k in ("latents", "sample", "images") if k in batch)
+    elif isinstance(batch, (list, tuple)):
+        batch = batch[0]
+    return batch.shape[0]
+
+
+def _batches(data: Iterable, start: int):
+    """Batches from step `start` on: data[step % len(data)] for a sequence, else `data` cycled past `start`."""
+    if isinstance(data, Sequence):
+        if not len(data):
+            raise ValueError("data is empty: pass at least one batch")
+        return (data[step % len(data)] for step in itertools.count(start))
+    return itertools.islice(_cycle(data), start, None)
 
 
 def _cycle(data: Iterable):

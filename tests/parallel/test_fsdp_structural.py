@@ -1,7 +1,8 @@
 """The structural gate learner and TinyFusion's depth search under FSDP2 (parallel: fsdp) on 2 gloo processes (CPU),
 in one spawn: the frozen DiT sharded per block, the gates (and TinyFusion's LoRA) whole on every rank with their
 gradients averaged. Gates, hard masks and depth decisions equal one process's on the joined batch (masks and
-decisions bit for bit, logits to float rounding); a gate run stopped mid-way resumes in one process."""
+decisions bit for bit, logits to float rounding; TinyFusion with its default loss and DiT's label dropout on); a
+gate run stopped mid-way resumes in one process."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from prunedm.pruning.tinyfusion_loss import keyed_draws, label_embedders
 from tests.parallel.gloo_ranks import spawn_ranks
 from tests.pruning.test_depth import tiny_dit
 from tests.structural.test_structural_distributed import _batch as _gate_batch
@@ -38,36 +40,31 @@ def _gate_state(learner, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def _depth_batches(rank: int | None):
-    """Two batches of DEPTH_BATCH images per rank (rank None: the ranks' rows joined), with fixed targets."""
+    """Two batches of (latents, class labels), DEPTH_BATCH per rank (rank None: the ranks' rows joined)."""
     batches = []
     for index in range(2):
         g = torch.Generator().manual_seed(77 + index)
         total = DEPTH_BATCH * WORLD
-        batch = {"hidden_states": torch.randn(total, 4, 8, 8, generator=g),
-                 "timestep": torch.randint(0, 1000, (total,), generator=g),
-                 "class_labels": torch.randint(0, 10, (total,), generator=g),
-                 "target": torch.randn(total, 4, 8, 8, generator=g)}  # fmt: skip
+        latents, labels = torch.randn(total, 4, 8, 8, generator=g), torch.randint(0, 10, (total,), generator=g)
         rows = slice(None) if rank is None else slice(rank * DEPTH_BATCH, (rank + 1) * DEPTH_BATCH)
-        batches.append({k: v[rows] for k, v in batch.items()})
+        batches.append((latents[rows], labels[rows]))
     return batches
 
 
-def _depth_loss(model, batch):
-    inputs = {k: v for k, v in batch.items() if k != "target"}
-    return torch.nn.functional.mse_loss(model(**inputs).sample[:, :4], batch["target"])  # the noise half
+def _depth_model():
+    model = tiny_dit(4)
+    for embedder in label_embedders(model):  # DiT's label dropout, on (0.1 by default; 0.5: some rows drop here)
+        embedder.dropout_prob = 0.5
+    return model
 
 
-def _depth_search(rank: int | None):
+def _depth_search(rank: int | None, **kwargs):
     from prunedm.pruning import learn_depth_keep
 
-    model = tiny_dit(4)
-    # The search runs the model in train mode, where DiT drops class labels (p 0.1) by the global RNG: each
-    # rank's own stream, not a slice of one process's. Off here, so that the draws are the search's own.
-    for block in model.transformer_blocks:
-        block.norm1.emb.class_embedder.dropout_prob = 0.0
-    # The official preset (one pattern per image, LoRA on every Linear, AdamW, clipping, EMA), faster logits.
-    return learn_depth_keep(model, _depth_batches(rank), group_size=2, keep_per_group=1, steps=STEPS,
-                            loss_fn=_depth_loss, logits_lr=0.05, ema_decay=0.5, shard=rank is not None)  # fmt: skip
+    # The default loss (noise, timesteps and label dropout keyed by global row) and the official preset (one
+    # pattern per image, LoRA on every Linear, AdamW, clipping, EMA), faster logits.
+    return learn_depth_keep(_depth_model(), _depth_batches(rank), group_size=2, keep_per_group=1, steps=STEPS,
+                            logits_lr=0.05, ema_decay=0.5, shard=rank is not None, **kwargs)  # fmt: skip
 
 
 def _two_ranks(rank: int, out: str) -> dict[str, torch.Tensor]:
@@ -131,14 +128,19 @@ def test_sharded_gates_equal_one_process_on_the_joined_batch_and_resume(sharded)
     _assert_gates_match(_gate_state(resumed), _gate_state(single))
 
 
-def test_sharded_depth_search_equals_one_process_on_the_joined_batch(sharded):
+def test_sharded_depth_search_with_the_default_loss_equals_one_process_on_the_joined_batch(sharded):
     _, ranks = sharded
     single = _depth_search(None)
     assert ranks[0]["depth.keep"].tolist() == single.keep_indices
+    # Float rounding of the ranks' reductions only (the mean of two half-batch means, all-reduced gradients).
     torch.testing.assert_close(ranks[0]["depth.decision"], single.decision_logits, rtol=0, atol=1e-6)
     torch.testing.assert_close(ranks[0]["depth.logits"], single.logits, rtol=0, atol=1e-6)
     torch.testing.assert_close(ranks[0]["depth.losses"], torch.tensor(single.losses), rtol=1e-5, atol=1e-7)
     assert float((single.logits - single.logits[:, :1]).abs().max()) > 1e-3, "the logits did not move"
+    # The keyed draws dropped some labels and kept others over the steps: the dropout is exercised.
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    uniforms = torch.cat([keyed_draws(DEPTH_BATCH * WORLD, (4, 8, 8), scheduler, 0, s)[2] for s in range(STEPS)])
+    assert 0 < int((uniforms < 0.5).sum()) < len(uniforms)
 
 
 def test_ecodiff_refuses_fsdp():

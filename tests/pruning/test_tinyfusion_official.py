@@ -9,6 +9,7 @@ from torch import nn
 
 from prunedm.pruning import keep_patterns, learn_depth_keep
 from prunedm.pruning.tinyfusion import TINYFUSION_PRESETS, DepthGates, _add_lora, sample_keep_gates
+from prunedm.pruning.tinyfusion_loss import class_dropout, keyed_denoising_loss, label_embedders
 from prunedm.train.distill import DistillConfig, DistillLoss, block_pairs, masked_feature_mse
 from tests.pruning.test_depth import dit_inputs, tiny_dit
 
@@ -91,6 +92,42 @@ def test_the_decision_is_the_argmax_of_the_ema_logits():
         learn_depth_keep(model, batches, preset="paper", **kwargs)
     with pytest.raises(ValueError, match="lora"):
         learn_depth_keep(model, batches, group_size=2, steps=1, lora="heads")
+
+
+def test_keyed_loss_of_a_batch_split_in_rows_equals_the_joined_batch_and_drops_labels_to_the_null_class():
+    from diffusers import DDPMScheduler
+
+    model, scheduler = tiny_dit(), DDPMScheduler(num_train_timesteps=1000)
+    latents, labels = torch.randn(4, 4, 8, 8), torch.tensor([1, 2, 3, 4])
+    assert class_dropout(model) == (0.1, 10)  # DiT's own probability; the extra row 10 is the null class
+
+    def loss(rows, first, step=5, dropout=(0.5, 10), y=labels):
+        return keyed_denoising_loss(model, (latents[rows], y[rows]), scheduler, 3, step, first, dropout)
+
+    with torch.no_grad():
+        joined = loss(slice(None), 0)
+        halves = (loss(slice(0, 2), 0) + loss(slice(2, 4), 2)) / 2  # what two ranks' mean gives
+        torch.testing.assert_close(halves, joined, rtol=1e-6, atol=0)
+        assert not torch.equal(loss(slice(None), 0, step=6), joined)  # each step draws anew
+        # Probability 1 drops every label to the null class: the loss of null labels without dropout.
+        torch.testing.assert_close(loss(slice(None), 0, dropout=(1.0, 10)),
+                                   loss(slice(None), 0, dropout=(0.0, None), y=torch.full((4,), 10)))  # fmt: skip
+
+
+def test_the_search_turns_the_models_own_label_dropout_off_and_restores_the_mode():
+    model = tiny_dit().train()
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append([e.training for e in label_embedders(m)])
+        return m(batch[0], torch.zeros(2, dtype=torch.long), class_labels=batch[1]).sample.square().mean()
+
+    learn_depth_keep(model, [(torch.randn(2, 4, 8, 8), torch.tensor([0, 1]))], steps=2, loss_fn=loss_fn, lora=None)
+    assert seen and not any(any(step) for step in seen)  # no embedder drew its own dropout during the search
+    assert all(m.training for m in model.modules())
+    label_embedders(model)[0].dropout_prob = 0.3  # the blocks would drop a sample's label differently
+    with pytest.raises(ValueError, match="different probabilities"):
+        class_dropout(model)
 
 
 def test_masked_feature_mse_by_hand():
