@@ -6,6 +6,7 @@ gate run stopped mid-way resumes in one process."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import pytest
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from prunedm.pruning.tinyfusion_loss import keyed_draws, label_embedders
 from tests.parallel.gloo_ranks import spawn_ranks
 from tests.pruning.test_depth import tiny_dit
+from tests.pruning.test_tinyfusion_resume import DiesAt, Killed
 from tests.structural.test_structural_distributed import _batch as _gate_batch
 from tests.structural.test_structural_distributed import _learner as _gate_learner
 from tests.structural.test_structural_distributed import _model as _dit
@@ -58,13 +60,14 @@ def _depth_model():
     return model
 
 
-def _depth_search(rank: int | None, **kwargs):
+def _depth_search(rank: int | None, data=None, **kwargs):
     from prunedm.pruning import learn_depth_keep
 
     # The default loss (noise, timesteps and label dropout keyed by global row) and the official preset (one
     # pattern per image, LoRA on every Linear, AdamW, clipping, EMA), faster logits.
-    return learn_depth_keep(_depth_model(), _depth_batches(rank), group_size=2, keep_per_group=1, steps=STEPS,
-                            logits_lr=0.05, ema_decay=0.5, shard=rank is not None, **kwargs)  # fmt: skip
+    data = _depth_batches(rank) if data is None else data
+    return learn_depth_keep(_depth_model(), data, group_size=2, keep_per_group=1, steps=STEPS, logits_lr=0.05,
+                            ema_decay=0.5, shard=rank is not None, **kwargs)  # fmt: skip
 
 
 def _two_ranks(rank: int, out: str) -> dict[str, torch.Tensor]:
@@ -79,17 +82,24 @@ def _two_ranks(rank: int, out: str) -> dict[str, torch.Tensor]:
     results.update(_gate_state(learner))
     with pytest.raises(ValueError, match="apply\\(\\) needs the whole model"):
         learner.apply()
-    depth = _depth_search(rank)
-    results["depth.keep"] = torch.tensor(depth.keep_indices)
-    results["depth.logits"] = depth.logits
-    results["depth.decision"] = depth.decision_logits
-    results["depth.losses"] = torch.tensor(depth.losses)
+    depth = _depth_search(rank, checkpoint_dir=f"{out}/depth-two-ranks", checkpoint_every=STEPS // 2)
+    results.update(_depth_state(depth, "depth."))
+    # One process's search, killed after step STEPS // 2, resumed here on two ranks.
+    results.update(_depth_state(_depth_search(rank, checkpoint_dir=f"{out}/depth-one", resume=True), "depth12."))
     return results
+
+
+def _depth_state(result, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}keep": torch.tensor(result.keep_indices), f"{prefix}logits": result.logits,
+            f"{prefix}decision": result.decision_logits, f"{prefix}losses": torch.tensor(result.losses)}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp-structural")
+    with pytest.raises(Killed):  # one process's depth search, killed after its checkpoint at step STEPS // 2
+        _depth_search(None, DiesAt(_depth_batches(None), STEPS // 2), checkpoint_dir=out / "depth-one",
+                      checkpoint_every=STEPS // 2)  # fmt: skip
     spawn_ranks(WORLD, out, _two_ranks, "rank{rank}.safetensors")
     return out, [load_file(out / f"rank{rank}.safetensors") for rank in range(WORLD)]
 
@@ -128,19 +138,35 @@ def test_sharded_gates_equal_one_process_on_the_joined_batch_and_resume(sharded)
     _assert_gates_match(_gate_state(resumed), _gate_state(single))
 
 
+def _assert_depth_match(ranks: dict, prefix: str, single) -> None:
+    """Float rounding of the ranks' reductions only (the mean of two half-batch means, all-reduced gradients)."""
+    assert ranks[f"{prefix}keep"].tolist() == single.keep_indices
+    torch.testing.assert_close(ranks[f"{prefix}decision"], single.decision_logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ranks[f"{prefix}logits"], single.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ranks[f"{prefix}losses"], torch.tensor(single.losses), rtol=1e-5, atol=1e-7)
+
+
 def test_sharded_depth_search_with_the_default_loss_equals_one_process_on_the_joined_batch(sharded):
     _, ranks = sharded
     single = _depth_search(None)
-    assert ranks[0]["depth.keep"].tolist() == single.keep_indices
-    # Float rounding of the ranks' reductions only (the mean of two half-batch means, all-reduced gradients).
-    torch.testing.assert_close(ranks[0]["depth.decision"], single.decision_logits, rtol=0, atol=1e-6)
-    torch.testing.assert_close(ranks[0]["depth.logits"], single.logits, rtol=0, atol=1e-6)
-    torch.testing.assert_close(ranks[0]["depth.losses"], torch.tensor(single.losses), rtol=1e-5, atol=1e-7)
+    _assert_depth_match(ranks[0], "depth.", single)
     assert float((single.logits - single.logits[:, :1]).abs().max()) > 1e-3, "the logits did not move"
     # The keyed draws dropped some labels and kept others over the steps: the dropout is exercised.
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000)
     uniforms = torch.cat([keyed_draws(DEPTH_BATCH * WORLD, (4, 8, 8), scheduler, 0, s)[2] for s in range(STEPS)])
     assert 0 < int((uniforms < 0.5).sum()) < len(uniforms)
+
+
+def test_depth_search_resumes_on_another_number_of_ranks(sharded, tmp_path):
+    out, ranks = sharded
+    single = _depth_search(None)
+    _assert_depth_match(ranks[0], "depth12.", single)  # one process killed mid-way, resumed on two ranks
+    # The two-rank run's checkpoint at step STEPS // 2 (its last one removed), resumed in one process.
+    shutil.copytree(out / "depth-two-ranks", tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "ckpt" / f"step-{STEPS:08d}")
+    resumed = _depth_search(None, checkpoint_dir=tmp_path / "ckpt", resume=True)
+    assert resumed.losses[: STEPS // 2] == ranks[0]["depth.losses"][: STEPS // 2].tolist()
+    _assert_depth_match(_depth_state(resumed, ""), "", single)
 
 
 def test_ecodiff_refuses_fsdp():
