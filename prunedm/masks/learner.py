@@ -20,6 +20,8 @@ from prunedm.parallel import fsdp
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 
 _SEED_MODULUS = 2**63
+# compute_dtype: the frozen model stored and run in it (mixed precision); logits, optimizer state, reductions fp32.
+COMPUTE_DTYPES = (None, torch.bfloat16)
 
 
 class MaskedWeight(nn.Module):
@@ -53,7 +55,13 @@ class MaskLearner(_state.StateFile):
     and what the ranks' batches make differ (logit gradients, losses, and the trained weights'
     gradients unless the model is wrapped in DistributedDataParallel) is averaged across ranks.
     shard() (parallel: fsdp) shards the frozen model, the logits and their optimizer state across the
-    ranks instead; save_sharded()/load_sharded() checkpoint that state with torch.distributed.checkpoint."""
+    ranks instead; save_sharded()/load_sharded() checkpoint that state with torch.distributed.checkpoint.
+
+    compute_dtype torch.bfloat16 (mixed precision; needs model_lr 0): once the subclass has set up its logits from
+    the fp32 weights, the frozen model is cast to bf16 in place (stored, gathered and run in bf16; so is the
+    masked weight W * M) and its forward casts as FSDP2's MixedPrecisionPolicy does (fsdp.cast_as_policy: inputs
+    of each block to bf16, the root's outputs to fp32), sharded or not; the logits, their gradients, the optimizer
+    state and every reduction across ranks stay fp32, and masks are sampled from them as in fp32."""
 
     def __init__(
         self,
@@ -68,14 +76,23 @@ class MaskLearner(_state.StateFile):
         exclude: _targets.ModuleFilter = None,
         seed: int = 0,
         backend: str = "auto",
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         _checks.check_nm(type(self).__name__, n, m)
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"{type(self).__name__}: compute_dtype must be None or torch.bfloat16, got {compute_dtype}"
+            )
+        if compute_dtype is not None and model_lr:
+            raise ValueError(f"{type(self).__name__}: compute_dtype {compute_dtype} learns masks of a frozen model: "
+                             f"model_lr must be 0, got {model_lr}")  # fmt: skip
         if not 0 < n < m:
             raise ValueError(f"{type(self).__name__}: a mask learner needs 0 < n < m, got n = {n}, m = {m}")
         self.model, self.loss_fn, self.n, self.m = model, loss_fn, n, m
         self.seed, self.backend = int(seed), backend
         self.step_count = 0
         self.sharded = False
+        self.compute_dtype, self._cast_hooks = compute_dtype, []
         self.targets, self.skipped = _targets.find_targets(model, m, types=types, include=include, exclude=exclude)
         if not self.targets:
             raise ValueError(
@@ -113,6 +130,19 @@ class MaskLearner(_state.StateFile):
         return optimizers
 
     # Shared machinery ----------------------------------------------------------------------------
+
+    def _use_compute_dtype(self) -> None:
+        """Cast the frozen model to compute_dtype and its forward as FSDP2's policy would (subclasses call it last
+        in __init__, once their state is set up from the fp32 weights); nothing without a compute_dtype."""
+        if self.compute_dtype is None:
+            return
+        self.model.to(self.compute_dtype)
+        self._cast_hooks = fsdp.cast_as_policy(self.model, self.compute_dtype, torch.float32)
+
+    def _remove_cast_hooks(self) -> None:
+        for handle in self._cast_hooks:
+            handle.remove()
+        self._cast_hooks = []
 
     # Multi-process learning: every rank samples the same masks (same seed and step), and the
     # learner averages what differs between ranks' batches, so masks stay identical on all ranks.
@@ -163,8 +193,10 @@ class MaskLearner(_state.StateFile):
                 hook.mask = previous[name]
 
     def finalize(self) -> dict[str, torch.Tensor]:
-        """Remove the masked-weight hooks, zero the pruned weights in place, unfreeze; returns the masks."""
+        """Remove the masked-weight hooks, zero the pruned weights in place, unfreeze; returns the masks. With a
+        compute_dtype the model stays in it (its fp32 weights are gone): mask a fresh fp32 copy to keep them."""
         masks = self.masks()
+        self._remove_cast_hooks()
         for module in self.targets.values():
             if parametrize.is_parametrized(module, "weight"):
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
@@ -180,7 +212,10 @@ class MaskLearner(_state.StateFile):
         return [p for group in self.model_optimizer.param_groups for p in group["params"]]
 
     def _identity(self) -> dict:
-        return {"class": type(self).__name__, "n": self.n, "m": self.m, "targets": list(self.targets)}
+        identity = {"class": type(self).__name__, "n": self.n, "m": self.m, "targets": list(self.targets)}
+        if self.compute_dtype is not None:  # absent in fp32 (and older) states
+            identity["compute_dtype"] = str(self.compute_dtype).removeprefix("torch.")
+        return identity
 
     def _check_meta(self, meta: dict) -> None:
         what = type(self).__name__
@@ -192,6 +227,10 @@ class MaskLearner(_state.StateFile):
         if meta["targets"] != list(self.targets):
             missing = sorted(set(meta["targets"]) ^ set(self.targets))
             raise ValueError(f"{what}: state targets differ from this model's: {missing[:5]}")
+        mine = self._identity().get("compute_dtype", "float32")
+        if meta.get("compute_dtype", "float32") != mine:
+            raise ValueError(f"{what}: state was learned with compute_dtype {meta.get('compute_dtype', 'float32')}, "
+                             f"this learner computes in {mine}")  # fmt: skip
         _state.check_step_meta(what, meta)
 
     # FSDP (parallel: fsdp) -------------------------------------------------------------------------
@@ -208,7 +247,9 @@ class MaskLearner(_state.StateFile):
         if self.sharded or self.step_count:
             raise ValueError(f"{type(self).__name__}: shard() once, before the first step")
         mesh = fsdp.device_mesh(self._device)
-        fsdp.shard_model(self.model, mesh, blocks)
+        self._remove_cast_hooks()  # FSDP2's MixedPrecisionPolicy casts instead
+        output_dtype = None if self.compute_dtype is None else torch.float32
+        fsdp.shard_model(self.model, mesh, blocks, compute_dtype=self.compute_dtype, output_dtype=output_dtype)
         self.logits = {name: fsdp.shard_rows(logits, mesh) for name, logits in self.logits.items()}
         fsdp.replace_params(self.mask_optimizer, list(self.logits.values()))
         self.sharded = True

@@ -95,6 +95,7 @@ class MaskLLMLearner(MaskLearner):
         exclude: _targets.ModuleFilter = None,
         seed: int = 0,
         backend: str = "auto",
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         if preset not in PRESETS:
             raise ValueError(f"MaskLLMLearner: preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -105,7 +106,7 @@ class MaskLLMLearner(MaskLearner):
         if weight_reg_kind not in WEIGHT_REGS:
             raise ValueError(f"MaskLLMLearner: weight_reg_kind must be one of {WEIGHT_REGS}, got {weight_reg_kind!r}")
         super().__init__(model, loss_fn, n, m, model_lr=model_lr, types=types, include=include, exclude=exclude,
-                         seed=seed, backend=backend)  # fmt: skip
+                         seed=seed, backend=backend, compute_dtype=compute_dtype)  # fmt: skip
         if total_steps < 1:
             raise ValueError(f"MaskLLMLearner: total_steps must be >= 1, got {total_steps}")
         self.tau_range, self.scale_range = tuple(tau), tuple(scale)
@@ -129,6 +130,7 @@ class MaskLLMLearner(MaskLearner):
             device = _targets.raw_weight(module).device
             self.logits[name] = nn.Parameter(logits.to(device))
         self.mask_optimizer = torch.optim.AdamW(list(self.logits.values()), lr=options["mask_lr"], weight_decay=0.0)
+        self._use_compute_dtype()
 
     # Schedules -----------------------------------------------------------------------------------
 

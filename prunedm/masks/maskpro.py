@@ -138,6 +138,7 @@ class MaskProLearner(MaskLearner):
         exclude: _targets.ModuleFilter = None,
         seed: int = 0,
         backend: str = "auto",
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         if preset not in PRESETS:
             raise ValueError(f"MaskProLearner: preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -161,7 +162,7 @@ class MaskProLearner(MaskLearner):
         if not is_finite_number(logit_init) or logit_init <= 0:
             raise ValueError(f"MaskProLearner: logit_init must be a positive number or 'budget', got {logit_init!r}")
         super().__init__(model, loss_fn, n, m, model_lr=model_lr, types=types, include=include, exclude=exclude,
-                         seed=seed, backend=backend)  # fmt: skip
+                         seed=seed, backend=backend, compute_dtype=compute_dtype)  # fmt: skip
         self.preset, self.samples, self.baseline_kind = preset, samples, baseline
         self.baseline_decay, self.baseline = float(decay), 0.0
         self.normalize_advantage, self.advantage_square = bool(options["normalize_advantage"]), 0.0
@@ -177,6 +178,7 @@ class MaskProLearner(MaskLearner):
             self.initial[name] = initial != 0
             self.logits[name] = nn.Parameter(initial * self.logit_init)
         self.mask_optimizer = torch.optim.SGD(list(self.logits.values()), lr=self.mask_lr)
+        self._use_compute_dtype()
 
     @torch.no_grad()
     def sample(self, draw: int = 0) -> dict[str, torch.Tensor]:

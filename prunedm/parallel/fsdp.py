@@ -70,20 +70,51 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for block in blocks if block is not skip]
 
 
+def _policy(compute_dtype, output_dtype=None) -> dict:
+    """fully_shard's mp_policy keyword for a compute dtype (none for None): parameters gathered and the forward's
+    floating inputs cast to it, gradients reduced in fp32, the floating outputs cast to output_dtype (None: kept)."""
+    if compute_dtype is None:
+        return {}
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return {"mp_policy": MixedPrecisionPolicy(compute_dtype, torch.float32, output_dtype)}
+
+
 def shard_model(
-    model: nn.Module, mesh: DeviceMesh, blocks: Iterable[nn.Module] | None = None, compute_dtype=None
-) -> list[nn.Module]:
+    model: nn.Module, mesh: DeviceMesh, blocks: Iterable[nn.Module] | None = None, compute_dtype=None,
+    output_dtype=None,
+) -> list[nn.Module]:  # fmt: skip
     """fully_shard each block (default: find_blocks(model)), then the root; returns the blocks. compute_dtype
     (e.g. torch.bfloat16): FSDP2's MixedPrecisionPolicy, the gathered parameters and the forward in that dtype,
-    the sharded (master) parameters and the gradient reduction in fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    the sharded (master) parameters and the gradient reduction in fp32 (parameters already stored in that dtype
+    stay so); output_dtype: the root's floating outputs cast to it (the blocks' are left as they come)."""
+    from torch.distributed.fsdp import fully_shard
 
-    policy = {} if compute_dtype is None else {"mp_policy": MixedPrecisionPolicy(compute_dtype, torch.float32)}
     blocks = find_blocks(model) if blocks is None else list(blocks)
     for block in blocks:
-        fully_shard(block, mesh=mesh, **policy)
-    fully_shard(model, mesh=mesh, **policy)
+        fully_shard(block, mesh=mesh, **_policy(compute_dtype))
+    fully_shard(model, mesh=mesh, **_policy(compute_dtype, output_dtype))
     return blocks
+
+
+def cast_as_policy(model: nn.Module, compute_dtype: torch.dtype, output_dtype: torch.dtype | None = None) -> list:
+    """In one process, what shard_model(model, compute_dtype=, output_dtype=) makes FSDP2 do to a forward whose
+    parameters are stored in compute_dtype: the floating inputs of each of find_blocks(model) and of the root cast to
+    compute_dtype, the root's floating outputs to output_dtype. Returns the hooks' handles (.remove() undoes it)."""
+    from torch.distributed.utils import _apply_to_tensors  # the container walk FSDP2 casts with
+
+    def cast(dtype, tree):
+        return _apply_to_tensors(lambda t: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t, tree)
+
+    def cast_inputs(_, args, kwargs):
+        return cast(compute_dtype, args), cast(compute_dtype, kwargs)
+
+    handles = [
+        module.register_forward_pre_hook(cast_inputs, with_kwargs=True) for module in [*find_blocks(model), model]
+    ]
+    if output_dtype is not None:
+        handles.append(model.register_forward_hook(lambda _, __, output: cast(output_dtype, output)))
+    return handles
 
 
 def distribute_rows(tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:

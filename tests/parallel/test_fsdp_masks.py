@@ -2,7 +2,9 @@
 block, the logits and their optimizer state (and MaskPro's initial masks) by rows; each rank samples its rows
 at their global Philox offset. The sampled and final masks equal, bit for bit, those of one process learning
 on the joined batch; a run stopped mid-way resumes from its sharded checkpoint in one process and on 4 ranks
-(other rank counts) with the same masks, and 4 ranks give the masks of 1 and 2."""
+(other rank counts) with the same masks, and 4 ranks give the masks of 1 and 2. The "-bf16" presets learn in
+mixed precision (compute_dtype bf16: the model stored, gathered and run in bf16, logits and reductions fp32):
+the same equalities against one bf16 process."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ pytestmark = [
 
 WORLD = 2
 STEPS = 4
-PRESETS = ("official", "short", "maskpro-official", "maskpro-short")
+PRESETS = ("official", "short", "maskpro-official", "maskpro-short", "official-bf16", "maskpro-short-bf16")
 # How far a logit may drift from one process's per step: Adam turns a gradient's rounding into a +-lr step where
 # the gradient is ~0; MaskPro's SGD moves by lr * advantage, whose rounding (losses averaged over ranks rather
 # than over the joined batch) is ~1e-7 of a loss.
@@ -78,13 +80,15 @@ def _mse(model, batch):
 def _learner(preset: str):
     from prunedm.masks import MaskLLMLearner, MaskProLearner
 
+    dtype = torch.bfloat16 if preset.endswith("-bf16") else None
+    preset = preset.removesuffix("-bf16")
     if preset.startswith("maskpro-"):
         # logit_init 1 (official: 10) so that 4 steps draw masks off the initial one and the comparison bites.
-        return MaskProLearner(_model(), _mse, preset=preset[8:], total_steps=STEPS, logit_init=1.0)
+        return MaskProLearner(_model(), _mse, preset=preset[8:], total_steps=STEPS, logit_init=1.0, compute_dtype=dtype)
     # official with its regulariser (every mask sampled up front, the regulariser sharded); short without one
     # (each mask sampled when its layer runs).
     weight_reg = 1e-3 if preset == "official" else 0.0
-    return MaskLLMLearner(_model(), _mse, preset=preset, total_steps=STEPS, weight_reg=weight_reg)
+    return MaskLLMLearner(_model(), _mse, preset=preset, total_steps=STEPS, weight_reg=weight_reg, compute_dtype=dtype)
 
 
 def _results(learner, prefix: str) -> dict[str, torch.Tensor]:
@@ -103,12 +107,19 @@ def _two_ranks(rank: int, out: str) -> dict[str, torch.Tensor]:
         sampled = learner.sample()
         learner._set_matrix_masks(None)
         results.update({f"{preset}.sample.{k}": v.detach().contiguous() for k, v in sampled.items()})
+        losses = []
         for step in range(STEPS):
             if step == STEPS // 2:
                 learner.save_sharded(f"{out}/ckpt-{preset}")
                 results.update(_results(learner, f"{preset}.half."))
-            learner.step(_batch(rank, step))
+            losses.append(learner.step(_batch(rank, step))["loss"])
         results.update(_results(learner, f"{preset}."))
+        results[f"{preset}.losses"] = torch.tensor(losses, dtype=torch.float64)
+        results[f"{preset}.dtypes"] = torch.tensor(  # 1 where stored as the preset says: model bf16, logits fp32
+            [p.dtype == (torch.bfloat16 if preset.endswith("-bf16") else torch.float32)
+             for p in learner.model.parameters()]
+            + [v.dtype == torch.float32 for v in learner.logits.values()]
+        )  # fmt: skip
     return results
 
 
@@ -147,7 +158,7 @@ def _one_process(preset: str, steps: range, learner=None):
 
 
 def _assert_logits_close(actual, expected, preset):
-    tolerance = PRESET_TOLERANCE[preset] * STEPS
+    tolerance = PRESET_TOLERANCE[preset.removesuffix("-bf16")] * STEPS
     torch.testing.assert_close(actual, expected, rtol=0, atol=tolerance)
 
 
@@ -187,6 +198,24 @@ def test_stopped_sharded_run_resumes_in_one_process(sharded):
         reference = _one_process(preset, range(STEPS))
         for name, logits in reference.logits.items():
             _assert_logits_close(resumed.logits[name].detach(), logits.detach(), preset)
+
+
+def test_bf16_sharded_run_is_bf16_with_fp32_logits_and_close_to_fp32(sharded):
+    _, results = sharded
+    for preset in ("official-bf16", "maskpro-short-bf16"):
+        assert bool(results[f"{preset}.dtypes"].all()), preset
+        fp32 = results[f"{preset.removesuffix('-bf16')}.losses"]
+        bf16 = results[f"{preset}.losses"]
+        torch.testing.assert_close(bf16, fp32, rtol=0.03, atol=0)  # bf16 weights and activations: ~0.4% each
+        single = _learner(preset)
+        assert {p.dtype for p in single.model.parameters()} == {torch.bfloat16}
+        losses = [single.step(_joined(step))["loss"] for step in range(STEPS)]
+        assert all(logits.dtype == torch.float32 for logits in single.logits.values())
+        # Step 1: the joined batch's mean loss vs the mean of the ranks' means (fp32), a rounding apart; later the
+        # logits differ within _assert_logits_close's bound and MaskLLM's soft masks with them.
+        losses = torch.tensor(losses, dtype=torch.float64)
+        torch.testing.assert_close(bf16[0], losses[0], rtol=1e-5, atol=0)
+        torch.testing.assert_close(bf16, losses, rtol=1e-3, atol=0)
 
 
 @pytest.mark.slow  # 4 processes on gloo, collectives oversubscribed on 2 cores: ~15 s there, seconds on 4+
