@@ -401,7 +401,7 @@ def run_learn_mask(config: dict, out: Path, resume: bool) -> dict:
                 summary["maskpro"] = learner.report(images[:REPORT_IMAGES])
             if rank == 0:
                 print(_maskpro_line(summary["maskpro"]))
-        if sharded:  # the model stayed frozen: rank 0 masks a fresh copy rather than gathering the shards
+        if sharded or learner.compute_dtype is not None:  # frozen (or cast to bf16): mask a fresh copy
             found = learner.masks()
             model = load_model(config["model"], config["seed"])
             pm.apply_masks(model, found)
@@ -424,6 +424,7 @@ def _learner(config: dict, model, loss, n: int, m: int):
 
     method = config["method"]
     options = {key: value for key, value in config[method].items() if value is not None}
+    options["compute_dtype"] = torch.bfloat16 if config["mixed_precision"] == "bf16" else None
     if method == "maskllm":
         for key in ("tau", "scale"):
             if key in options:

@@ -77,6 +77,7 @@ DEFAULTS = {
         "batch_size": 16,
         "checkpoint_every": 25,
         "parallel": "ddp",  # ddp: every rank holds everything; fsdp: sharded (FSDP2, maskllm and maskpro)
+        "mixed_precision": "no",  # bf16: the frozen model stored and run in bf16; logits and reductions fp32
         "maskllm": MASKLLM_DEFAULTS,
         "maskpro": MASKPRO_DEFAULTS,
     },
@@ -223,6 +224,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "batch_size": BATCH,
         "checkpoint_every": integer("steps between learner checkpoints", 1),
         "parallel": choice("ddp: every rank holds model and logits; fsdp: both sharded across ranks", PARALLEL_MODES),
+        "mixed_precision": choice("bf16: frozen model in bf16; logits, Adam state, reductions fp32", ("no", "bf16")),
         **CONDITIONING_TRAIN_KEYS,
         "maskllm.preset": choice(
             "official (NVlabs/MaskLLM) or short (hard masks, lr 5e-3); fills every null", MASKLLM_PRESETS
@@ -378,9 +380,18 @@ def _maskpro_baseline(config: dict) -> None:
         )
 
 
+def _mask_mixed_precision(config: dict) -> None:
+    if config["mixed_precision"] == "no":
+        return
+    if config["method"] == "magnitude":
+        raise ConfigError("mixed_precision bf16 applies to method maskllm or maskpro (magnitude runs no model)")
+    if config["method"] == "maskpro" and config["maskpro"]["model_lr"]:
+        raise ConfigError("mixed_precision bf16 learns masks of a frozen model: maskpro.model_lr must be 0")
+
+
 # Rules that tie keys together, checked after every key passed its own check.
 RULES = {job: (_need_model,) for job in ("prune", "finetune", "learn-mask", "sparsify", "sample")}
-RULES["learn-mask"] += (_maskpro_baseline,)
+RULES["learn-mask"] += (_maskpro_baseline, _mask_mixed_precision)
 RULES["eval"] = (_eval_sources,)
 
 

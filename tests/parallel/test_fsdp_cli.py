@@ -1,6 +1,7 @@
 """`prunedm learn-mask parallel=fsdp` as torchrun runs it (2 gloo ranks, the env:// variables torchrun sets) on the
-tiny UNet: it writes 2:4 masks and a sharded checkpoint that one process resumes from and continues; the
-parallel key takes ddp or fsdp only, and fsdp only with a frozen model."""
+tiny UNet, in mixed precision (mixed_precision=bf16): it writes 2:4 masks and a sharded checkpoint that one process
+resumes from and continues, and the masked model in fp32; the parallel key takes ddp or fsdp only, fsdp and bf16 only
+with a frozen model, bf16 only for a learner."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import socket
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
@@ -60,9 +62,10 @@ def test_learn_mask_fsdp_two_ranks_then_resume_in_one_process(tmp_path):
     from prunedm import load_pretrained, ops
 
     out = tmp_path / "out"
-    argv = [*ARGS, "steps=2", "device=cpu", "--out", str(out)]
+    argv = [*ARGS, "mixed_precision=bf16", "steps=2", "device=cpu", "--out", str(out)]
     start_ranks(_torchrun_worker, (_free_port(), argv), WORLD)  # killed after step 1
-    assert json.loads((out / "learner-sharded" / "prunedm.json").read_text())["world_size"] == WORLD
+    meta = json.loads((out / "learner-sharded" / "prunedm.json").read_text())
+    assert (meta["world_size"], meta["compute_dtype"]) == (WORLD, "bfloat16")
     assert not (out / "masks.safetensors").exists()
     # One process continues the 2-rank run from its sharded checkpoint.
     assert main([*argv, "--resume"]) == 0
@@ -72,6 +75,7 @@ def test_learn_mask_fsdp_two_ranks_then_resume_in_one_process(tmp_path):
     modules = dict(load_pretrained(out / "model").named_modules())
     for name, mask in masks.items():
         weight = modules[name].weight
+        assert weight.dtype == torch.float32, name  # a fresh fp32 copy masked, not the bf16 one
         matrix = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1) if weight.dim() == 4 else weight
         assert ops.nm_violations(matrix, 2, 4) == 0, name
         assert int((mask != 0).sum()) == mask.numel() // 2, name
@@ -79,7 +83,13 @@ def test_learn_mask_fsdp_two_ranks_then_resume_in_one_process(tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("parallel=zero", "one of ddp, fsdp"), ("maskpro.model_lr=0.001", "maskpro.model_lr must be 0")],
+    [
+        ("parallel=zero", "one of ddp, fsdp"),
+        ("maskpro.model_lr=0.001", "maskpro.model_lr must be 0"),
+        ("mixed_precision=fp16", "mixed_precision must be one of no, bf16"),
+        ("mixed_precision=bf16 method=magnitude parallel=ddp", "bf16 applies to method maskllm or maskpro"),
+        ("mixed_precision=bf16 maskpro.model_lr=0.001 parallel=ddp", "bf16 learns masks of a frozen model"),
+    ],
 )
 def test_parallel_key_is_checked(tmp_path, capsys, override, message):
     argv = [
@@ -87,7 +97,7 @@ def test_parallel_key_is_checked(tmp_path, capsys, override, message):
         "steps=1",
         "device=cpu",
         *(["method=maskpro"] if "maskpro" in override else []),
-        override,
+        *override.split(),
         "--out",
         str(tmp_path / "out"),
     ]
