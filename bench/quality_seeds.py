@@ -43,6 +43,7 @@ DEFAULT_VARIANTS = (
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_BUDGETS = (100, 400)
 DEFAULT_SAMPLES = 1000
+DEFAULT_LR = quality.Budget().lr  # the protocol's finetune lr; other lrs keep their runs under runs/lr-<lr>/
 METRICS = ("fid", "classifier_accuracy")
 # The Budget fields a variant's build reads (pruning, mask learning); the finetune and sampling fields are not.
 BUILD_FIELDS = ("seed", "ratio", "mask_steps", "maskllm_lr", "gradient_images", "gradient_timesteps")
@@ -165,20 +166,32 @@ def _extra_variants(work: Path | None = None):
             quality.DESCRIPTIONS.pop(key, None)
 
 
-def run_path(out: Path, variant: str, seed: int, steps: int) -> Path:
-    return out / "runs" / f"steps-{steps}" / f"seed-{seed}" / "variants" / f"{variant}.json"
+def lr_part(lr: float) -> str:
+    """The directory level a non-default finetune lr adds (runs and finetune work of each lr apart)."""
+    return "" if lr == DEFAULT_LR else f"lr-{lr:g}"
+
+
+def run_path(out: Path, variant: str, seed: int, steps: int, lr: float = DEFAULT_LR) -> Path:
+    return out / "runs" / lr_part(lr) / f"steps-{steps}" / f"seed-{seed}" / "variants" / f"{variant}.json"
+
+
+def finetune_lr(row: dict) -> float | None:
+    """A run's finetune lr (None for 0 finetune steps, where no lr applies)."""
+    return None if int(row["finetune_steps"]) == 0 else float(row.get("budget", {}).get("lr", DEFAULT_LR))
 
 
 def run_all(variants, seeds, budgets, base: quality.Budget, out: Path, work: Path, runner=None) -> list[dict]:
     """Every (variant, seed, budget) row, run or read back (resume); runner(name, budget, out, work) -> row."""
     rows = []
     images = reference = None
+    lr_work = work / lr_part(base.lr)  # finetunes of each lr apart; builds (work/built) shared
     for steps in sorted(budgets):  # ascending: a longer budget continues the shorter one's finetune
         for seed in seeds:
             budget = replace(base, steps=steps, seed=seed)
-            run_out, run_work = run_path(out, "x", seed, steps).parents[1], work / f"steps-{steps}" / f"seed-{seed}"
+            run_out = run_path(out, "x", seed, steps, base.lr).parents[1]
+            run_work = lr_work / f"steps-{steps}" / f"seed-{seed}"
             for variant in variants:
-                path = run_path(out, variant, seed, steps)
+                path = run_path(out, variant, seed, steps, base.lr)
                 if path.exists():
                     rows.append(json.loads(path.read_text()))
                     continue
@@ -186,7 +199,7 @@ def run_all(variants, seeds, budgets, base: quality.Budget, out: Path, work: Pat
                     if not (quality_dit.DIT_DIR / "config.json").is_file():
                         print(f"skipped {variant}: no {quality_dit.DIT_DIR} (scripts/train_digits_models.py --dit)")
                         continue
-                    continue_from_shorter(work, variant, seed, steps)
+                    continue_from_shorter(lr_work, variant, seed, steps)
                     with _dit_built_once(work):
                         row = quality_dit.run(variant, budget, run_out, run_work)
                 elif runner is None:
@@ -197,7 +210,7 @@ def run_all(variants, seeds, budgets, base: quality.Budget, out: Path, work: Pat
                         images = DigitsDataset("train", size=size).images
                         reference = quality.reference_images(base, size)
                     torch.manual_seed(seed)
-                    resumed = continue_from_shorter(work, variant, seed, steps)
+                    resumed = continue_from_shorter(lr_work, variant, seed, steps)
                     if resumed:
                         print(f"{variant} seed {seed} steps {steps}: continues the {resumed}-step finetune")
                     with _extra_variants(work):
@@ -215,7 +228,8 @@ def run_all(variants, seeds, budgets, base: quality.Budget, out: Path, work: Pat
 
 def runs_on_disk(out: Path) -> list[dict]:
     """Every finished (variant, seed, budget) row under out/runs."""
-    return [json.loads(p.read_text()) for p in sorted(out.glob("runs/steps-*/seed-*/variants/*.json"))]
+    paths = [*out.glob("runs/steps-*/seed-*/variants/*.json"), *out.glob("runs/lr-*/steps-*/seed-*/variants/*.json")]
+    return [json.loads(p.read_text()) for p in sorted(paths)]
 
 
 def _stats(values: list[float]) -> dict:
@@ -228,30 +242,32 @@ def _stats(values: list[float]) -> dict:
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """One row per (variant, finetune steps): n, seeds, mean/std/min/max of FID and accuracy, and the
+    """One row per (variant, finetune steps, finetune lr): n, seeds, mean/std/min/max of FID and accuracy, and the
     comparison with the baseline at the same steps (difference of means, and whether it exceeds the spread)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:  # runs of one protocol only: samples, DDIM steps and mask steps must agree
         key = (row["variant"], int(row["finetune_steps"]), row.get("num_samples"), row.get("sample_steps"),
-               row.get("mask_steps", 0))  # fmt: skip
+               row.get("mask_steps", 0), finetune_lr(row))  # fmt: skip
         groups.setdefault(key, []).append(row)
     out = []
-    for (variant, steps, samples, sample_steps, mask_steps), members in groups.items():
+    for (variant, steps, samples, sample_steps, mask_steps, lr), members in groups.items():
         seeds = sorted(int(m["budget"]["seed"]) for m in members)
-        agg = {"variant": variant, "finetune_steps": steps, "n": len(members), "seeds": seeds,
+        agg = {"variant": variant, "finetune_steps": steps, "finetune_lr": lr, "n": len(members), "seeds": seeds,
                "num_samples": samples, "sample_steps": sample_steps, "mask_steps": mask_steps}  # fmt: skip
         for metric in METRICS:
             for key, value in _stats([float(m[metric]) for m in members]).items():
                 agg[f"{metric}_{key}"] = value
         out.append(agg)
-    index = {(r["variant"], r["finetune_steps"], r["num_samples"], r["sample_steps"]): r for r in out}
+    index = {(r["variant"], r["finetune_steps"], r["finetune_lr"], r["num_samples"], r["sample_steps"]): r for r in out}
     for row in out:
-        base = index.get((baseline_of(row["variant"]), row["finetune_steps"], row["num_samples"], row["sample_steps"]))
+        key = (row["finetune_steps"], row["finetune_lr"], row["num_samples"], row["sample_steps"])
+        base = index.get((baseline_of(row["variant"]), *key))
         row["baseline"] = base["variant"] if base else None
         row["fid_diff"] = row["fid_mean"] - base["fid_mean"] if base else None
         row["beyond_spread"] = beyond_spread(row, base) if base else None
     order = {name: i for i, name in enumerate(list(DEFAULT_VARIANTS))}
-    out.sort(key=lambda r: (r["finetune_steps"], order.get(r["variant"], len(order)), r["variant"]))
+    out.sort(key=lambda r: (r["finetune_steps"], -(r["finetune_lr"] or 0), order.get(r["variant"], len(order)),
+                            r["variant"]))  # fmt: skip
     return out
 
 
@@ -269,15 +285,16 @@ def _fmt(value, spec="{:.2f}") -> str:
 
 def table(agg: list[dict]) -> list[str]:
     lines = [
-        "| variant | finetune steps | mask steps | seeds | samples x DDIM steps | FID mean ± std | FID min-max "
-        "| clf. acc. mean ± std | FID − baseline | beyond seed spread |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | finetune steps | finetune lr | mask steps | seeds | samples x DDIM steps | FID mean ± std "
+        "| FID min-max | clf. acc. mean ± std | FID − baseline | beyond seed spread |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in agg:
         mark = {True: "**yes**", False: "no", None: "-"}[r["beyond_spread"]]
         diff = f"{_fmt(r['fid_diff'], '{:+.2f}')} vs {r['baseline']}" if r["baseline"] else "-"
         lines.append(
-            f"| {r['variant']} | {r['finetune_steps']} | {r.get('mask_steps') or '-'} | {r['n']} | "
+            f"| {r['variant']} | {r['finetune_steps']} | {_fmt(r.get('finetune_lr'), '{:g}')} | "
+            f"{r.get('mask_steps') or '-'} | {r['n']} | "
             f"{r.get('num_samples')} x {r.get('sample_steps')} | {r['fid_mean']:.2f} ± {r['fid_std']:.2f} | "
             f"{r['fid_min']:.2f}-{r['fid_max']:.2f} | {r['classifier_accuracy_mean']:.3f} ± "
             f"{r['classifier_accuracy_std']:.3f} | {diff} | {mark} |"
@@ -287,7 +304,7 @@ def table(agg: list[dict]) -> list[str]:
 
 def coverage(agg: list[dict]) -> str:
     """Which parts of the issue-15 protocol (every variant x >= 3 seeds x 100 and 400 steps) this run covers."""
-    ran = {(r["variant"], r["finetune_steps"]): r["n"] for r in agg}
+    ran = {(r["variant"], r["finetune_steps"]): r["n"] for r in agg if r.get("finetune_lr") in (None, DEFAULT_LR)}
     missing = [f"{v} @ {b}" for b in DEFAULT_BUDGETS for v in DEFAULT_VARIANTS if ran.get((v, b), 0) < 3]
     samples = sorted({r["num_samples"] for r in agg if r["num_samples"]})
     short = " (the protocol asks for >= 1000)" if samples and min(samples) < DEFAULT_SAMPLES else ""
@@ -299,9 +316,11 @@ def coverage(agg: list[dict]) -> str:
     return " ".join(lines)
 
 
-def _learned_vs_magnitude(agg: list[dict], steps: int) -> str | None:
-    """'met'/'missed' with the best learned 2:4 row at `steps` finetune steps, or None when not measured."""
-    learned = [r for r in agg if r["finetune_steps"] == steps and r["variant"].startswith("2to4-") and r["baseline"]]
+def _learned_vs_magnitude(agg: list[dict], steps: int, lr: float | None = None) -> str | None:
+    """'met'/'missed' with the best learned 2:4 row at `steps` finetune steps (at finetune lr `lr`), or None
+    when not measured."""
+    learned = [r for r in agg if r["finetune_steps"] == steps and r.get("finetune_lr") == lr
+               and r["variant"].startswith("2to4-") and r["baseline"]]  # fmt: skip
     if not learned or not any(r["beyond_spread"] is not None for r in learned):
         return None
     best = min(learned, key=lambda r: r["fid_diff"])
@@ -310,9 +329,22 @@ def _learned_vs_magnitude(agg: list[dict], steps: int) -> str | None:
 
 
 def targets(agg: list[dict]) -> str:
-    """Issue 15's targets, as measured here (or 'not measured'); plus the masks on frozen weights (budget 0)."""
+    """Issue 15's targets, as measured here (or 'not measured'), for the protocol's finetune lr and for every
+    other lr measured; plus the masks on frozen weights (budget 0)."""
+    lrs = sorted({r["finetune_lr"] for r in agg if r.get("finetune_lr") not in (None, DEFAULT_LR)}, reverse=True)
+    text = "Issue 15 targets: " + _targets_at(agg, DEFAULT_LR) + "."
+    for lr in lrs:
+        text += f" At finetune lr {lr:g} (the same protocol otherwise): " + _targets_at(agg, lr) + "."
+    frozen = _learned_vs_magnitude(agg, 0)
+    if frozen is not None:
+        text += f" Masks on frozen weights (0 finetune steps, MaskLLM's and MaskPro's own protocol): {frozen}."
+    return text
+
+
+def _targets_at(agg: list[dict], lr: float) -> str:
+    agg = [r for r in agg if r.get("finetune_lr", DEFAULT_LR) == lr]
     at = {(r["variant"], r["finetune_steps"]): r for r in agg}
-    result = _learned_vs_magnitude(agg, 100) or "not measured (2+ seeds each)"
+    result = _learned_vs_magnitude(agg, 100, lr) or "not measured (2+ seeds each)"
     first = f"learned 2:4 beats magnitude 2:4 beyond the seed spread at 100 steps: {result}"
     dense = at.get(("dense", 400))
     if dense is None:
@@ -323,11 +355,7 @@ def targets(agg: list[dict]) -> str:
         ok = any(v.startswith("channels-") for v in near) and any(v.startswith("2to4-") for v in near)
         second = (f"a channel-pruned and a 2:4 variant within 10% of dense FID ({dense['fid_mean']:.2f}) at 400 "
                   f"steps: {'met' if ok else 'missed'} (within: {', '.join(near) or 'none'})")  # fmt: skip
-    text = f"Issue 15 targets: {first}; {second}."
-    frozen = _learned_vs_magnitude(agg, 0)
-    if frozen is not None:
-        text += f" Masks on frozen weights (0 finetune steps, MaskLLM's and MaskPro's own protocol): {frozen}."
-    return text
+    return f"{first}; {second}"
 
 
 FULL_COMMAND = "python -m bench.quality_seeds --out bench/results/quality-seeds --readme README.md"
@@ -387,10 +415,10 @@ def plot(agg: list[dict], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    budgets = sorted({r["finetune_steps"] for r in agg})
+    budgets = sorted({(r["finetune_steps"], r.get("finetune_lr") or 0.0) for r in agg}, key=lambda b: (b[0], -b[1]))
     fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 0.4 * len(agg) + 2), squeeze=False)
-    for ax, steps in zip(axes[0], budgets):
-        rows = [r for r in agg if r["finetune_steps"] == steps]
+    for ax, (steps, lr) in zip(axes[0], budgets):
+        rows = [r for r in agg if r["finetune_steps"] == steps and (r.get("finetune_lr") or 0.0) == lr]
         y = range(len(rows))
         means = [r["fid_mean"] for r in rows]
         ranges = [[m - r["fid_min"] for m, r in zip(means, rows)], [r["fid_max"] - m for m, r in zip(means, rows)]]
@@ -398,7 +426,8 @@ def plot(agg: list[dict], path: Path) -> Path | None:
         ax.errorbar(means, y, xerr=[r["fid_std"] for r in rows], fmt="o", capsize=4)
         ax.set_yticks(list(y), [f"{r['variant']} (n={r['n']})" for r in rows], fontsize=8)
         ax.invert_yaxis()
-        ax.set_title(f"{steps} finetune steps: FID mean ± std (gray: min-max)", fontsize=9)
+        at = f" at lr {lr:g}" if steps else ""
+        ax.set_title(f"{steps} finetune steps{at}: FID mean ± std (gray: min-max)", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -433,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples per run for FID")
     parser.add_argument("--mask-steps", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="finetune learning rate (constant)")
     parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per sample")
     parser.add_argument("--readme", default=None, help="README whose quality-seeds block is regenerated")
     parser.add_argument("--aggregate-only", action="store_true", help="only re-aggregate the runs on disk")
@@ -449,7 +479,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--variants: unknown {sorted(set(variants) - known)}; known: {sorted(known)}")
     if args.samples < 2:
         parser.error(f"--samples must be >= 2 (FID needs a covariance), got {args.samples}")
-    base = replace(quality.Budget(), samples=args.samples, mask_steps=args.mask_steps, sample_steps=args.sample_steps)
+    if not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    base = replace(quality.Budget(), samples=args.samples, mask_steps=args.mask_steps, sample_steps=args.sample_steps,
+                   lr=args.lr)  # fmt: skip
     out = Path(args.out)
     if not args.aggregate_only:
         run_all(variants, seeds, budgets, base, out, Path(args.work))

@@ -9,8 +9,8 @@ batch, device). The compared number is a speedup, higher = faster: speedup_vs_de
 speedup_vs_baseline as written, else 1 / ratio_to_dense or 1 / latency_ratio (time ratios). Ratios
 measured within one run cancel most machine-to-machine differences; absolute times are not compared.
 
-Quality rows (bench.quality_seeds: fid_mean and fid_std over seeds) match by (variant, finetune_steps) and
-fail when the current FID mean exceeds the baseline's by more than the two seed spreads (std + std).
+Quality rows (bench.quality_seeds: fid_mean and fid_std over seeds) match by (variant, finetune_steps,
+finetune_lr) and fail when the current FID mean exceeds the baseline's by more than the two seed spreads (std + std).
 
 Exit status: 0 no regression; 1 some speedup dropped by more than --max-drop (relative); 2 an input
 could not be read. Rows present on only one side are listed, and do not fail the check."""
@@ -155,11 +155,12 @@ def format_report(report: dict, max_drop: float) -> str:
 
 
 def compare_quality(baseline: list[dict], current: list[dict]) -> list[dict]:
-    """Quality rows (with fid_mean, fid_std) matched by (variant, finetune_steps); each entry says whether the
-    current FID mean is worse than the baseline's by more than std + std (the seed-spread rule)."""
+    """Quality rows (with fid_mean, fid_std) matched by (variant, finetune_steps, finetune_lr); each entry says
+    whether the current FID mean is worse than the baseline's by more than std + std (the seed-spread rule)."""
 
     def index(rows):
-        return {(r.get("variant"), r.get("finetune_steps")): r for r in rows if "fid_mean" in r and "fid_std" in r}
+        return {(r.get("variant"), r.get("finetune_steps"), r.get("finetune_lr")): r for r in rows
+                if "fid_mean" in r and "fid_std" in r}  # fmt: skip
 
     base, cur = index(baseline), index(current)
     entries = []

@@ -75,7 +75,7 @@ def test_readme_block_regenerated(tmp_path):
     assert qs.update_readme(readme, section) is True
     text = readme.read_text()
     assert "old" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
-    assert "| 2to4-magnitude | 100 | - | 2 | 8 x 1 | 10.50 ± 0.71 |" in text
+    assert "| 2to4-magnitude | 100 | 0.0002 | - | 2 | 8 x 1 | 10.50 ± 0.71 |" in text
     assert qs.update_readme(readme, section) is False  # idempotent
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="quality-seeds:begin"):
@@ -195,6 +195,28 @@ def test_budgets_share_one_build_and_the_longer_finetune_continues_the_shorter(t
     )
     for (name, a), b in zip(continued.state_dict().items(), scratch.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_runs_of_another_finetune_lr_are_kept_and_compared_apart(tmp_path):
+    def at(lr, row):
+        return {**row, "budget": {**row["budget"], "lr": lr}}
+
+    rows = [at(2e-4, _row("2to4-magnitude", s, 30.0 + s)) for s in range(3)]
+    rows += [at(2e-4, _row("2to4-maskllm", s, 31.0 + s)) for s in range(3)]
+    rows += [at(5e-5, _row("2to4-magnitude", s, 70.0 + s)) for s in range(3)]
+    rows += [at(5e-5, _row("2to4-maskllm", s, 32.0 + s)) for s in range(3)]
+    rows += [at(5e-5, _row("2to4-maskllm", s, 60.0 + s, steps=0)) for s in range(2)]  # no lr at 0 steps
+    agg = {(r["variant"], r["finetune_steps"], r["finetune_lr"]): r for r in qs.aggregate(rows)}
+    assert set(agg) == {("2to4-magnitude", 100, 2e-4), ("2to4-maskllm", 100, 2e-4), ("2to4-magnitude", 100, 5e-5),
+                        ("2to4-maskllm", 100, 5e-5), ("2to4-maskllm", 0, None)}  # fmt: skip
+    assert agg["2to4-maskllm", 100, 5e-5]["fid_diff"] == pytest.approx(-38.0)  # against magnitude at its own lr
+    assert agg["2to4-maskllm", 100, 2e-4]["fid_diff"] == pytest.approx(1.0)
+    text = qs.targets(list(agg.values()))
+    assert "Issue 15 targets: learned 2:4 beats magnitude 2:4 beyond the seed spread at 100 steps: missed" in text
+    assert "At finetune lr 5e-05 (the same protocol otherwise): learned 2:4 beats magnitude 2:4 beyond the seed " \
+           "spread at 100 steps: met (best 2to4-maskllm, FID -38.00 vs magnitude)" in text  # fmt: skip
+    assert qs.run_path(tmp_path, "dense", 0, 100) != qs.run_path(tmp_path, "dense", 0, 100, 5e-5)
+    assert "lr-5e-05" in str(qs.run_path(tmp_path, "dense", 0, 100, 5e-5))
 
 
 def test_targets_report_masks_on_frozen_weights_and_the_dense_reference():
