@@ -95,6 +95,12 @@ def run_prune(config: dict, out: Path, resume: bool) -> dict:
 
     device = resolve_device(config["device"])
     model = load_model(config["model"], config["seed"])
+    if config["method"] == "depth":  # blocks chosen, or learned by TinyFusion (under torchrun too): prunedm.cli.depth
+        from prunedm.cli.depth import run_prune_depth
+
+        return run_prune_depth(config, out, resume, _to(model, device), device)
+    if _distributed()[1] > 1:
+        raise ConfigError("prune runs in one process; under torchrun only method=depth depth.learn=tinyfusion does")
     if config["method"] == "channels":
         c = config["channels"]
         model = _to(model, device)
@@ -116,14 +122,6 @@ def run_prune(config: dict, out: Path, resume: bool) -> dict:
         if report.gradient_pass is not None:
             summary["gradient_pass"] = _gradient_pass_details(report.gradient_pass)
             print(report.gradient_pass.summary())
-    elif config["method"] == "depth":
-        blocks = getattr(model, "transformer_blocks", None)
-        if blocks is None:
-            kind = type(model).__name__
-            raise ConfigError(f"method=depth needs a transformer with transformer_blocks; {kind} has none")
-        keep = config["depth"]["keep"] or prunedm.pruning.keep_every(len(blocks), config["depth"]["every"])
-        report = prunedm.prune_depth(model, keep)
-        summary = {"kept_blocks": list(keep), "blocks_before": len(blocks)}
     else:
         raise ConfigError(f"method must be channels or depth, got {config['method']!r}")
     prunedm.save_pretrained(model.cpu(), out / "model")
@@ -463,4 +461,4 @@ RUNNERS = {
 }
 
 # Commands that may run as several processes under torchrun (the rest refuse, rather than race).
-DISTRIBUTED = ("finetune", "learn-mask")
+DISTRIBUTED = ("finetune", "learn-mask", "prune")  # prune: method=depth depth.learn=tinyfusion only

@@ -18,6 +18,7 @@ from prunedm.nn import BACKENDS
 from prunedm.parallel import PARALLEL_MODES
 from prunedm.pruning.channels import ROUNDINGS
 from prunedm.pruning.importance import IMPORTANCES, MAX_TIMESTEPS
+from prunedm.pruning.tinyfusion import TINYFUSION_PRESETS
 from prunedm.train import FinetuneConfig
 from prunedm.train.finetune import MIXED_PRECISION
 
@@ -25,6 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 MASK_METHODS = ("maskllm", "maskpro", "magnitude")
 SCHEDULERS = ("ddim", "ddpm")
+DEPTH_LEARNERS = ("tinyfusion",)
 FEATURES = ("digits-classifier", "inception")
 
 # round_to "2:4": kept widths stay multiples of 8, so every 2:4-eligible layer stays so for sparsify.
@@ -38,6 +40,11 @@ MASKLLM_DEFAULTS = {"preset": "official", "hard": None, "mask_lr": None, "init_s
 MASKPRO_DEFAULTS = {"preset": "official", "samples": None, "baseline": None, "baseline_decay": None,
                     "normalize_advantage": None, "logit_init": None, "mask_lr": None, "model_lr": 0.0}  # fmt: skip
 
+# depth.learn null: keep / every choose the blocks; tinyfusion: TinyFusion learns which keep_per_group of every
+# group_size blocks to keep (prunedm.pruning.tinyfusion; preset official: VainF/TinyFusion's constants).
+DEPTH_DEFAULTS = {"keep": None, "every": 2, "learn": None, "preset": "official", "group_size": 2,
+                  "keep_per_group": 1, "steps": 100, "batch_size": 16, "logits_lr": None, "data": "digits",
+                  "checkpoint_every": 25}  # fmt: skip
 # Conditioned models (prunedm.cli.pipeline): pipeline: the pipeline dir whose text_encoder/ + tokenizer/, vae/,
 # scheduler/ and id2label condition the model (null: model= itself when it is one). cond_dropout 0: diffusers'
 # train_text_to_image drops no captions by default (--proportion_empty_prompts 0), and a DiT drops its labels itself
@@ -55,7 +62,8 @@ DEFAULTS = {
         "pipeline": None,  # conditioning for the gradient pass (CONDITIONING_TRAIN)
         "method": "channels",  # channels | depth
         "channels": CHANNELS_DEFAULTS,
-        "depth": {"keep": None, "every": 2},
+        "parallel": "ddp",  # depth.learn under torchrun: fsdp (the model sharded per block); ddp runs in one process
+        "depth": DEPTH_DEFAULTS,
     },
     "finetune": {
         "model": None,
@@ -209,6 +217,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "channels.data": DATA,
         "depth.keep": Key("indices", "block indices to keep (null: every `every`-th)", 0, nullable=True),
         "depth.every": integer("keep every k-th block when keep is null", 1),
+        "depth.learn": choice("learn the blocks to keep (null: keep / every)", DEPTH_LEARNERS, nullable=True),
+        "depth.preset": choice("official (VainF/TinyFusion) or short (for tens of steps)", TINYFUSION_PRESETS),
+        "depth.group_size": integer("blocks per group; the search keeps keep_per_group of each", 1),
+        "depth.keep_per_group": integer("blocks kept of each group", 1),
+        "depth.steps": TRAIN_STEPS,
+        "depth.batch_size": integer("images per step (parallel=fsdp: split evenly over the ranks)", 1, MAX_BATCH),
+        "depth.logits_lr": number("learning rate of the keep logits (null: preset)", 0, low_open=True, nullable=True),
+        "depth.data": DATA,
+        "depth.checkpoint_every": integer("steps between search checkpoints (--resume continues)", 1),
+        "parallel": choice("under torchrun, depth.learn: fsdp shards the model (ddp: one process)", PARALLEL_MODES),
     },
     "finetune": {"model": MODEL, "data": DATA, "device": DEVICE, **CONDITIONING_TRAIN_KEYS}
     | {"parallel": choice("ddp: every rank holds everything; fsdp: model, EMA, AdamW state sharded", PARALLEL_MODES)}
