@@ -12,11 +12,18 @@ import torch
 from torch import nn
 
 # Models whose forward takes text embeddings (encoder_hidden_states) or class labels (class_labels); the MMDiTs
-# (SD3, Flux) also take pooled projections of the prompt.
+# (SD3, Flux) also take pooled projections of the prompt, an SDXL UNet (addition_embed_type "text_time") pooled
+# text embeds and size/crop time ids.
 TEXT_MODELS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
 JOINT_TEXT_MODELS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 # T5 prompt lengths of StableDiffusion3Pipeline and FluxPipeline (max_sequence_length defaults).
 T5_LENGTH = {"sd3": 256, "flux": 512}
+# The families whose prompts go through several text encoders, and the model inputs their two outputs feed.
+JOINT_FAMILIES = {
+    "sd3": ("encoder_hidden_states", "pooled_projections"),
+    "flux": ("encoder_hidden_states", "pooled_projections"),
+    "sdxl": ("encoder_hidden_states", "text_embeds"),
+}
 CLASS_MODELS = ("DiTTransformer2DModel",)
 CONDITION_KEYS = {"text": "encoder_hidden_states", "class": "class_labels"}
 
@@ -43,9 +50,19 @@ def conditioning_kind(model: nn.Module) -> str:
 
 def text_family(model: nn.Module) -> str:
     """How a text-conditioned model's prompts are encoded: "sd3" or "flux" (joint CLIP + T5 embeddings and
-    pooled projections), else "clip" (one CLIP text encoder's last hidden state)."""
+    pooled projections), "sdxl" (a UNet2DConditionModel with addition_embed_type "text_time": two CLIP encoders'
+    embeddings, pooled text embeds and time ids), else "clip" (one CLIP text encoder's last hidden state)."""
     kinds = {c.__name__ for c in type(model).__mro__}
+    if "UNet2DConditionModel" in kinds and model.config.get("addition_embed_type") == "text_time":
+        return "sdxl"
     return next((family for name, family in JOINT_TEXT_MODELS.items() if name in kinds), "clip")
+
+
+def sdxl_time_ids(resolution: int) -> torch.Tensor:
+    """SDXL's micro-conditioning [original height, width, crop top, left, target height, width] of an uncropped
+    square image of `resolution` pixels: (r, r, 0, 0, r, r), what StableDiffusionXLPipeline passes by default and
+    diffusers' train_text_to_image_sdxl for an image neither resized nor cropped."""
+    return torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)
 
 
 def num_classes(model: nn.Module) -> int | None:
@@ -100,21 +117,26 @@ def _max_length(tokenizer, encoder: nn.Module, default: int) -> int:
 
 class JointTextEncoder:
     """Prompts -> {"encoder_hidden_states": [N, L, D], "pooled_projections": [N, P]} as the MMDiT pipelines'
-    encode_prompt builds them, under no_grad, each distinct prompt encoded once.
+    encode_prompt builds them ("text_embeds" in place of "pooled_projections" for sdxl), under no_grad, each
+    distinct prompt encoded once.
 
     sd3 (StableDiffusion3Pipeline): CLIP-L and CLIP-G (CLIPTextModelWithProjection) penultimate hidden states
     concatenated on features, zero-padded to T5's width, then T5's last hidden state appended on the sequence
     (zeros [N, t5_length, joint_dim] without T5, as diffusers does); pooled = both projections concatenated.
-    flux (FluxPipeline): pooled = the CLIPTextModel's pooler_output, sequence = T5's last hidden state."""
+    flux (FluxPipeline): pooled = the CLIPTextModel's pooler_output, sequence = T5's last hidden state.
+    sdxl (StableDiffusionXLPipeline): the CLIPTextModel's and CLIPTextModelWithProjection's penultimate hidden
+    states concatenated on features (each tokenizer's own length); pooled = encoder 2's projection (text_embeds)."""
 
-    def __init__(self, family: str, clips: list, t5, joint_dim: int, device: torch.device | str = "cpu"):
-        if family not in T5_LENGTH:
-            raise ValueError(f"family must be one of {', '.join(T5_LENGTH)}, got {family!r}")
+    def __init__(self, family: str, clips: list, t5, joint_dim: int | None, device: torch.device | str = "cpu"):
+        if family not in JOINT_FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(JOINT_FAMILIES)}, got {family!r}")
         self.family, self.joint_dim, self.device = family, joint_dim, torch.device(device)
+        self.keys = JOINT_FAMILIES[family]
         self.clips = [(tok, enc.to(device).eval().requires_grad_(False)) for tok, enc in clips]
         self.t5 = None if t5 is None else (t5[0], t5[1].to(device).eval().requires_grad_(False))
-        self.clip_length = _max_length(clips[0][0], clips[0][1], 77)  # the pipelines use tokenizer 1's length
-        self.t5_length = T5_LENGTH[family]
+        self.clip_length = _max_length(clips[0][0], clips[0][1], 77)  # the MMDiT pipelines use tokenizer 1's length
+        self.lengths = [_max_length(tok, enc, 77) if family == "sdxl" else self.clip_length for tok, enc in clips]
+        self.t5_length = T5_LENGTH.get(family)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _tokens(self, tokenizer, prompts: list[str], length: int) -> torch.Tensor:
@@ -133,12 +155,14 @@ class JointTextEncoder:
             pooled = encoder(self._tokens(tokenizer, prompts, self.clip_length), output_hidden_states=False)
             return self._t5(prompts), pooled.pooler_output
         sequences, pooled = [], []
-        for tokenizer, encoder in self.clips:
-            out = encoder(self._tokens(tokenizer, prompts, self.clip_length), output_hidden_states=True)
+        for (tokenizer, encoder), length in zip(self.clips, self.lengths):
+            out = encoder(self._tokens(tokenizer, prompts, length), output_hidden_states=True)
             sequences.append(out.hidden_states[-2])
             pooled.append(out[0])
-        t5 = self._t5(prompts)
         clip = torch.cat(sequences, dim=-1)
+        if self.family == "sdxl":
+            return clip, pooled[-1]
+        t5 = self._t5(prompts)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
 
@@ -149,22 +173,21 @@ class JointTextEncoder:
             chunk = missing[start : start + batch_size]
             sequence, pooled = self._encode(chunk)
             self._cache.update(zip(chunk, zip(sequence, pooled)))
-        return {
-            "encoder_hidden_states": torch.stack([self._cache[p][0] for p in prompts]),
-            "pooled_projections": torch.stack([self._cache[p][1] for p in prompts]),
-        }
+        return {key: torch.stack([self._cache[p][i] for p in prompts]) for i, key in enumerate(self.keys)}
 
     def null(self) -> dict[str, torch.Tensor]:
         """The empty prompt's embeddings (one sample): SD3's classifier-free guidance branch (negative prompt
-        "" through every encoder), and what condition dropout puts in a dropped sample's place."""
+        "" through every encoder; SDXL's where force_zeros_for_empty_prompt is off), and what condition dropout
+        puts in a dropped sample's place (train_text_to_image_sdxl's empty prompts)."""
         return self([""])
 
 
 @contextlib.contextmanager
 def condition_dropout(model: nn.Module, key, null, probability: float) -> Iterator[None]:
     """While active, each forward of `model` replaces each sample's `key` condition (encoder_hidden_states or
-    class_labels; or a tuple of keys with a tuple of nulls, e.g. an MMDiT's embeddings and pooled projections,
-    dropped together) by `null` with `probability` (training for classifier-free guidance). The draw is one
+    class_labels; or a tuple of keys with a tuple of nulls, e.g. an MMDiT's embeddings and pooled projections, an
+    SDXL UNet's embeddings and text_embeds (in added_cond_kwargs), dropped together) by `null` with `probability`
+    (training for classifier-free guidance). The draw is one
     torch.rand per sample on the global CPU RNG, which finetune re-seeds every step and the mask learners
     checkpoint and replay, so resumed runs stay exact; probability 0 draws nothing."""
     if probability == 0:
@@ -177,10 +200,14 @@ def condition_dropout(model: nn.Module, key, null, probability: float) -> Iterat
         if kwargs.get(keys[0]) is None or not active[0]:
             return None
         dropped = torch.rand(kwargs[keys[0]].shape[0]) < probability
+        added = dict(kwargs.get("added_cond_kwargs") or {})  # an SDXL UNet's pooled text embeds come in there
         for name, fill in zip(keys, nulls):
-            value = kwargs[name]
+            where = kwargs if name in kwargs else added
+            value = where[name]
             fill = fill.to(value.device, value.dtype)  # [1, ...] or a 0-dim class id: broadcast over the batch
-            kwargs[name] = torch.where(dropped.to(value.device).view(-1, *([1] * (value.dim() - 1))), fill, value)
+            where[name] = torch.where(dropped.to(value.device).view(-1, *([1] * (value.dim() - 1))), fill, value)
+        if added:
+            kwargs["added_cond_kwargs"] = added
         return args, kwargs
 
     handle = model.register_forward_pre_hook(drop, with_kwargs=True)

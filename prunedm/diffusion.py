@@ -16,8 +16,13 @@ def predict(model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, batc
     """The model's prediction (noise, velocity, ...), for UNets, DiTs and MMDiTs alike (a learned-variance half is
     dropped); every key of `batch` but "images" (encoder_hidden_states, class_labels, pooled_projections,
     guidance) is passed to the model. An SD3 transformer is called by keyword; a Flux transformer on its packed
-    2x2 latents with img_ids/txt_ids and timestep / 1000, as FluxPipeline calls it (unpacked after)."""
+    2x2 latents with img_ids/txt_ids and timestep / 1000, as FluxPipeline calls it (unpacked after). An SDXL
+    UNet's "text_embeds" and "time_ids" go into added_cond_kwargs (over any given there), as its pipeline passes
+    them."""
     cond = {k: v for k, v in batch.items() if k != "images"}
+    added = {k: cond.pop(k) for k in ("text_embeds", "time_ids") if k in cond}
+    if added:
+        cond["added_cond_kwargs"] = {**cond.get("added_cond_kwargs", {}), **added}
     if is_flux(model):
         _, channels, height, width = noisy.shape
         text = cond["encoder_hidden_states"]

@@ -106,3 +106,18 @@ def tiny_conditional_unet(seed: int = 0) -> diffusers.UNet2DConditionModel:
         attention_head_dim=4,  # legacy meaning in UNet2DConditionModel: 4 heads
         norm_num_groups=8,
     ).eval()
+
+
+def tiny_sdxl_unet(text_width: int = 16, pooled_width: int = 8, seed: int = 0) -> diffusers.UNet2DConditionModel:
+    """A small UNet2DConditionModel in SDXL's layout and conditioning, in eval mode: a plain first down block, then
+    cross-attention blocks of 2 linear-projection transformer layers over text of `text_width` (both CLIPs' widths
+    side by side); addition_embed_type "text_time": pooled text embeds of `pooled_width` beside 6 time ids of 4
+    sinusoidal features each."""
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), use_linear_projection=True, cross_attention_dim=text_width,
+        attention_head_dim=(2, 4), norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=pooled_width + 6 * 4,
+    ).eval()  # fmt: skip

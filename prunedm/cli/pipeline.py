@@ -1,11 +1,10 @@
 """Conditioning for the CLI jobs: the parts of a local diffusers pipeline dir that condition its denoiser
-(text_encoder/ + tokenizer/, an SD3's or Flux's second and T5 encoders, scheduler/, a DiT's id2label in
-model_index.json), loaded local-only and safely, and the conditioned training data and sampling conditions a
+(text encoders through prunedm.cli.text_encoders, scheduler/, vae/, a DiT's id2label and an SDXL's
+force_zeros_for_empty_prompt in model_index.json), and the conditioned training data and sampling conditions a
 job's config asks for."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,46 +13,33 @@ import torch
 from prunedm._optional import optional_import
 from prunedm.cli.config import ConfigError
 from prunedm.cli.models import (
-    check_weights,
     folder_images,
     image_files,
     load_diffusers,
     pipeline_denoiser,
     training_images,
 )
+from prunedm.cli.text_encoders import joint_encoder, read_json, text_encoder
 from prunedm.conditioning import (
     CONDITION_KEYS,
+    JOINT_FAMILIES,
     JointTextEncoder,
     TextEncoder,
     condition_dropout,
     conditioning_kind,
     null_class,
     num_classes,
+    sdxl_time_ids,
     text_family,
 )
 from prunedm.diffusion import latent_shape
-from prunedm.serialization import check_config, read_safetensors_header
 
-# Text encoders and tokenizers built from their concrete classes (never Auto classes, so no code in the dir runs).
-TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
-TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
-T5_ENCODERS, T5_TOKENIZERS = ("T5EncoderModel",), ("T5TokenizerFast", "T5Tokenizer")  # one class in transformers 5
-# The MMDiT pipelines' parts: (encoder dir, tokenizer dir, encoder classes, tokenizer classes), CLIPs first, T5 last.
-JOINT_PARTS = {
-    "sd3": [("text_encoder", "tokenizer", ("CLIPTextModelWithProjection",), TOKENIZERS),
-            ("text_encoder_2", "tokenizer_2", ("CLIPTextModelWithProjection",), TOKENIZERS),
-            ("text_encoder_3", "tokenizer_3", T5_ENCODERS, T5_TOKENIZERS)],
-    "flux": [("text_encoder", "tokenizer", ("CLIPTextModel",), TOKENIZERS),
-             ("text_encoder_2", "tokenizer_2", T5_ENCODERS, T5_TOKENIZERS)],
-}  # fmt: skip
-JOINT_KEYS = ("encoder_hidden_states", "pooled_projections")
 # A Flux transformer with guidance_embeds (guidance-distilled, FLUX.1-dev) gets the guidance value, not CFG:
 # 3.5 as FluxPipeline samples and diffusers' train_dreambooth_flux trains with.
 FLUX_GUIDANCE = 3.5
-MAX_JSON_BYTES = 16 << 20  # a pipeline's JSON files (configs, id2label, tokenizer.json of CLIP is 2 MB)
 # Guidance scale when the config leaves it null: StableDiffusionPipeline's 7.5, DiTPipeline's 4.0,
-# StableDiffusion3Pipeline's 7.0.
-DEFAULT_GUIDANCE = {"text": 7.5, "class": 4.0, "none": 1.0, "sd3": 7.0}
+# StableDiffusion3Pipeline's 7.0, StableDiffusionXLPipeline's 5.0.
+DEFAULT_GUIDANCE = {"text": 7.5, "class": 4.0, "none": 1.0, "sd3": 7.0, "sdxl": 5.0}
 
 
 @dataclass
@@ -63,16 +49,19 @@ class Conditioning:
     kind: str  # none | text | class
     model_name: str  # the model's class name, for messages
     encoder: TextEncoder | JointTextEncoder | None = None
-    family: str = "clip"  # a text model's prompt encoding: clip | sd3 | flux
+    family: str = "clip"  # a text model's prompt encoding: clip | sd3 | flux | sdxl
     guidance_embeds: bool = False  # a Flux transformer that takes the guidance value
+    time_ids: torch.Tensor | None = None  # an SDXL UNet's [6] size/crop ids at the job's resolution
+    zero_negative: bool = False  # SDXL's force_zeros_for_empty_prompt: guidance's null embeddings are zeros
     num_classes: int | None = None
     null_class: int | None = None
     labels: dict[str, int] = field(default_factory=dict)  # class names (id2label, lower case) -> ids
 
     @property
     def key(self) -> str | tuple[str, ...] | None:
-        """The model's condition key, or for an SD3/Flux transformer its keys (embeddings, pooled projections)."""
-        return JOINT_KEYS if self.family != "clip" else CONDITION_KEYS.get(self.kind)
+        """The model's condition key, or for an SD3/Flux transformer or an SDXL UNet its keys (embeddings, pooled
+        projections or text_embeds): what condition dropout drops."""
+        return JOINT_FAMILIES[self.family] if self.family != "clip" else CONDITION_KEYS.get(self.kind)
 
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """{key: per-prompt condition} for a text-conditioned model."""
@@ -80,14 +69,18 @@ class Conditioning:
         return out if isinstance(out, dict) else {self.key: out}
 
     def null(self):
-        """One sample's null condition (guidance's unconditional branch; a tuple along `key` for SD3/Flux), or
-        None when the model has none."""
+        """One sample's null condition (the empty prompt's embeddings, a tuple along `key` for SD3/Flux/SDXL; the
+        null class), or None when the model has none."""
         if self.kind == "text":
             null = self.encoder.null()
-            return tuple(null[k] for k in JOINT_KEYS) if isinstance(null, dict) else null
+            return tuple(null[k] for k in self.key) if isinstance(null, dict) else null
         if self.kind == "class" and self.null_class is not None:
             return torch.tensor(self.null_class)
         return None
+
+    def fixed(self, count: int) -> dict[str, torch.Tensor]:
+        """The inputs every sample gets alike, `count` rows: an SDXL UNet's time ids."""
+        return {} if self.time_ids is None else {"time_ids": self.time_ids.expand(count, -1).clone()}
 
     def class_id(self, name, where: str) -> int:
         """The label id of a class given as an integer id or a name from the pipeline's id2label."""
@@ -114,17 +107,6 @@ def pipeline_of(config: dict) -> Path | None:
     return None
 
 
-def _read_json(file: Path) -> dict:
-    if file.stat().st_size > MAX_JSON_BYTES:
-        raise ConfigError(f"{file} is larger than {MAX_JSON_BYTES} bytes: not a pipeline config")
-    try:
-        data = json.loads(file.read_text())
-        check_config(data, file, file.name)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
-        raise ConfigError(f"{file} is not a valid config: {exc}") from None
-    return data
-
-
 def load_conditioning(config: dict, model, device: torch.device) -> Conditioning:
     """The Conditioning of `model`, with a text-conditioned model's tokenizer and text encoder loaded from the
     pipeline dir; ConfigError when a part it needs is missing."""
@@ -139,17 +121,37 @@ def load_conditioning(config: dict, model, device: torch.device) -> Conditioning
             raise ConfigError(f"model={config['model']}: a {name} is text-conditioned: point model= (or pipeline=) "
                               "at the pipeline dir holding its text_encoder/ and tokenizer/")  # fmt: skip
         family = text_family(model)
+        if family == "sdxl":
+            return _sdxl_conditioning(root, model, device)
         if family != "clip":
-            encoder = _joint_encoder(root, model, family, device)
+            encoder = joint_encoder(root, model, family, device)
             return Conditioning(kind, name, encoder=encoder, family=family,
                                 guidance_embeds=bool(model.config.get("guidance_embeds")))  # fmt: skip
-        return Conditioning(kind, name, encoder=_text_encoder(root, name, device))
+        return Conditioning(kind, name, encoder=text_encoder(root, name, device))
     if kind == "class":
         labels = {}
         if root is not None and (root / "model_index.json").is_file():
-            labels = _labels(_read_json(root / "model_index.json").get("id2label") or {}, root)
+            labels = _labels(read_json(root / "model_index.json").get("id2label") or {}, root)
         return Conditioning(kind, name, num_classes=num_classes(model), null_class=null_class(model), labels=labels)
     return Conditioning(kind, name)
+
+
+def _sdxl_conditioning(root: Path, model, device: torch.device) -> Conditioning:
+    """An SDXL UNet's: both CLIP encoders, time ids of an uncropped image at the resolution the job trains and
+    samples at (sample_size times the VAE's scale, StableDiffusionXLPipeline's default height and width), and
+    model_index.json's force_zeros_for_empty_prompt (StableDiffusionXLPipeline's default True when absent)."""
+    vae = root / "vae" / "config.json"
+    factor = vae_factor(read_json(vae)) if vae.is_file() else 1  # without a VAE the UNet denoises pixels
+    index = root / "model_index.json"
+    zeros = read_json(index).get("force_zeros_for_empty_prompt", True) if index.is_file() else True
+    return Conditioning("text", type(model).__name__, encoder=joint_encoder(root, model, "sdxl", device),
+                        family="sdxl", time_ids=sdxl_time_ids(latent_shape(model)[1] * factor),
+                        zero_negative=bool(zeros))  # fmt: skip
+
+
+def vae_factor(vae_config) -> int:
+    """Pixels per latent of a VAE config, as diffusers' pipelines compute vae_scale_factor."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def _labels(id2label: dict, root: Path) -> dict[str, int]:
@@ -163,110 +165,13 @@ def _labels(id2label: dict, root: Path) -> dict[str, int]:
     return labels
 
 
-def _text_encoder(root: Path, model_name: str, device: torch.device) -> TextEncoder:
-    for part in (root / "text_encoder", root / "tokenizer"):
-        if not part.is_dir():
-            raise ConfigError(f"pipeline {root}: no {part.name}/; a {model_name} is text-conditioned and needs "
-                              "text_encoder/ and tokenizer/ beside its unet/")  # fmt: skip
-    encoder = _load_encoder(root / "text_encoder", TEXT_ENCODERS)
-    return TextEncoder(_load_tokenizer(root / "tokenizer", TOKENIZERS), encoder, device)
-
-
-def _joint_encoder(root: Path, model, family: str, device: torch.device) -> JointTextEncoder:
-    """An SD3's CLIP-L, CLIP-G and optional T5, or a Flux's CLIP and T5, with their tokenizers, their widths
-    checked against the transformer's joint_attention_dim and pooled_projection_dim before any is loaded."""
-    name, parts = type(model).__name__, JOINT_PARTS[family]
-    found = []
-    for encoder_dir, tokenizer_dir, encoders, tokenizers in parts:
-        present = [(root / d).is_dir() for d in (encoder_dir, tokenizer_dir)]
-        optional = family == "sd3" and encoders == T5_ENCODERS  # StableDiffusion3Pipeline runs without T5
-        if optional and not any(present):
-            continue
-        for d, there in zip((encoder_dir, tokenizer_dir), present):
-            if not there:
-                need = ", ".join(f"{e}/ + {t}/" for e, t, *_ in parts) + (" (T5 optional)" if family == "sd3" else "")
-                raise ConfigError(f"pipeline {root}: no {d}/; a {name} needs {need}")
-        found.append((root / encoder_dir, root / tokenizer_dir, encoders, tokenizers))
-    configs = [_encoder_config(e, classes) for e, _, classes, _ in found]
-    t5 = configs.pop() if found[-1][2] == T5_ENCODERS else None
-    joint, pooled = model.config.joint_attention_dim, model.config.pooled_projection_dim
-    widths = [c.get("projection_dim") if family == "sd3" else c.get("hidden_size") for c in configs]
-    problems = []
-    if t5 is not None and t5.get("d_model") != joint:
-        problems.append(f"T5 d_model {t5.get('d_model')} != joint_attention_dim {joint}")
-    if family == "sd3" and sum(c.get("hidden_size") or 0 for c in configs) > joint:
-        problems.append(f"the CLIP widths {[c.get('hidden_size') for c in configs]} exceed joint_attention_dim {joint}")
-    if sum(w or 0 for w in widths) != pooled:
-        problems.append(f"the CLIP pooled widths {widths} do not add up to pooled_projection_dim {pooled}")
-    if problems:
-        raise ConfigError(f"pipeline {root}: its text encoders do not fit the {name}: {'; '.join(problems)}")
-    loaded = [(_load_tokenizer(t, tokenizers), _load_encoder(e, classes)) for e, t, classes, tokenizers in found]
-    return JointTextEncoder(family, loaded[: len(configs)], loaded[-1] if t5 is not None else None, joint, device)
-
-
-def _encoder_config(encoder_dir: Path, classes: tuple[str, ...]) -> dict:
-    file = encoder_dir / "config.json"
-    if not file.is_file():
-        raise ConfigError(f"{encoder_dir}: no config.json (a {' or '.join(classes)} saved by transformers)")
-    config = _read_json(file)
-    architecture = (config.get("architectures") or [None])[0]
-    if architecture not in classes:
-        raise ConfigError(f"{file}: text encoder {architecture!r} is not supported here ({', '.join(classes)})")
-    return config
-
-
-def _load_encoder(encoder_dir: Path, classes: tuple[str, ...]):
-    """A text encoder of one of `classes` (concrete transformers classes) from safetensors, local-only, its
-    config's sizes held against the weights' headers before anything is allocated."""
-    transformers = optional_import("transformers", f"text conditioning (the text encoder in {encoder_dir})")
-    config = _encoder_config(encoder_dir, classes)
-    architecture = config["architectures"][0]
-    cls = getattr(transformers, architecture)
-    weights = encoder_dir / "model.safetensors"
-    if not weights.is_file():
-        raise ConfigError(f"{encoder_dir}: no model.safetensors (text encoders load from safetensors weights only)")
-    try:
-        header = read_safetensors_header(weights)
-        settings = cls.config_class.from_dict({k: v for k, v in config.items() if k != "auto_map"})
-        with torch.device("meta"):  # sizes checked against the weights before anything is allocated
-            meta = cls(settings)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ConfigError(f"{encoder_dir}: not a loadable {architecture}: {exc}") from None
-    check_weights(meta, encoder_dir / "config.json", weights, header)
-    bars = transformers.utils.logging
-    was_on = bars.is_progress_bar_enabled()
-    bars.disable_progress_bar()  # stderr is for the job's own messages
-    try:
-        return cls.from_pretrained(encoder_dir, local_files_only=True, use_safetensors=True)
-    finally:
-        if was_on:
-            bars.enable_progress_bar()
-
-
-def _load_tokenizer(tokenizer_dir: Path, classes: tuple[str, ...]):
-    """A tokenizer of one of `classes` (tokenizer_config.json's tokenizer_class, default the first), local-only."""
-    transformers = optional_import("transformers", f"text conditioning (the tokenizer in {tokenizer_dir})")
-    tokenizer_config = tokenizer_dir / "tokenizer_config.json"
-    kind = _read_json(tokenizer_config).get("tokenizer_class") if tokenizer_config.is_file() else None
-    kind = kind or classes[0]
-    if kind not in classes:
-        raise ConfigError(f"{tokenizer_config}: tokenizer {kind!r} is not supported here ({', '.join(classes)})")
-    for file in tokenizer_dir.iterdir():
-        if file.is_file() and file.stat().st_size > MAX_JSON_BYTES:
-            raise ConfigError(f"{file} is larger than {MAX_JSON_BYTES} bytes: not a tokenizer file")
-    try:
-        return getattr(transformers, kind).from_pretrained(tokenizer_dir, local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise ConfigError(f"{tokenizer_dir}: not a loadable {kind}: {exc}") from None
-
-
 def scheduler_config(config: dict) -> dict | None:
     """The pipeline's scheduler/scheduler_config.json (betas, timesteps, prediction type), or None."""
     root = pipeline_of(config)
     file = root / "scheduler" / "scheduler_config.json" if root is not None else None
     if file is None or not file.is_file():
         return None
-    return {k: v for k, v in _read_json(file).items() if not k.startswith("_")}
+    return {k: v for k, v in read_json(file).items() if not k.startswith("_")}
 
 
 def training_scheduler(config: dict, model=None):
@@ -291,7 +196,7 @@ class LatentSpace:
     def __init__(self, vae, device: torch.device):
         self.vae = vae.to(device).eval().requires_grad_(False)
         self.device, config = device, vae.config
-        self.factor = 2 ** (len(config.block_out_channels) - 1)  # pixels per latent, as the pipelines compute it
+        self.factor = vae_factor(config)
         self.channels, self.scale = config.in_channels, config.scaling_factor
         self.shift = config.get("shift_factor") or 0.0
 
@@ -346,7 +251,7 @@ def training_data(config: dict, model, cond: Conditioning, latents: LatentSpace 
                                   f"{cond.model_name} trains on captioned images)")  # fmt: skip
             captions.append(caption.read_text(errors="replace").strip())
         distinct = list(dict.fromkeys(captions))
-        tables = cond.encode(distinct)
+        tables = {**cond.encode(distinct), **cond.fixed(len(distinct))}
         if cond.guidance_embeds:  # the guidance value a guidance-distilled Flux trains with (train_dreambooth_flux)
             tables["guidance"] = torch.full((len(distinct),), FLUX_GUIDANCE)
         index = {c: i for i, c in enumerate(distinct)}
@@ -398,19 +303,22 @@ def sampling_conditions(config: dict, cond: Conditioning) -> tuple[dict | None, 
     if cond.kind == "text":
         if not prompts:
             raise ConfigError(f"the {name} is text-conditioned: set prompts=[...] (cycled over the samples)")
-        values = cond.encode([prompts[i % len(prompts)] for i in range(count)])
+        values = {**cond.encode([prompts[i % len(prompts)] for i in range(count)]), **cond.fixed(count)}
         if cond.family == "flux":
             return _flux_conditions(values, scale, cond, count)
     else:
         ids = [cond.class_id(v, "class_labels") for v in labels] if labels else list(range(cond.num_classes))
         values = {cond.key: torch.tensor([ids[i % len(ids)] for i in range(count)])}
     null = cond.null()
+    if null is not None and cond.zero_negative:  # StableDiffusionXLPipeline's force_zeros_for_empty_prompt
+        null = tuple(torch.zeros_like(n) for n in null)
     if scale is None:  # the pipeline's default, or no guidance where the model has no null condition
-        scale = DEFAULT_GUIDANCE["sd3" if cond.family == "sd3" else cond.kind] if null is not None else 1.0
+        scale = DEFAULT_GUIDANCE.get(cond.family, DEFAULT_GUIDANCE[cond.kind]) if null is not None else 1.0
     if scale != 1.0 and null is None:
         raise ConfigError(f"guidance_scale={scale}: the {name} has no null class (its label embedding has no "
                           "'no class' row), so classifier-free guidance cannot run: set guidance_scale=1")  # fmt: skip
     nulls = dict(zip(cond.key, null)) if isinstance(cond.key, tuple) else {cond.key: null}
+    nulls.update(cond.fixed(1))  # the negative time ids are the positive ones, as SDXL's pipeline passes them
     return values, (nulls if scale != 1.0 else None), float(scale)
 
 
@@ -431,7 +339,7 @@ def flow_scheduler(config: dict):
     settings = scheduler_config(config)
     if settings is None:
         return None
-    if _read_json(pipeline_of(config) / "scheduler" / "scheduler_config.json").get("_class_name") != (
+    if read_json(pipeline_of(config) / "scheduler" / "scheduler_config.json").get("_class_name") != (
         "FlowMatchEulerDiscreteScheduler"
     ):
         return None

@@ -1,14 +1,12 @@
 """The CLI as torchrun runs it (2 gloo ranks, env://) with parallel=fsdp on a tiny Flux pipeline (CLIP + T5
-prompts) and a tiny SDXL-like one (UNet2DConditionModel in SDXL's layout: a plain first down block, then
-cross-attention blocks of 2 linear-projection transformer layers; conditioned as SD, one CLIP encoder, since the
-CLI does not build SDXL's pooled-text and time-id inputs): learn-mask (MaskLLM on Flux, MaskPro on the UNet) and
-finetune, all four in one spawn. Each writes exact 2:4 masks or a finite loss; a batch the ranks cannot split
-evenly is refused."""
+prompts) and a tiny SDXL one (tests/cli/test_conditioning_sdxl: a text_time UNet2DConditionModel in SDXL's layout,
+conditioned on two CLIP encoders' embeddings, pooled text embeds and time ids): learn-mask (MaskLLM on Flux,
+MaskPro on the UNet) and finetune, all four in one spawn. Each writes exact 2:4 masks or a finite loss; a batch the
+ranks cannot split evenly is refused."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import sys
 
@@ -20,6 +18,7 @@ from safetensors.torch import load_file
 from prunedm.cli import main
 from tests.cli.test_conditioning import sd_pipeline  # noqa: F401 (fixture)
 from tests.cli.test_conditioning_mmdit import captioned, flux_pipeline  # noqa: F401 (fixtures)
+from tests.cli.test_conditioning_sdxl import sdxl_pipeline  # noqa: F401 (fixture)
 from tests.parallel.gloo_ranks import start_ranks
 
 diffusers = pytest.importorskip("diffusers")
@@ -32,20 +31,6 @@ pytestmark = [
 ]
 
 WORLD = 2
-
-
-@pytest.fixture(scope="module")
-def sdxl_like_pipeline(sd_pipeline, tmp_path_factory):  # noqa: F811
-    root = tmp_path_factory.mktemp("sdxl-like") / "pipe"
-    shutil.copytree(sd_pipeline, root)
-    shutil.rmtree(root / "unet")
-    torch.manual_seed(0)
-    diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2), use_linear_projection=True, cross_attention_dim=16,
-        attention_head_dim=(2, 4), norm_num_groups=8).save_pretrained(root / "unet")  # fmt: skip
-    return root
 
 
 def _free_ports(count: int) -> list[int]:
@@ -81,9 +66,9 @@ def _check_masks(out, world: int = WORLD):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo on loopback")
-def test_learn_mask_and_finetune_fsdp_on_tiny_flux_and_sdxl_like(
+def test_learn_mask_and_finetune_fsdp_on_tiny_flux_and_sdxl(
     flux_pipeline,  # noqa: F811
-    sdxl_like_pipeline,
+    sdxl_pipeline,  # noqa: F811
     captioned,  # noqa: F811
     tmp_path,
 ):
@@ -96,13 +81,13 @@ def test_learn_mask_and_finetune_fsdp_on_tiny_flux_and_sdxl_like(
         [*tune, f"model={flux_pipeline}", "--out", str(outs["flux-ft"])],
         [
             *learn,
-            f"model={sdxl_like_pipeline}",
+            f"model={sdxl_pipeline}",
             "method=maskpro",
             "maskpro.preset=short",
             "--out",
             str(outs["sdxl-lm"]),
         ],
-        [*tune, f"model={sdxl_like_pipeline}", "--out", str(outs["sdxl-ft"])],
+        [*tune, f"model={sdxl_pipeline}", "--out", str(outs["sdxl-ft"])],
     ]
     odd = [*learn, f"model={flux_pipeline}", "batch_size=3", "--out", str(tmp_path / "odd")]  # refused: exit 2
     jobs.append(odd)
