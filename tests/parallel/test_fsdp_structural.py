@@ -2,12 +2,16 @@
 in one spawn: the frozen DiT sharded per block, the gates (and TinyFusion's LoRA) whole on every rank with their
 gradients averaged. Gates, hard masks and depth decisions equal one process's on the joined batch (masks and
 decisions bit for bit, logits to float rounding; TinyFusion with its default loss and DiT's label dropout on); a
-gate run stopped mid-way resumes in one process."""
+gate run stopped mid-way resumes in one process; TinyFusion's checkpoints resume 1 -> 2 and 2 -> 1 ranks; the CLI's
+`prune method=depth depth.learn=tinyfusion parallel=fsdp` handler on 2 ranks equals one process's run."""
 
 from __future__ import annotations
 
+import copy
+import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +31,7 @@ diffusers = pytest.importorskip("diffusers")
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend"),
     pytest.mark.skipif(sys.platform == "win32", reason="file:// rendezvous"),
-    pytest.mark.slow,  # one 2-rank run, FSDP on gloo: ~10 s on 2 loaded cores
+    pytest.mark.slow,  # one 2-rank spawn (gates, depth search, depth CLI), FSDP on gloo: ~25 s on 2 loaded cores
 ]
 
 WORLD = 2
@@ -86,7 +90,23 @@ def _two_ranks(rank: int, out: str) -> dict[str, torch.Tensor]:
     results.update(_depth_state(depth, "depth."))
     # One process's search, killed after step STEPS // 2, resumed here on two ranks.
     results.update(_depth_state(_depth_search(rank, checkpoint_dir=f"{out}/depth-one", resume=True), "depth12."))
+    # The CLI's handler (prune method=depth depth.learn=tinyfusion parallel=fsdp) on the digits DiT.
+    from prunedm.cli.depth import run_prune_depth
+    from prunedm.cli.models import load_model
+
+    config = _depth_cli_config()
+    run_prune_depth(config, Path(out) / "depth-cli", False, load_model(config["model"]), torch.device("cpu"))
     return results
+
+
+def _depth_cli_config() -> dict:
+    from prunedm.cli.models import ASSETS
+    from prunedm.cli.schema import DEFAULTS, validate_config
+
+    config = {**copy.deepcopy(DEFAULTS["prune"]), "model": str(ASSETS / "digits-dit"), "method": "depth",
+              "device": "cpu", "parallel": "fsdp"}  # fmt: skip
+    config["depth"].update(learn="tinyfusion", steps=3, batch_size=4, logits_lr=0.05, checkpoint_every=2)
+    return validate_config("prune", config)
 
 
 def _depth_state(result, prefix: str) -> dict[str, torch.Tensor]:
@@ -100,6 +120,7 @@ def sharded(tmp_path_factory):
     with pytest.raises(Killed):  # one process's depth search, killed after its checkpoint at step STEPS // 2
         _depth_search(None, DiesAt(_depth_batches(None), STEPS // 2), checkpoint_dir=out / "depth-one",
                       checkpoint_every=STEPS // 2)  # fmt: skip
+    (out / "depth-cli").mkdir()  # what the CLI's prepare_out_dir makes
     spawn_ranks(WORLD, out, _two_ranks, "rank{rank}.safetensors")
     return out, [load_file(out / f"rank{rank}.safetensors") for rank in range(WORLD)]
 
@@ -167,6 +188,27 @@ def test_depth_search_resumes_on_another_number_of_ranks(sharded, tmp_path):
     resumed = _depth_search(None, checkpoint_dir=tmp_path / "ckpt", resume=True)
     assert resumed.losses[: STEPS // 2] == ranks[0]["depth.losses"][: STEPS // 2].tolist()
     _assert_depth_match(_depth_state(resumed, ""), "", single)
+
+
+def test_depth_cli_under_fsdp_equals_one_process(sharded, tmp_path):
+    from prunedm import load_pretrained
+    from prunedm.cli import main
+
+    out, _ = sharded
+    config = _depth_cli_config()
+    d = config["depth"]
+    keys = ("learn", "steps", "batch_size", "logits_lr", "checkpoint_every")
+    argv = ["prune", f"model={config['model']}", "method=depth", "device=cpu", "parallel=fsdp",
+            *(f"depth.{k}={d[k]}" for k in keys)]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    two, one = (json.loads((where / "report.json").read_text()) for where in (out / "depth-cli", tmp_path / "one"))
+    assert two["kept_blocks"] == one["kept_blocks"] and two["tinyfusion"]["world_size"] == WORLD
+    for key in ("logits", "decision_logits", "losses"):
+        torch.testing.assert_close(torch.tensor(two["tinyfusion"][key]), torch.tensor(one["tinyfusion"][key]),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+    models = [load_pretrained(where / "model").state_dict() for where in (out / "depth-cli", tmp_path / "one")]
+    assert models[0].keys() == models[1].keys() and all(torch.equal(v, models[1][k]) for k, v in models[0].items())
+    assert len([k for k in models[0] if k.endswith("attn1.to_q.weight")]) == 4  # 4 of the 8 blocks kept
 
 
 def test_ecodiff_refuses_fsdp():
