@@ -1,6 +1,7 @@
 """`prunedm prune method=depth`: whole blocks of a DiT-style transformer removed, either chosen (depth.keep, or
-every depth.every-th) or learned by TinyFusion (depth.learn=tinyfusion), in one process or under torchrun with
-parallel=fsdp (the model sharded per block; the search equals one process's on the joined batch)."""
+every depth.every-th) or learned by TinyFusion (depth.learn=tinyfusion), in one process or under torchrun
+(parallel=fsdp: the model sharded per block; ddp: whole on every rank); either equals one process's search on the
+joined batch."""
 
 from __future__ import annotations
 
@@ -79,10 +80,8 @@ def _learn(config: dict, out: Path, resume: bool, model, device, rank: int, worl
         raise ConfigError(f"depth.group_size={d['group_size']}: {len(model.transformer_blocks)} blocks do not split "
                           "into groups of that size")  # fmt: skip
     sharded = config["parallel"] == "fsdp"
-    if world > 1 and not sharded:
-        raise ConfigError("parallel=ddp: the depth search runs in one process; under torchrun set parallel=fsdp")
     if d["batch_size"] % world:  # the ranks' mean losses and gradients are the joined batch's for equal shares
-        raise ConfigError(f"parallel: fsdp needs depth.batch_size a multiple of {world} (the ranks), "
+        raise ConfigError(f"parallel={config['parallel']} needs depth.batch_size a multiple of {world} (the ranks), "
                           f"got {d['batch_size']}")  # fmt: skip
     _, data = conditioned_data({**config, "data": d["data"], "cond_dropout": 0.0}, model, device)
     if len(data) < d["batch_size"]:
@@ -97,6 +96,7 @@ def _learn(config: dict, out: Path, resume: bool, model, device, rank: int, worl
     result = learn_depth_keep(
         model, batches, d["group_size"], d["keep_per_group"], d["steps"], preset=d["preset"],
         logits_lr=d["logits_lr"], seed=config["seed"], shard=sharded and world > 1,
+        data_parallel=not sharded and world > 1,
         scheduler=training_scheduler(config, model), checkpoint_dir=out / CHECKPOINTS,
         checkpoint_every=d["checkpoint_every"], resume=resume, on_step=progress,
     )  # fmt: skip

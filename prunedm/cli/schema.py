@@ -62,7 +62,7 @@ DEFAULTS = {
         "pipeline": None,  # conditioning for the gradient pass (CONDITIONING_TRAIN)
         "method": "channels",  # channels | depth
         "channels": CHANNELS_DEFAULTS,
-        "parallel": "ddp",  # depth.learn under torchrun: fsdp (the model sharded per block); ddp runs in one process
+        "parallel": "ddp",  # depth.learn under torchrun: ddp (the whole model on every rank) or fsdp (sharded)
         "depth": DEPTH_DEFAULTS,
     },
     "finetune": {
@@ -226,7 +226,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "depth.logits_lr": number("learning rate of the keep logits (null: preset)", 0, low_open=True, nullable=True),
         "depth.data": DATA,
         "depth.checkpoint_every": integer("steps between search checkpoints (--resume continues)", 1),
-        "parallel": choice("under torchrun, depth.learn: fsdp shards the model (ddp: one process)", PARALLEL_MODES),
+        "parallel": choice("depth.learn under torchrun: ddp, the whole model per rank; fsdp, sharded", PARALLEL_MODES),
     },
     "finetune": {"model": MODEL, "data": DATA, "device": DEVICE, **CONDITIONING_TRAIN_KEYS}
     | {"parallel": choice("ddp: every rank holds everything; fsdp: model, EMA, AdamW state sharded", PARALLEL_MODES)}

@@ -209,6 +209,7 @@ def learn_depth_keep(
     blocks_attr: str = "transformer_blocks",
     seed: int = 0,
     shard: bool = False,
+    data_parallel: bool = False,
     scheduler=None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 0,
@@ -238,12 +239,13 @@ def learn_depth_keep(
     copy with keep_indices); gate logits, LoRA and optimizer state stay whole on every rank, their gradients
     averaged over ranks. Per-image patterns are drawn over the joined batch and each rank takes its rows, and the
     default loss's draws are keyed by global row, so the search equals one process's on the joined batch up to
-    float rounding of the reductions (a custom loss_fn: when it draws nothing per rank).
+    float rounding of the reductions (a custom loss_fn: when it draws nothing per rank). data_parallel (parallel:
+    ddp): the same with the whole model on every rank (nothing sharded; prune the model itself).
 
     checkpoint_dir with checkpoint_every k > 0: after every k-th and the last step the search state (logits,
     EMA, LoRA, optimizer state, step, losses) is written there (prunedm.pruning.tinyfusion_state; rank 0 writes,
     the state being whole on every rank). resume: continue from the newest checkpoint there (none: from the
-    start), bit for bit as the uninterrupted run in one process, and on any number of ranks under shard."""
+    start), bit for bit as the uninterrupted run in one process, and on any number of ranks."""
     given = {"per_sample": per_sample, "scaling": scaling, "tau": tau, "lora_rank": lora_rank,
              "lora_alpha": lora_alpha, "optimizer": optimizer, "logits_lr": logits_lr, "lora_lr": lora_lr}  # fmt: skip
     opts = _options(preset, given, lora, grad_clip, ema_decay)
@@ -259,7 +261,9 @@ def learn_depth_keep(
     num_groups = len(blocks) // group_size
     logits = nn.Parameter(torch.zeros(num_groups, len(patterns), device=param.device))
     ema = logits.detach().clone()
-    rank, world = (torch.distributed.get_rank(), fsdp.world_size()) if shard else (0, 1)
+    if shard and data_parallel:
+        raise ValueError("shard (fsdp) and data_parallel (ddp) exclude each other: pick one")
+    rank, world = (torch.distributed.get_rank(), fsdp.world_size()) if shard or data_parallel else (0, 1)
     dropout = class_dropout(model)
     if loss_fn is None and scheduler is None:
         scheduler = optional_import("diffusers", "learn_depth_keep").DDPMScheduler(num_train_timesteps=1000)

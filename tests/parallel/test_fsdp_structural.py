@@ -3,7 +3,7 @@ in one spawn: the frozen DiT sharded per block, the gates (and TinyFusion's LoRA
 gradients averaged. Gates, hard masks and depth decisions equal one process's on the joined batch (masks and
 decisions bit for bit, logits to float rounding; TinyFusion with its default loss and DiT's label dropout on); a
 gate run stopped mid-way resumes in one process; TinyFusion's checkpoints resume 1 -> 2 and 2 -> 1 ranks; the CLI's
-`prune method=depth depth.learn=tinyfusion parallel=fsdp` handler on 2 ranks equals one process's run."""
+`prune method=depth depth.learn=tinyfusion` handler on 2 ranks (parallel fsdp and ddp) equals one process's run."""
 
 from __future__ import annotations
 
@@ -94,17 +94,20 @@ def _two_ranks(rank: int, out: str) -> dict[str, torch.Tensor]:
     from prunedm.cli.depth import run_prune_depth
     from prunedm.cli.models import load_model
 
-    config = _depth_cli_config()
-    run_prune_depth(config, Path(out) / "depth-cli", False, load_model(config["model"]), torch.device("cpu"))
+    for parallel in ("fsdp", "ddp"):
+        config = _depth_cli_config(parallel)
+        run_prune_depth(
+            config, Path(out) / f"depth-cli-{parallel}", False, load_model(config["model"]), torch.device("cpu")
+        )
     return results
 
 
-def _depth_cli_config() -> dict:
+def _depth_cli_config(parallel: str = "fsdp") -> dict:
     from prunedm.cli.models import ASSETS
     from prunedm.cli.schema import DEFAULTS, validate_config
 
     config = {**copy.deepcopy(DEFAULTS["prune"]), "model": str(ASSETS / "digits-dit"), "method": "depth",
-              "device": "cpu", "parallel": "fsdp"}  # fmt: skip
+              "device": "cpu", "parallel": parallel}  # fmt: skip
     config["depth"].update(learn="tinyfusion", steps=3, batch_size=4, logits_lr=0.05, checkpoint_every=2)
     return validate_config("prune", config)
 
@@ -120,7 +123,8 @@ def sharded(tmp_path_factory):
     with pytest.raises(Killed):  # one process's depth search, killed after its checkpoint at step STEPS // 2
         _depth_search(None, DiesAt(_depth_batches(None), STEPS // 2), checkpoint_dir=out / "depth-one",
                       checkpoint_every=STEPS // 2)  # fmt: skip
-    (out / "depth-cli").mkdir()  # what the CLI's prepare_out_dir makes
+    for parallel in ("fsdp", "ddp"):
+        (out / f"depth-cli-{parallel}").mkdir()  # what the CLI's prepare_out_dir makes
     spawn_ranks(WORLD, out, _two_ranks, "rank{rank}.safetensors")
     return out, [load_file(out / f"rank{rank}.safetensors") for rank in range(WORLD)]
 
@@ -190,7 +194,7 @@ def test_depth_search_resumes_on_another_number_of_ranks(sharded, tmp_path):
     _assert_depth_match(_depth_state(resumed, ""), "", single)
 
 
-def test_depth_cli_under_fsdp_equals_one_process(sharded, tmp_path):
+def test_depth_cli_under_fsdp_and_ddp_equals_one_process(sharded, tmp_path):
     from prunedm import load_pretrained
     from prunedm.cli import main
 
@@ -201,14 +205,17 @@ def test_depth_cli_under_fsdp_equals_one_process(sharded, tmp_path):
     argv = ["prune", f"model={config['model']}", "method=depth", "device=cpu", "parallel=fsdp",
             *(f"depth.{k}={d[k]}" for k in keys)]  # fmt: skip
     assert main([*argv, "--out", str(tmp_path / "one")]) == 0
-    two, one = (json.loads((where / "report.json").read_text()) for where in (out / "depth-cli", tmp_path / "one"))
-    assert two["kept_blocks"] == one["kept_blocks"] and two["tinyfusion"]["world_size"] == WORLD
-    for key in ("logits", "decision_logits", "losses"):
-        torch.testing.assert_close(torch.tensor(two["tinyfusion"][key]), torch.tensor(one["tinyfusion"][key]),
-                                   rtol=1e-5, atol=1e-6)  # fmt: skip
-    models = [load_pretrained(where / "model").state_dict() for where in (out / "depth-cli", tmp_path / "one")]
-    assert models[0].keys() == models[1].keys() and all(torch.equal(v, models[1][k]) for k, v in models[0].items())
-    assert len([k for k in models[0] if k.endswith("attn1.to_q.weight")]) == 4  # 4 of the 8 blocks kept
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    expected = load_pretrained(tmp_path / "one" / "model").state_dict()
+    assert len([k for k in expected if k.endswith("attn1.to_q.weight")]) == 4  # 4 of the 8 blocks kept
+    for parallel in ("fsdp", "ddp"):
+        two = json.loads((out / f"depth-cli-{parallel}" / "report.json").read_text())
+        assert two["kept_blocks"] == one["kept_blocks"] and two["tinyfusion"]["world_size"] == WORLD
+        for key in ("logits", "decision_logits", "losses"):
+            torch.testing.assert_close(torch.tensor(two["tinyfusion"][key]), torch.tensor(one["tinyfusion"][key]),
+                                       rtol=1e-5, atol=1e-6, msg=f"{parallel} {key}")  # fmt: skip
+        model = load_pretrained(out / f"depth-cli-{parallel}" / "model").state_dict()
+        assert model.keys() == expected.keys() and all(torch.equal(v, expected[k]) for k, v in model.items())
 
 
 def test_ecodiff_refuses_fsdp():
