@@ -7,13 +7,18 @@ Faithful by default (preset "official", VainF/TinyFusion prune_by_learning.py); 
 - The EMA covers the gate logits only (the official EMA averages every parameter, but the decision reads only
   the EMA gates, and the LoRA is discarded), initialised to the starting logits as the official update_ema(0).
 - No bf16 autocast and no NaN-skip of a step: precision is the caller's choice here.
+- Draws are keyed, not one global stream: the gates of step s by (seed, s), each sample's timestep, noise and
+  label dropout by (seed, s, its row of the joined batch), so a sharded or resumed search draws what one
+  uninterrupted process draws. Labels are dropped once per sample, in the loss, with the model's own probability
+  (the original DiT's LabelEmbedder, which the official code trains through); diffusers' DiT in train mode would
+  draw once per block from the global RNG, so its LabelEmbeddings run in eval mode during the search.
 - The "short" preset (one pattern per batch, no scaling, rank-4 LoRA inside blocks, Adam 0.05, plain argmax)
   is prunedm's earlier search, kept for budgets of a few dozen steps where x100 logits at lr 1e-3 barely move."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -358,8 +363,10 @@ def learn_depth_keep(
 
 def _batch_rows(batch) -> int:
     """The number of samples in a batch (latents, a tuple or a dict, as keyed_denoising_loss takes it)."""
-    if isinstance(batch, dict):
-        batch = next(batch[k] for k in ("latents", "sample", "images") if k in batch)
+    if isinstance(batch, Mapping):
+        batch = next((batch[k] for k in ("latents", "sample", "images") if k in batch), None)
+        if batch is None:
+            raise ValueError("batch: expected a dict with 'latents', 'sample' or 'images'")
     elif isinstance(batch, (list, tuple)):
         batch = batch[0]
     return batch.shape[0]
