@@ -140,9 +140,11 @@ def _gradient_pass_details(gradient_pass) -> dict:
 
 
 def run_finetune(config: dict, out: Path, resume: bool) -> dict:
-    """finetune: noise-prediction loss with EMA and checkpoints (DDP under torchrun); writes model/ (EMA)."""
+    """finetune: noise-prediction loss, or masked KD from distill.teacher, with EMA and checkpoints (DDP or FSDP
+    under torchrun); writes model/ (EMA)."""
     from prunedm import save_pretrained
     from prunedm._atomic import remove_stale_temps
+    from prunedm.cli.distill import distillation
     from prunedm.train import finetune
 
     rank, world = _distributed()
@@ -157,14 +159,15 @@ def run_finetune(config: dict, out: Path, resume: bool) -> dict:
     model = _to(load_model(config["model"]), device)
     cond, data = conditioned_data(config, model, device)
     scheduler = training_scheduler(config, model)
+    kd, kd_summary = distillation(config, model, data, device)  # (None, {}) without distill.teacher
     train = finetune
     if config["parallel"] == "fsdp":  # FSDP2: model, EMA and AdamW state sharded across ranks (prunedm.parallel)
         from prunedm.parallel.finetune import finetune_sharded
 
         train = finetune_sharded
     with training_dropout(model, cond, config["cond_dropout"]):
-        result = train(model, data, out, finetune_config, scheduler=scheduler, resume=resume)
-    summary = {"final_loss": result.final_loss, "steps": result.steps}
+        result = train(model, data, out, finetune_config, scheduler=scheduler, resume=resume, distill=kd)
+    summary = {"final_loss": result.final_loss, "steps": result.steps, **kd_summary}
     if rank == 0:
         save_pretrained(result.ema_model.cpu(), out / "model")
         _write_json(out / "report.json", summary)

@@ -20,6 +20,7 @@ from prunedm.pruning.channels import ROUNDINGS
 from prunedm.pruning.importance import IMPORTANCES, MAX_TIMESTEPS
 from prunedm.pruning.tinyfusion import TINYFUSION_PRESETS
 from prunedm.train import FinetuneConfig
+from prunedm.train.distill import DistillConfig
 from prunedm.train.finetune import MIXED_PRECISION
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -50,9 +51,11 @@ DEPTH_DEFAULTS = {"keep": None, "every": 2, "learn": None, "preset": "official",
 # train_text_to_image drops no captions by default (--proportion_empty_prompts 0), and a DiT drops its labels itself
 # in training mode (LabelEmbedding, class_dropout_prob 0.1 as in the official DiT); SD's pretraining dropped 10%.
 CONDITIONING_TRAIN = {"pipeline": None, "cond_dropout": 0.0}
-# guidance_scale null: the pipelines' defaults (text 7.5 as StableDiffusionPipeline, class 4.0 as DiTPipeline;
-# 1, no guidance, for a model without a null condition).
+# guidance_scale null: the pipelines' defaults (text 7.5 as StableDiffusionPipeline, class 4.0 as DiTPipeline, 7 SD3,
+# 5 SDXL; 1, no guidance, for a model without a null condition).
 CONDITIONING_SAMPLE = {"pipeline": None, "prompts": None, "class_labels": None, "guidance_scale": None}
+# The DistillConfig fields the distill.* keys set as they are (feature_layers: the "blocks" default).
+DISTILL_WEIGHTS = ("kd_weight", "gt_weight", "feature_weight", "feature_decay_steps", "mask_sigma", "output_mask_sigma")
 
 DEFAULTS = {
     "prune": {
@@ -72,6 +75,9 @@ DEFAULTS = {
         **CONDITIONING_TRAIN,
         "parallel": "ddp",  # ddp: every rank holds everything; fsdp: model, EMA and AdamW state sharded (FSDP2)
         "finetune": {f.name: f.default for f in fields(FinetuneConfig)},
+        # Masked KD (prunedm.train.distill, prunedm.cli.distill): teacher null trains on the denoising loss alone.
+        "distill": {"teacher": None, "keep_indices": None}
+        | {f.name: f.default for f in fields(DistillConfig) if f.name in DISTILL_WEIGHTS},
     },
     "learn-mask": {
         "model": None,
@@ -171,8 +177,25 @@ CONDITIONING_SAMPLE_KEYS = {
     "pipeline": PIPELINE,
     "prompts": Key("texts", "prompts of a text-conditioned model, cycled over the samples", nullable=True),
     "class_labels": Key("labels", "class ids or id2label names, cycled (null: every class in turn)", 0, nullable=True),
-    "guidance_scale": number("classifier-free guidance scale (1: none; null: 7.5 text, 4 class)", 0, nullable=True),
+    "guidance_scale": number(
+        "classifier-free guidance scale (1: none; null: 7.5 text, 4 class, 7 SD3, 5 SDXL)", 0, nullable=True
+    ),
 }
+
+DISTILL_KEYS = {
+    "teacher": text("masked KD's teacher: a model dir, arch:/asset:NAME, or original (the model the prunedm job that "
+                    "wrote model= started from); null: no distillation", nullable=True),
+    "keep_indices": Key("indices", "the teacher block each student block came from (null: blocks 1:1, or a depth "
+                        "prune's kept_blocks with teacher original)", 0, nullable=True),
+    "kd_weight": number("weight of the output KD term (MSE to the teacher's prediction)", 0),
+    "gt_weight": number("weight of the ground-truth denoising term", 0),
+    "feature_weight": number("beta, the masked feature term's weight over matched transformer blocks", 0),
+    "feature_decay_steps": integer("beta decays linearly to 0 over these steps (null: constant)", 1, nullable=True),
+    "mask_sigma": number("feature masking: elements beyond mean +/- sigma std dropped (null: plain MSE)", 0,
+                         low_open=True, nullable=True),
+    "output_mask_sigma": number("output KD masking by the teacher's mean +/- sigma std (null: plain MSE)", 0,
+                                low_open=True, nullable=True),
+}  # fmt: skip
 
 FINETUNE_KEYS = {
     "steps": TRAIN_STEPS,
@@ -230,7 +253,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "finetune": {"model": MODEL, "data": DATA, "device": DEVICE, **CONDITIONING_TRAIN_KEYS}
     | {"parallel": choice("ddp: every rank holds everything; fsdp: model, EMA, AdamW state sharded", PARALLEL_MODES)}
-    | {f"finetune.{name}": key for name, key in FINETUNE_KEYS.items()},
+    | {f"finetune.{name}": key for name, key in FINETUNE_KEYS.items()}
+    | {f"distill.{name}": key for name, key in DISTILL_KEYS.items()},
     "learn-mask": {
         "model": MODEL,
         "data": DATA,

@@ -1,8 +1,8 @@
 """The CLI as torchrun runs it (2 gloo ranks, env://) with parallel=fsdp on a tiny Flux pipeline (CLIP + T5
 prompts) and a tiny SDXL one (tests/cli/test_conditioning_sdxl: a text_time UNet2DConditionModel in SDXL's layout,
 conditioned on two CLIP encoders' embeddings, pooled text embeds and time ids): learn-mask (MaskLLM on Flux,
-MaskPro on the UNet) and finetune, all four in one spawn. Each writes exact 2:4 masks or a finite loss; a batch the
-ranks cannot split evenly is refused."""
+MaskPro on the UNet), finetune and a masked-KD finetune, in one spawn. Each writes exact 2:4 masks or a finite
+loss; a batch the ranks cannot split evenly is refused."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
     pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.slow,  # 2 forked ranks, 5 CLI jobs on a Flux and a UNet pipeline: ~55 s on 2 loaded cores
+    pytest.mark.slow,  # 2 forked ranks, 6 CLI jobs on a Flux and an SDXL pipeline: ~50 s on 2 loaded cores
 ]
 
 WORLD = 2
@@ -74,11 +74,13 @@ def test_learn_mask_and_finetune_fsdp_on_tiny_flux_and_sdxl(
 ):
     common = [f"data={captioned}", "parallel=fsdp", "device=cpu"]
     learn = ["learn-mask", *common, "steps=2", "batch_size=2", "checkpoint_every=1"]
-    tune = ["finetune", *common, "finetune.steps=2", "finetune.batch_size=2", "finetune.progress=false"]
-    outs = {name: tmp_path / name for name in ("flux-lm", "flux-ft", "sdxl-lm", "sdxl-ft")}
+    tune = ["finetune", *common, "finetune.steps=2", "finetune.batch_size=2", "finetune.progress=false",
+            "finetune.log_every=1"]  # fmt: skip
+    outs = {name: tmp_path / name for name in ("flux-lm", "flux-ft", "flux-kd", "sdxl-lm", "sdxl-ft")}
     jobs = [  # fmt: skip
         [*learn, f"model={flux_pipeline}", "method=maskllm", "maskllm.preset=short", "--out", str(outs["flux-lm"])],
         [*tune, f"model={flux_pipeline}", "--out", str(outs["flux-ft"])],
+        [*tune, f"model={flux_pipeline}", f"distill.teacher={flux_pipeline}", "--out", str(outs["flux-kd"])],
         [
             *learn,
             f"model={sdxl_pipeline}",
@@ -99,3 +101,9 @@ def test_learn_mask_and_finetune_fsdp_on_tiny_flux_and_sdxl(
     for name in ("flux-ft", "sdxl-ft"):
         report = json.loads((outs[name] / "report.json").read_text())
         assert torch.isfinite(torch.tensor(report["final_loss"])), name
+    # Masked KD with the teacher sharded like the student: taught by itself, the first step's KD and feature terms
+    # are 0, so its loss is gt_weight (0.1) x the plain finetune's on the same noise.
+    first = [json.loads((outs[n] / "metrics.jsonl").read_text().splitlines()[0]) for n in ("flux-ft", "flux-kd")]
+    assert first[0]["step"] == first[1]["step"] == 1
+    assert first[1]["loss"] == pytest.approx(0.1 * first[0]["loss"], rel=1e-4)
+    assert json.loads((outs["flux-kd"] / "report.json").read_text())["distill"]["feature_pairs"] == 1
