@@ -8,9 +8,10 @@ scored by FID on the digits classifier's features. bench.quality_seeds runs thes
 
 Variants: dit-dense (finetuned with the same budget), depth-every-k (blocks 0, 2, 4, ...), depth-block-influence
 (ShortGPT's Block Influence on noised digits), depth-tinyfusion (learned 1-of-2 per group, the official preset,
-`mask_steps` steps), dit-ecodiff (EcoDiff's structural gates on every attention head and FFN unit, removed at
-keep ratio 0.5, see ecodiff_prune). diffusers' DiT conditions its output head on block 0's embedder, so a variant
-that drops block 0 gets the next kept block's embedder there (the finetune has to recover it)."""
+`mask_steps` steps; depth-tinyfusion-short: prunedm's short preset), dit-ecodiff (EcoDiff's structural gates on
+every attention head and FFN unit, removed at keep ratio 0.5, see ecodiff_prune). diffusers' DiT conditions its
+output head on block 0's embedder, so a variant that drops block 0 gets the next kept block's embedder there (the
+finetune has to recover it)."""
 
 from __future__ import annotations
 
@@ -35,12 +36,15 @@ DIT_CONFIG = dict(
     num_attention_heads=4, attention_head_dim=16, in_channels=1, out_channels=1, num_layers=8, sample_size=16,
     patch_size=2, norm_type="ada_norm_zero", num_embeds_ada_norm=10,
 )  # fmt: skip
-DIT_VARIANTS = ("dit-dense", "depth-every-k", "depth-block-influence", "depth-tinyfusion", "dit-ecodiff")
+DIT_VARIANTS = (
+    "dit-dense", "depth-every-k", "depth-block-influence", "depth-tinyfusion", "depth-tinyfusion-short", "dit-ecodiff",
+)  # fmt: skip
 DESCRIPTIONS = {
     "dit-dense": "digits DiT, dense, finetuned with the same budget",
     "depth-every-k": "digits DiT, every 2nd block kept (0, 2, 4, ...)",
     "depth-block-influence": "digits DiT, the half of the blocks with the highest Block Influence (ShortGPT)",
     "depth-tinyfusion": "digits DiT, 1 of every 2 blocks learned by TinyFusion (official preset)",
+    "depth-tinyfusion-short": "digits DiT, 1 of every 2 blocks learned by TinyFusion (prunedm's short preset)",
     "dit-ecodiff": "digits DiT, half of the heads and FFN units kept by EcoDiff's end-to-end gates (sdxl preset)",
 }
 # EcoDiff on the DiT. Keep ratio 0.5 of the heads and of the FFN units (ranked over all blocks, per kind, as the
@@ -108,14 +112,21 @@ def depth_keep(name: str, model: nn.Module, data, budget: quality.Budget) -> lis
             inputs.append({"hidden_states": noisy, "timestep": t, "class_labels": batch["class_labels"]})
         with torch.no_grad():
             return keep_most_influential(block_influence(model, inputs), num // 2)
-    if name == "depth-tinyfusion":
+    if name in ("depth-tinyfusion", "depth-tinyfusion-short"):
         batches = _batches(data, budget.batch_size, budget.seed)
-        steps = max(1, budget.mask_steps)
+        steps, preset = max(1, budget.mask_steps), "short" if name.endswith("-short") else "official"
         return learn_depth_keep(
-            model, batches, group_size=2, keep_per_group=1, steps=steps, seed=budget.seed
+            model, batches, group_size=2, keep_per_group=1, steps=steps, preset=preset, seed=budget.seed
         ).keep_indices
     depth = [v for v in DIT_VARIANTS if v.startswith("depth-")]
     raise ValueError(f"depth variant must be one of {depth}, got {name!r}")
+
+
+def mask_steps(name: str, budget: quality.Budget) -> int:
+    """The learning steps variant `name` takes before its finetune (0: none learned)."""
+    if name == "dit-ecodiff":
+        return ecodiff_steps(budget)
+    return budget.mask_steps if "tinyfusion" in name else 0
 
 
 def ecodiff_steps(budget: quality.Budget) -> int:
@@ -206,7 +217,7 @@ def run(name: str, budget: quality.Budget, out: Path, work: Path) -> dict:
         "params": sum(p.numel() for p in final.parameters()), "fid": scores["fid"],
         "classifier_accuracy": scores["classifier_accuracy"], "class_entropy": scores["class_entropy"],
         "num_samples": scores["num_samples"], "finetune_steps": budget.steps,
-        "mask_steps": {"depth-tinyfusion": budget.mask_steps, "dit-ecodiff": ecodiff_steps(budget)}.get(name, 0),
+        "mask_steps": mask_steps(name, budget),
         "final_loss": result.final_loss,
         "sample_steps": budget.sample_steps, "variant_seconds": time.perf_counter() - started, "budget": asdict(budget),
         **kept_units(final),

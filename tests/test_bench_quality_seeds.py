@@ -111,7 +111,9 @@ def test_regress_guards_quality_by_the_seed_spread(tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-@pytest.mark.parametrize("variant", ["dit-dense", "depth-every-k", "depth-block-influence", "depth-tinyfusion"])
+@pytest.mark.parametrize(
+    "variant", ["dit-dense", "depth-every-k", "depth-block-influence", "depth-tinyfusion", "depth-tinyfusion-short"]
+)
 def test_dit_variants_have_the_expected_depth(variant):
     from prunedm.bench import quality_dit
 
