@@ -1,19 +1,24 @@
 """Peak memory per model parameter of one MaskLLM and one MaskPro mask-learning step on CPU, side by side in one
 run: our single-process path (what DDP holds on every rank), our FSDP path (parallel: fsdp) at 1, 2 and 4 gloo
-ranks, and the official MaskLLM formulation (soft masks as softmax((logits + Gumbel noise) / tau) @ patterns in plain
-torch ops, so autograd keeps the [groups, 6] softmax and noise); with a projection for SDXL, SD3-medium and
-Flux at 8 ranks. Target (issue 18): the MaskLLM mask state (logits, their gradient and Adam's two moments)
-at 8 ranks at most 3 bytes per parameter per rank. MaskPro's (official preset: one logit per weight, its
-gradient, the initial mask; plain SGD keeps no state) is measured beside it.
+ranks, each in fp32 and in mixed precision (bf16: the frozen model stored and run in bf16, logits fp32), the
+official MaskLLM formulation (soft masks as softmax((logits + Gumbel noise) / tau) @ patterns in plain torch ops,
+so autograd keeps the [groups, 6] softmax and noise), and "composed": our MaskLLM step before its transient
+savings (the sample op on logits * scale, which autograd kept per layer until the backward); with a projection
+for SDXL, SD3-medium and Flux at 8 ranks. Target (issue 18): the MaskLLM mask state (logits, their gradient and
+Adam's two moments) at 8 ranks at most 3 bytes per parameter per rank. MaskPro's (official preset: one logit per
+weight, its gradient, the initial mask; plain SGD keeps no state) is measured beside it.
 
-Peak = the tensors alive before the step (model, logits, optimizer state) + the highest sum of CPU
-allocations minus frees during the step (torch.profiler's memory events), on the step after a warm-up one.
+Peak = the tensors alive before the step (model, logits and their gradients, optimizer state) + the step transient:
+the highest running sum of the CPU allocations minus frees of the measured step (torch.profiler's memory events,
+with addresses; the warm-up step before it is profiled too, so that frees of what it left are counted). "top"
+names the ops whose allocations of the measured step are alive at that peak (bytes per parameter).
 
     python -m bench.memory [--out DIR] [--width 256] [--blocks 4] [--ranks 1 2 4]"""
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import tempfile
@@ -23,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from prunedm import ops
 from prunedm._atomic import write_text_atomic
@@ -38,6 +43,8 @@ PROJECTION_RANKS = 8
 # Parameters of the models the projection is for (UNet / transformer only).
 MODELS = {"SDXL UNet": 2.6e9, "SD3-medium MMDiT": 2.0e9, "Flux.1 transformer": 12.0e9}
 METHODS = ("maskllm", "maskpro")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+MEASURED = "bench.memory.measured_step"
 
 
 class BenchTransformer(nn.Module):
@@ -70,6 +77,26 @@ class OfficialFormulation(MaskLLMLearner):
         return (soft @ patterns).reshape(logits.shape[0], -1)
 
 
+class Composed(MaskLLMLearner):
+    """Our MaskLLM step as it was before its transient savings: the sample op on logits * scale, whose product
+    autograd keeps (the op saves its input) until the backward, and each layer's W * M kept for the backward
+    (no prunedm.masks.recompute)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for hook in self._hooks.values():
+            hook.recompute = None
+
+    def _sample_one(self, index: int, name: str, tau: float, scale: float) -> torch.Tensor:
+        logits, seed = self.logits[name] * scale, self._sample_seed(index)
+        return fsdp.sample_rows(
+            ops.gumbel_pattern_sample, logits, self.n, self.m, tau, self.hard, seed, backend=self.backend
+        )
+
+
+LEARNERS = {"official": OfficialFormulation, "composed": Composed}
+
+
 def _loss(model: nn.Module, batch) -> torch.Tensor:
     x, y = batch
     return nn.functional.mse_loss(model(x), y)
@@ -92,47 +119,86 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
 
 
-def _peak_transient_bytes(fn) -> int:
-    """The highest running sum of CPU allocations minus frees while fn runs: torch.profiler's memory records, each
-    op's own (self) allocations at its start and the frees outside ops ("[memory]" events), in time order."""
+def _owner(ops_by_start: list[dict], ts: float) -> str:
+    """The innermost op (shortest span) of a trace whose span holds the time ts."""
+    best = None
+    for op in ops_by_start:
+        if op["ts"] > ts:
+            break
+        if ts <= op["ts"] + op["dur"] and (best is None or op["dur"] <= best["dur"]):
+            best = op
+    return best["name"] if best is not None else "(outside ops)"
+
+
+def step_memory(warmup, step) -> tuple[int, dict[str, int]]:
+    """(transient bytes, {op: bytes alive at the peak}) of step(), run after warmup() with both profiled: the highest
+    running sum of CPU allocations minus frees during step() above the sum at its start, from the profiler's
+    memory events (each with its address, so that what is alive at the peak is known)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    running = peak = 0
-    for event in events:
-        running += event.self_cpu_memory_usage
-        peak = max(peak, running)
-    return peak
+        warmup()
+        with record_function(MEASURED):
+            step()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        events = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
+    start = min(e["ts"] for e in events if e.get("name") == MEASURED and e.get("ph") == "X")
+    ops_by_start = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"), key=lambda e: e["ts"])
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    running, base, peak, alive, at_peak = 0, None, 0, {}, {}
+    for event in memory:
+        if base is None and event["ts"] >= start:
+            base = peak = running
+        size, address = int(event["args"]["Bytes"]), event["args"]["Addr"]
+        running += size
+        if size > 0:
+            alive[address] = (size, event["ts"])
+        else:
+            alive.pop(address, None)
+        if base is not None and running > peak:
+            peak, at_peak = running, dict(alive)
+    top: collections.Counter = collections.Counter()
+    for size, ts in at_peak.values():
+        if ts >= start:
+            top[_owner(ops_by_start, ts)] += size
+    return (0 if base is None else peak - base), dict(top.most_common(4))
 
 
-def measure(kind: str, width: int, blocks: int, rank: int = 0, method: str = "maskllm") -> dict:
+def measure(kind: str, width: int, blocks: int, rank: int = 0, method: str = "maskllm", precision: str = "fp32"
+            ) -> dict:  # fmt: skip
     """One row: bytes per model parameter of a mask-learning step (official preset; MaskLLM without its
-    regulariser) on this rank."""
+    regulariser) on this rank, in fp32 or bf16 (mixed precision)."""
     torch.manual_seed(0)
     model = BenchTransformer(width, blocks)
     params = sum(p.numel() for p in model.parameters())
+    dtype = PRECISIONS[precision]
     if method == "maskpro":
-        learner = MaskProLearner(model, _loss, preset="official")
+        learner = MaskProLearner(model, _loss, preset="official", compute_dtype=dtype)
     else:
-        learner_class = OfficialFormulation if kind == "official" else MaskLLMLearner
-        learner = learner_class(model, _loss, preset="official", total_steps=10, weight_reg=0.0)
+        learner_class = LEARNERS.get(kind, MaskLLMLearner)
+        learner = learner_class(model, _loss, preset="official", total_steps=10, weight_reg=0.0, compute_dtype=dtype)
     if kind == "fsdp":
         learner.shard()
     batch = _batch(width, rank)
-    learner.step(batch)  # warm-up: the optimizer's state exists from here on
     logits = list(learner.logits.values())
-    state = {
-        "model": _local_bytes(model.parameters()),
-        "logits": _local_bytes(logits),
-        "optimizer": _local_bytes(_optimizer_tensors(learner.mask_optimizer)),
-        "initial": _local_bytes(getattr(learner, "initial", {}).values()),  # MaskPro's initial masks
-    }
-    transient = _peak_transient_bytes(lambda: learner.step(batch))
+
+    def warmup() -> None:  # the optimizer's state and the logits' gradients exist from here on
+        learner.step(batch)
+        state.update({
+            "model": _local_bytes(model.parameters()),
+            "logits": _local_bytes(logits),
+            "gradients": _local_bytes(t.grad for t in logits if t.grad is not None),
+            "optimizer": _local_bytes(_optimizer_tensors(learner.mask_optimizer)),
+            "initial": _local_bytes(getattr(learner, "initial", {}).values()),  # MaskPro's initial masks
+        })  # fmt: skip
+
+    state: dict[str, int] = {}
+    transient, top = step_memory(warmup, lambda: learner.step(batch))
     mask_state = state["logits"] * 2 + state["optimizer"] + state["initial"]  # logits, their gradient, the rest
     world = fsdp.world_size() if kind == "fsdp" else 1
     return {
         "method": method,
         "path": kind,
+        "precision": precision,
         "ranks": world,
         "model_params": params,
         "logits_per_param": sum(t.numel() for t in logits) / params,
@@ -140,6 +206,7 @@ def measure(kind: str, width: int, blocks: int, rank: int = 0, method: str = "ma
         "mask_state_bytes_per_param": mask_state / params,
         "peak_bytes_per_param": (sum(state.values()) + transient) / params,
         "step_transient_bytes_per_param": transient / params,
+        "top": {op: size / params for op, size in top.items()},
     }
 
 
@@ -147,7 +214,7 @@ def _fsdp_worker(rank: int, world: int, width: int, blocks: int, store: str, out
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        rows = [measure("fsdp", width, blocks, rank, method) for method in METHODS]
+        rows = [measure("fsdp", width, blocks, rank, m, p) for m in METHODS for p in PRECISIONS]
         if rank == 0:
             write_text_atomic(out, json.dumps(rows))
     finally:
@@ -172,25 +239,32 @@ def fit_per_rank(rows: list[dict], key: str) -> tuple[float, float]:
     return mean_y - b * mean_x, b
 
 
-def projection(rows: list[dict], ranks: int = PROJECTION_RANKS, method: str = "maskllm") -> list[dict]:
-    """GB per GPU for each model at `ranks`: `method`'s mask state (fitted a + b / ranks), the bf16 model sharded,
-    and the same mask state under DDP (every rank whole)."""
-    rows = [r for r in rows if r.get("method", "maskllm") == method]
+def projection(rows: list[dict], ranks: int = PROJECTION_RANKS, method: str = "maskllm", precision: str = "fp32"
+               ) -> list[dict]:  # fmt: skip
+    """GB per GPU for each model at `ranks`: `method`'s mask state and step peak in `precision` (each fitted
+    a + b / ranks over the FSDP rows; the peak as measured on the bench model, activations of a small batch
+    included), and the same under DDP (the single-process row: every rank whole)."""
+    rows = [r for r in rows if (r.get("method", "maskllm"), r.get("precision", "fp32")) == (method, precision)]
     fsdp_rows = [r for r in rows if r["path"] == "fsdp"]
-    a, b = fit_per_rank(fsdp_rows, "mask_state_bytes_per_param")
     single = next(r for r in rows if r["path"] == "single")
-    per_param = a + b / ranks
+    fits = {key: fit_per_rank(fsdp_rows, f"{key}_bytes_per_param") for key in ("mask_state", "peak")}
+    per_param = {key: a + b / ranks for key, (a, b) in fits.items()}
     out = []
     for model, params in MODELS.items():
         out.append({
-            "method": method, "model": model, "params": params, "ranks": ranks,
-            "fsdp_mask_state_bytes_per_param_per_rank": per_param,
-            "fsdp_mask_state_gb_per_rank": per_param * params / 1e9,
-            "fsdp_bf16_model_gb_per_rank": 2 * params / ranks / 1e9,
+            "method": method, "precision": precision, "model": model, "params": params, "ranks": ranks,
+            "fsdp_mask_state_bytes_per_param_per_rank": per_param["mask_state"],
+            "fsdp_mask_state_gb_per_rank": per_param["mask_state"] * params / 1e9,
+            "fsdp_peak_bytes_per_param_per_rank": per_param["peak"],
+            "fsdp_peak_gb_per_rank": per_param["peak"] * params / 1e9,
             "ddp_mask_state_gb_per_rank": single["mask_state_bytes_per_param"] * params / 1e9,
-            "ddp_bf16_model_gb_per_rank": 2 * params / 1e9,
+            "ddp_peak_gb_per_rank": single["peak_bytes_per_param"] * params / 1e9,
         })  # fmt: skip
     return out
+
+
+def _top(row: dict) -> str:
+    return ", ".join(f"{op} {size:.2f}" for op, size in row.get("top", {}).items())
 
 
 def markdown(result: dict) -> str:
@@ -200,42 +274,44 @@ def markdown(result: dict) -> str:
         "",
         f"{env['date']}, commit {env['commit']}, torch {env['torch']}; "
         f"model: {result['config']['blocks']} MLP blocks of width {result['config']['width']} "
-        f"({result['rows'][0]['model_params']} parameters), fp32, official presets (MaskLLM: soft masks, Adam; "
-        "MaskPro: one sample, SGD).",
+        f"({result['rows'][0]['model_params']} parameters), batch 8, official presets (MaskLLM: soft masks, Adam; "
+        "MaskPro: one sample, SGD); bf16: the frozen model stored and run in bf16, logits and reductions fp32.",
         "",
-        "| method | path | ranks | mask state B/param/rank | model B/param/rank | peak B/param/rank "
-        "| step transient B/param |",
-        "|---|---|---|---|---|---|---|",
+        "| method | path | precision | ranks | mask state B/param/rank | model B/param/rank | peak B/param/rank "
+        "| step transient B/param | alive at the peak (op B/param) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r.get('method', 'maskllm')} | {r['path']} | {r['ranks']} "
+            f"| {r.get('method', 'maskllm')} | {r['path']} | {r.get('precision', 'fp32')} | {r['ranks']} "
             f"| {r['mask_state_bytes_per_param']:.2f} | {r['model_bytes_per_param']:.2f} "
-            f"| {r['peak_bytes_per_param']:.2f} | {r['step_transient_bytes_per_param']:.2f} |"
+            f"| {r['peak_bytes_per_param']:.2f} | {r['step_transient_bytes_per_param']:.2f} | {_top(r)} |"
         )
     lines += [
         "",
-        f"Projection at {PROJECTION_RANKS} ranks (mask state fitted as a + b / ranks over the FSDP rows; "
-        f"target <= {TARGET_MASK_STATE_BYTES} B/param/rank):",
+        f"Projection at {PROJECTION_RANKS} ranks (mask state and step peak fitted as a + b / ranks over the FSDP rows; "
+        f"target <= {TARGET_MASK_STATE_BYTES} B/param/rank for MaskLLM's mask state; the peak holds the bench's "
+        "activations, which scale with batch and resolution, not with parameters):",
         "",
-        "| method | model | params | FSDP mask state B/param/rank | FSDP mask state GB/GPU | FSDP bf16 model GB/GPU "
-        "| DDP mask state GB/GPU | DDP bf16 model GB/GPU |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | precision | model | params | FSDP mask state B/param/rank | FSDP mask state GB/GPU "
+        "| FSDP peak B/param/rank | FSDP peak GB/GPU | DDP mask state GB/GPU | DDP peak GB/GPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result["projection"]:
         lines.append(
-            f"| {p.get('method', 'maskllm')} | {p['model']} "
-            f"| {p['params'] / 1e9:.1f}B | {p['fsdp_mask_state_bytes_per_param_per_rank']:.2f} "
-            f"| {p['fsdp_mask_state_gb_per_rank']:.1f} | {p['fsdp_bf16_model_gb_per_rank']:.1f} "
-            f"| {p['ddp_mask_state_gb_per_rank']:.1f} | {p['ddp_bf16_model_gb_per_rank']:.1f} |"
+            f"| {p['method']} | {p['precision']} | {p['model']} | {p['params'] / 1e9:.1f}B "
+            f"| {p['fsdp_mask_state_bytes_per_param_per_rank']:.2f} | {p['fsdp_mask_state_gb_per_rank']:.1f} "
+            f"| {p['fsdp_peak_bytes_per_param_per_rank']:.2f} | {p['fsdp_peak_gb_per_rank']:.1f} "
+            f"| {p['ddp_mask_state_gb_per_rank']:.1f} | {p['ddp_peak_gb_per_rank']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def run(width: int, blocks: int, ranks: list[int]) -> dict:
-    rows = [measure("official", width, blocks), *(measure("single", width, blocks, method=m) for m in METHODS)]
+    rows = [measure(kind, width, blocks) for kind in ("official", "composed")]
+    rows += [measure("single", width, blocks, method=m, precision=p) for m in METHODS for p in PRECISIONS]
     rows += [row for world in ranks for row in measure_fsdp(world, width, blocks)]
-    table = [line for method in METHODS for line in projection(rows, method=method)]
+    table = [line for m in METHODS for p in PRECISIONS for line in projection(rows, method=m, precision=p)]
     return {"config": {"width": width, "blocks": blocks, "ranks": ranks}, "rows": rows, "projection": table}
 
 

@@ -14,6 +14,7 @@ from torch.nn.utils import parametrize
 
 from prunedm.masks import state as _state
 from prunedm.masks import targets as _targets
+from prunedm.masks.recompute import MaskedWeightRecompute
 from prunedm.ops import _checks
 from prunedm.parallel import fsdp
 
@@ -27,17 +28,21 @@ COMPUTE_DTYPES = (None, torch.bfloat16)
 class MaskedWeight(nn.Module):
     """Parametrization of a target's weight: weight * mask, with `mask` (weight-shaped; a callable giving one
     when the layer runs, so that no layer's mask outlives its use; or None for the dense weight) set by the
-    learner before each forward."""
+    learner before each forward. recompute: where the product is recorded to be remade in the backward."""
 
-    def __init__(self) -> None:
+    def __init__(self, recompute: MaskedWeightRecompute | None = None) -> None:
         super().__init__()
         self.mask: torch.Tensor | Callable[[], torch.Tensor] | None = None
+        self.recompute = recompute
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.mask is None:
             return weight
-        mask = self.mask() if callable(self.mask) else self.mask
-        return weight * mask.to(weight.dtype)
+        source = self.mask
+        product = weight * (source() if callable(source) else source).to(weight.dtype)
+        if self.recompute is not None:
+            self.recompute.record(product, weight, source)
+        return product
 
 
 class MaskLearner(_state.StateFile):
@@ -99,8 +104,9 @@ class MaskLearner(_state.StateFile):
                 f"{type(self).__name__}: no target layers found (skipped: {self.skipped or 'none matched'})"
             )
         self._hooks: dict[str, MaskedWeight] = {}
+        self._recompute = MaskedWeightRecompute()  # subclasses run a forward under its active() to use it
         for name, module in self.targets.items():
-            hook = MaskedWeight()
+            hook = MaskedWeight(self._recompute)
             parametrize.register_parametrization(module, "weight", hook, unsafe=True)
             self._hooks[name] = hook
         self.model_lr = float(model_lr)

@@ -41,6 +41,36 @@ PRESETS: dict[str, dict] = {
 }  # fmt: skip
 
 
+class _ScaledSample(torch.autograd.Function):
+    """sample(logits * scale) keeping the logits (a parameter: no copy) for the backward rather than the product (a
+    [groups, C(m, n)] tensor per layer, 1.5 floats per weight at 2:4, alive until the backward): the backward
+    recomputes the product and the sample's gradient (the same Philox stream), bitwise the composition's."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, scale: float, sample) -> torch.Tensor:
+        ctx.save_for_backward(logits)
+        ctx.scale, ctx.sample = scale, sample
+        return sample(logits * scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (logits,) = ctx.saved_tensors
+        with torch.enable_grad():
+            scaled = (logits.detach() * ctx.scale).requires_grad_()
+            (grad_scaled,) = torch.autograd.grad(ctx.sample(scaled), scaled, grad)
+        return grad_scaled * ctx.scale, None, None
+
+
+def scaled_pattern_sample(logits: torch.Tensor, scale: float, *args, offset: int = 0, **kwargs) -> torch.Tensor:
+    """ops.gumbel_pattern_sample(logits * scale, *args, offset=offset, **kwargs), the same values and gradient,
+    without keeping logits * scale for the backward."""
+
+    def sample(scaled: torch.Tensor) -> torch.Tensor:
+        return ops.gumbel_pattern_sample(scaled, *args, offset=offset, **kwargs)
+
+    return _ScaledSample.apply(logits, scale, sample)
+
+
 def prior_graded(index: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """[..., C(m, n)]: how many kept weights each candidate pattern shares with the prior pattern `index`
     (n for the prior itself, 0 for its complement when m = 2n)."""
@@ -150,9 +180,9 @@ class MaskLLMLearner(MaskLearner):
 
     def _sample_one(self, index: int, name: str, tau: float, scale: float) -> torch.Tensor:
         """Target `name`'s (the index-th) mask at this step, GEMM layout, differentiable in its logits."""
-        logits, seed = self.logits[name] * scale, self._sample_seed(index)
+        seed = self._sample_seed(index)
         return fsdp.sample_rows(
-            ops.gumbel_pattern_sample, logits, self.n, self.m, tau, self.hard, seed, backend=self.backend
+            scaled_pattern_sample, self.logits[name], scale, self.n, self.m, tau, self.hard, seed, backend=self.backend
         )
 
     def _mask_when_run(self, index: int, name: str, tau: float, scale: float) -> torch.Tensor:
@@ -202,7 +232,8 @@ class MaskLLMLearner(MaskLearner):
             matrices = self.sample()
         else:
             self.sample_when_run()
-        loss = self.loss_fn(self.model, batch)
+        with self._recompute.active():  # each layer's W * M remade in the backward, not kept from the forward
+            loss = self.loss_fn(self.model, batch)
         total = loss
         if self.weight_reg:
             total = total + self.weight_reg * self.regularization(matrices)
