@@ -2,11 +2,12 @@
 run: our single-process path (what DDP holds on every rank), our FSDP path (parallel: fsdp) at 1, 2 and 4 gloo
 ranks, each in fp32 and in mixed precision (bf16: the frozen model stored and run in bf16, logits fp32), the
 official MaskLLM formulation (soft masks as softmax((logits + Gumbel noise) / tau) @ patterns in plain torch ops,
-so autograd keeps the [groups, 6] softmax and noise), and "composed": our MaskLLM step before its transient
-savings (the sample op on logits * scale, which autograd kept per layer until the backward); with a projection
-for SDXL, SD3-medium and Flux at 8 ranks. Target (issue 18): the MaskLLM mask state (logits, their gradient and
-Adam's two moments) at 8 ranks at most 3 bytes per parameter per rank. MaskPro's (official preset: one logit per
-weight, its gradient, the initial mask; plain SGD keeps no state) is measured beside it.
+so autograd keeps the [groups, 6] softmax and noise), and "composed" / "composed-fsdp": our steps before their
+transient savings (MaskLLM: logits * scale and W * M kept per layer until the backward; MaskPro: every layer's
+gathered mask drawn before the forward); with a projection for SDXL, SD3-medium and Flux at 8 ranks. Target
+(issue 18): the MaskLLM mask state (logits, their gradient and Adam's two moments) at 8 ranks at most 3 bytes per
+parameter per rank. MaskPro's (official preset: one logit per weight, its gradient, the initial mask; plain SGD
+keeps no state) is measured beside it.
 
 Peak = the tensors alive before the step (model, logits and their gradients, optimizer state) + the step transient:
 the highest running sum of the CPU allocations minus frees of the measured step (torch.profiler's memory events,
@@ -94,7 +95,15 @@ class Composed(MaskLLMLearner):
         )
 
 
-LEARNERS = {"official": OfficialFormulation, "composed": Composed}
+class ComposedMaskPro(MaskProLearner):
+    """Our MaskPro step as it was before its transient saving: every layer's mask drawn (and, sharded, gathered)
+    before the forward, all of them alive through it, rather than each when its layer runs."""
+
+    def _sample_when_run(self, draw: int, own: dict) -> None:
+        own.update(self._own_rows(self.sample(draw)))
+
+
+BEFORE = {"maskllm": Composed, "maskpro": ComposedMaskPro}
 
 
 def _loss(model: nn.Module, batch) -> torch.Tensor:
@@ -171,12 +180,18 @@ def measure(kind: str, width: int, blocks: int, rank: int = 0, method: str = "ma
     model = BenchTransformer(width, blocks)
     params = sum(p.numel() for p in model.parameters())
     dtype = PRECISIONS[precision]
-    if method == "maskpro":
-        learner = MaskProLearner(model, _loss, preset="official", compute_dtype=dtype)
+    sharded = kind.endswith("fsdp")  # fsdp, composed-fsdp
+    if kind == "official":
+        learner_class = OfficialFormulation
+    elif kind.startswith("composed"):
+        learner_class = BEFORE[method]
     else:
-        learner_class = LEARNERS.get(kind, MaskLLMLearner)
+        learner_class = MaskProLearner if method == "maskpro" else MaskLLMLearner
+    if method == "maskpro":
+        learner = learner_class(model, _loss, preset="official", compute_dtype=dtype)
+    else:
         learner = learner_class(model, _loss, preset="official", total_steps=10, weight_reg=0.0, compute_dtype=dtype)
-    if kind == "fsdp":
+    if sharded:
         learner.shard()
     batch = _batch(width, rank)
     logits = list(learner.logits.values())
@@ -194,7 +209,7 @@ def measure(kind: str, width: int, blocks: int, rank: int = 0, method: str = "ma
     state: dict[str, int] = {}
     transient, top = step_memory(warmup, lambda: learner.step(batch))
     mask_state = state["logits"] * 2 + state["optimizer"] + state["initial"]  # logits, their gradient, the rest
-    world = fsdp.world_size() if kind == "fsdp" else 1
+    world = fsdp.world_size() if sharded else 1
     return {
         "method": method,
         "path": kind,
@@ -215,6 +230,7 @@ def _fsdp_worker(rank: int, world: int, width: int, blocks: int, store: str, out
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         rows = [measure("fsdp", width, blocks, rank, m, p) for m in METHODS for p in PRECISIONS]
+        rows += [measure("composed-fsdp", width, blocks, rank, m) for m in METHODS]  # the step before, fp32
         if rank == 0:
             write_text_atomic(out, json.dumps(rows))
     finally:
@@ -308,7 +324,7 @@ def markdown(result: dict) -> str:
 
 
 def run(width: int, blocks: int, ranks: list[int]) -> dict:
-    rows = [measure(kind, width, blocks) for kind in ("official", "composed")]
+    rows = [measure("official", width, blocks), *(measure("composed", width, blocks, method=m) for m in METHODS)]
     rows += [measure("single", width, blocks, method=m, precision=p) for m in METHODS for p in PRECISIONS]
     rows += [row for world in ranks for row in measure_fsdp(world, width, blocks)]
     table = [line for m in METHODS for p in PRECISIONS for line in projection(rows, method=m, precision=p)]

@@ -181,17 +181,36 @@ class MaskProLearner(MaskLearner):
         self._use_compute_dtype()
 
     @torch.no_grad()
+    def _sample_one(self, index: int, name: str, draw: int) -> torch.Tensor:
+        """Target `name`'s (the index-th) mask of draw k at this step: bool, GEMM layout, every rank's rows."""
+        seed = self._sample_seed(index + draw * len(self.logits))
+        args = (self.logits[name], self.n, self.m, 1.0, True, seed)
+        return fsdp.sample_rows(ops.gumbel_nm_sample, *args, backend=self.backend) != 0
+
     def sample(self, draw: int = 0) -> dict[str, torch.Tensor]:
         """This step's sampled masks (bool, GEMM layout; draw k of the step's K), put on the model."""
-        matrices = {}
-        for index, (name, logits) in enumerate(self.logits.items()):
-            seed = self._sample_seed(index + draw * len(self.logits))
-            sampled = fsdp.sample_rows(
-                ops.gumbel_nm_sample, logits, self.n, self.m, 1.0, True, seed, backend=self.backend
-            )
-            matrices[name] = sampled != 0
+        matrices = {name: self._sample_one(index, name, draw) for index, name in enumerate(self.logits)}
         self._set_matrix_masks(matrices)
         return matrices
+
+    def _sample_when_run(self, draw: int, own: dict[str, torch.Tensor]) -> None:
+        """Put draw k's masks on the model as sample() does, each drawn when its layer runs, keeping only this rank's
+        rows of it in `own` (sharded: one layer's gathered mask at a time rather than every layer's)."""
+
+        def when_run(index: int, name: str) -> torch.Tensor:
+            matrix = self._sample_one(index, name, draw)
+            own[name] = self._own_rows({name: matrix})[name]
+            return _targets.matrix_to_weight(self.targets[name], matrix)
+
+        for index, name in enumerate(self.logits):
+            self._hooks[name].mask = functools.partial(when_run, index, name)
+
+    def _drawn(self, draw: int, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every target's rows of draw k, by name: those its forward drew, and the rest (layers it did not run)."""
+        for index, name in enumerate(self.logits):
+            if name not in own:
+                own[name] = self._own_rows({name: self._sample_one(index, name, draw)})[name]
+        return {name: own[name] for name in self.logits}
 
     def _advantages(self, losses: list[float], initial_loss: float | None) -> list[float]:
         """Each sample's advantage (lower loss: negative), updating the baseline and RMS statistics."""
@@ -236,9 +255,11 @@ class MaskProLearner(MaskLearner):
         for draw in range(self.samples):
             if draw or initial_loss is not None:
                 replay_rng()
-            drawn.append(self._own_rows(self.sample(draw)))
+            own: dict[str, torch.Tensor] = {}
+            self._sample_when_run(draw, own)
             with torch.set_grad_enabled(train_weights):
                 loss = self.loss_fn(self.model, batch)
+            drawn.append(self._drawn(draw, own))
             if train_weights:
                 (loss / self.samples).backward()
             losses.append(float(loss.detach()))

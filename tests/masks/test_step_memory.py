@@ -1,7 +1,8 @@
 """MaskLLM's step transients: the sample op's input logits * scale is not kept for the backward
 (maskllm.scaled_pattern_sample) and each layer's W * M is remade in the backward (prunedm.masks.recompute); both
 leave every gradient, logit and mask bitwise as the plain composition gives them (soft and hard masks, masks drawn
-up front for the regulariser or when each layer runs, Linear and Conv2d, fp32 and bf16)."""
+up front for the regulariser or when each layer runs, Linear and Conv2d, fp32 and bf16). MaskPro draws each layer's
+mask when the layer runs (sharded: one gathered mask at a time), bitwise the masks drawn up front."""
 
 from __future__ import annotations
 
@@ -57,3 +58,22 @@ def test_the_masked_weights_are_remade_in_the_backward():
     learner._recompute._unpack = lambda packed: remade.append(type(packed).__name__) or unpack(packed)
     learner.step((torch.randn(4, 8, 6, 6), torch.randn(4, 16)))
     assert remade.count("_Recipe") == len(learner.targets)  # conv's W * M and each linear's W.t()
+
+
+@pytest.mark.parametrize("preset", ["official", "short"])
+def test_maskpro_masks_drawn_when_run_are_bitwise_the_masks_drawn_up_front(preset):
+    from prunedm.bench.memory import ComposedMaskPro  # every layer's mask drawn before the forward
+    from prunedm.masks import MaskProLearner
+
+    learners = []
+    for cls in (MaskProLearner, ComposedMaskPro):
+        torch.manual_seed(0)
+        learners.append(cls(ConvNet(), _loss, preset=preset, total_steps=4, logit_init=1.0))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        batch = (torch.randn(4, 8, 6, 6, generator=g), torch.randn(4, 16, generator=g))
+        infos = [learner.step(batch) for learner in learners]
+        assert infos[0] == infos[1]
+        for name, logits in learners[1].logits.items():
+            assert torch.equal(learners[0].logits[name], logits), name
+    assert infos[0]["advantage"] != 0  # the logits moved
