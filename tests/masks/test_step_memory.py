@@ -30,14 +30,12 @@ def _loss(model, batch):
     return nn.functional.mse_loss(model(x), y)
 
 
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize(("preset", "weight_reg"), [("official", 1e-3), ("short", 0.0)])
-def test_step_is_bitwise_the_plain_composition(preset, weight_reg, dtype):
+def _same_steps(classes, **kwargs) -> tuple[list, dict]:
+    """Learners of `classes` on the same model and batches for 3 steps: each step's info and logits equal."""
     learners = []
-    for cls in (MaskLLMLearner, Composed):
+    for cls in classes:
         torch.manual_seed(0)
-        learners.append(cls(ConvNet(), _loss, preset=preset, total_steps=4, weight_reg=weight_reg,
-                            compute_dtype=dtype))  # fmt: skip
+        learners.append(cls(ConvNet(), _loss, total_steps=4, **kwargs))
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         batch = (torch.randn(4, 8, 6, 6, generator=g), torch.randn(4, 16, generator=g))
@@ -45,6 +43,14 @@ def test_step_is_bitwise_the_plain_composition(preset, weight_reg, dtype):
         assert infos[0] == infos[1]
         for name, logits in learners[1].logits.items():
             assert torch.equal(learners[0].logits[name], logits), name
+    return learners, infos[0]
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("preset", "weight_reg"), [("official", 1e-3), ("short", 0.0)])
+def test_step_is_bitwise_the_plain_composition(preset, weight_reg, dtype):
+    kwargs = {"preset": preset, "weight_reg": weight_reg, "compute_dtype": dtype}
+    learners, _ = _same_steps((MaskLLMLearner, Composed), **kwargs)
     torch.manual_seed(0)
     start = MaskLLMLearner(ConvNet(), _loss, preset=preset, total_steps=4).logits
     assert any(not torch.equal(v, start[k]) for k, v in learners[0].logits.items())
@@ -65,15 +71,5 @@ def test_maskpro_masks_drawn_when_run_are_bitwise_the_masks_drawn_up_front(prese
     from prunedm.bench.memory import ComposedMaskPro  # every layer's mask drawn before the forward
     from prunedm.masks import MaskProLearner
 
-    learners = []
-    for cls in (MaskProLearner, ComposedMaskPro):
-        torch.manual_seed(0)
-        learners.append(cls(ConvNet(), _loss, preset=preset, total_steps=4, logit_init=1.0))
-    g = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        batch = (torch.randn(4, 8, 6, 6, generator=g), torch.randn(4, 16, generator=g))
-        infos = [learner.step(batch) for learner in learners]
-        assert infos[0] == infos[1]
-        for name, logits in learners[1].logits.items():
-            assert torch.equal(learners[0].logits[name], logits), name
-    assert infos[0]["advantage"] != 0  # the logits moved
+    _, info = _same_steps((MaskProLearner, ComposedMaskPro), preset=preset, logit_init=1.0)
+    assert info["advantage"] != 0  # the logits moved
