@@ -66,18 +66,6 @@ class BenchTransformer(nn.Module):
         return self.proj_out(h)
 
 
-class OfficialFormulation(MaskLLMLearner):
-    """MaskLLM's soft masks as its official code computes them, in each layer's forward: Gumbel noise from
-    torch.rand, a softmax over the C(m, n) patterns and a matmul with the pattern table, each kept by autograd."""
-
-    def _sample_one(self, index: int, name: str, tau: float, scale: float) -> torch.Tensor:
-        logits = self.logits[name]
-        patterns = ops.nm_patterns(self.n, self.m, dtype=torch.float32)
-        noise = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-10, 1 - 1e-7)))
-        soft = torch.softmax((logits * scale + noise) / tau, dim=-1)
-        return (soft @ patterns).reshape(logits.shape[0], -1)
-
-
 class Composed(MaskLLMLearner):
     """Our MaskLLM step as it was before its transient savings: the sample op on logits * scale, whose product
     autograd keeps (the op saves its input) until the backward, and each layer's W * M kept for the backward
@@ -93,6 +81,19 @@ class Composed(MaskLLMLearner):
         return fsdp.sample_rows(
             ops.gumbel_pattern_sample, logits, self.n, self.m, tau, self.hard, seed, backend=self.backend
         )
+
+
+class OfficialFormulation(Composed):
+    """MaskLLM's soft masks as its official code computes them, in each layer's forward: Gumbel noise from
+    torch.rand, a softmax over the C(m, n) patterns and a matmul with the pattern table, each kept by autograd (and
+    each layer's W * M, as Composed)."""
+
+    def _sample_one(self, index: int, name: str, tau: float, scale: float) -> torch.Tensor:
+        logits = self.logits[name]
+        patterns = ops.nm_patterns(self.n, self.m, dtype=torch.float32)
+        noise = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-10, 1 - 1e-7)))
+        soft = torch.softmax((logits * scale + noise) / tau, dim=-1)
+        return (soft @ patterns).reshape(logits.shape[0], -1)
 
 
 class ComposedMaskPro(MaskProLearner):
