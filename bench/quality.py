@@ -97,6 +97,10 @@ DESCRIPTIONS = {
 # Building the variants ------------------------------------------------------------------------------
 
 
+# A variant name ending in this is the variant without it, finetuned with KD from the dense model.
+KD_SUFFIX = "-kd"
+
+
 def load_dense() -> nn.Module:
     """The shipped digits DDPM (a diffusers UNet2DModel)."""
     from diffusers import UNet2DModel
@@ -263,7 +267,12 @@ def run_variant(
             seed=budget.seed, checkpoint_every=max(1, min(100, budget.steps)), keep_checkpoints=1,
             log_every=max(1, budget.steps // 20), progress=progress, keep_sparsity=sparse,
         )  # fmt: skip
-        result = finetune(model, images, work / name / "finetune", config, resume=True)
+        distill = None
+        if name.endswith(KD_SUFFIX):  # output KD from the dense model (prunedm.train.distill's defaults)
+            from prunedm.train.distill import DistillConfig
+
+            distill = DistillConfig(teacher=load_dense().eval())
+        result = finetune(model, images, work / name / "finetune", config, resume=True, distill=distill)
         final, final_loss = result.ema_model.eval(), result.final_loss
     save_pretrained(final, work / name / "model")
     counts = count_model(final)

@@ -58,6 +58,7 @@ BUILD_FIELDS = ("seed", "ratio", "mask_steps", "maskllm_lr", "gradient_images", 
 # MaskPro's official preset).
 EXTRA_DESCRIPTIONS = {
     "2to4-maskllm-official": "2:4 learned by MaskLLM, its 'official' preset (soft masks, lr 5e-4), then finetuned",
+    "channels-magnitude-kd": "channel pruning, magnitude importance, finetuned with output KD from the dense model",
     "2to4-maskllm-short": "2:4 learned by MaskLLM, its 'short' preset, then finetuned",
     "2to4-maskpro-short": "2:4 learned by MaskPro, its 'short' preset (K=4, leave-one-out), then finetuned",
 }
@@ -155,6 +156,8 @@ def _extra_variants(work: Path | None = None):
     original = quality.build_variant
 
     def build_any(name, images, budget, progress):
+        if name.endswith(quality.KD_SUFFIX):  # built as the variant without KD (the finetune adds the KD)
+            return original(name.removesuffix(quality.KD_SUFFIX), images, budget, progress)
         if name in EXTRA_DESCRIPTIONS:
             model = quality.load_dense()
             _learn_preset(model, name, images, budget)
@@ -162,7 +165,8 @@ def _extra_variants(work: Path | None = None):
         return original(name, images, budget, progress)
 
     def build(name, images, budget, progress):
-        return _build_once(lambda: build_any(name, images, budget, progress), name, budget, work)
+        built = name.removesuffix(quality.KD_SUFFIX)  # one build with and without KD
+        return _build_once(lambda: build_any(name, images, budget, progress), built, budget, work)
 
     quality.build_variant = build
     added = {k: v for k, v in EXTRA_DESCRIPTIONS.items() if k not in quality.DESCRIPTIONS}
@@ -224,7 +228,7 @@ def run_all(variants, seeds, budgets, base: quality.Budget, out: Path, work: Pat
                         print(f"{variant} seed {seed} steps {steps}: continues the {resumed}-step finetune")
                     with _extra_variants(work):
                         row = quality.run_variant(variant, images, reference, budget, run_work, run_out, False)
-                    if variant in EXTRA_DESCRIPTIONS:
+                    if variant in EXTRA_DESCRIPTIONS and variant.startswith("2to4-"):
                         row["mask_steps"] = budget.mask_steps
                         write_text_atomic(path, json.dumps(row, indent=1) + "\n")
                 else:

@@ -199,6 +199,34 @@ def test_budgets_share_one_build_and_the_longer_finetune_continues_the_shorter(t
         assert torch.equal(a, b), name
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_kd_variant_shares_the_build_and_finetunes_with_the_dense_teacher(tmp_path, monkeypatch):
+    from diffusers import UNet2DModel
+
+    from prunedm.bench import quality
+    from prunedm.train import distill
+
+    def tiny_digits_unet():
+        torch.manual_seed(0)
+        blocks = {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
+        return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                           block_out_channels=(16, 32), norm_num_groups=4, **blocks)  # fmt: skip
+
+    monkeypatch.setattr(quality, "load_dense", tiny_digits_unet)
+    monkeypatch.setattr(quality, "DESCRIPTIONS", {**quality.DESCRIPTIONS, "2to4-magnitude-kd": "kd"})
+    teachers = []
+    original_loss = distill.DistillLoss.__init__
+    monkeypatch.setattr(
+        distill.DistillLoss, "__init__", lambda self, c, m: teachers.append(c) or original_loss(self, c, m)
+    )
+    base = Budget(batch_size=4, samples=8, sample_steps=1, reference=40)
+    rows = qs.run_all(["2to4-magnitude", "2to4-magnitude-kd"], [0], [1], base, tmp_path / "out", tmp_path / "work")
+    assert [p.name.rsplit("-", 1)[0] for p in (tmp_path / "work" / "built" / "seed-0").iterdir()] == ["2to4-magnitude"]
+    assert len(teachers) == 1 and teachers[0].kd_weight == 0.9  # only the -kd run distils
+    assert rows[0]["final_loss"] != rows[1]["final_loss"] and rows[1]["mask_steps"] == 0
+
+
 def test_runs_of_another_finetune_lr_are_kept_and_compared_apart(tmp_path):
     def at(lr, row):
         return {**row, "budget": {**row["budget"], "lr": lr}}
