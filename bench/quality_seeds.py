@@ -59,6 +59,7 @@ BUILD_FIELDS = ("seed", "ratio", "mask_steps", "maskllm_lr", "gradient_images", 
 EXTRA_DESCRIPTIONS = {
     "2to4-maskllm-official": "2:4 learned by MaskLLM, its 'official' preset (soft masks, lr 5e-4), then finetuned",
     "channels-magnitude-kd": "channel pruning, magnitude importance, finetuned with output KD from the dense model",
+    "2to4-magnitude-kd": "2:4 by magnitude, finetuned with output KD from the dense model",
     "2to4-maskllm-short": "2:4 learned by MaskLLM, its 'short' preset, then finetuned",
     "2to4-maskpro-short": "2:4 learned by MaskPro, its 'short' preset (K=4, leave-one-out), then finetuned",
 }
@@ -228,7 +229,7 @@ def run_all(variants, seeds, budgets, base: quality.Budget, out: Path, work: Pat
                         print(f"{variant} seed {seed} steps {steps}: continues the {resumed}-step finetune")
                     with _extra_variants(work):
                         row = quality.run_variant(variant, images, reference, budget, run_work, run_out, False)
-                    if variant in EXTRA_DESCRIPTIONS and variant.startswith("2to4-"):
+                    if variant in EXTRA_DESCRIPTIONS and ("maskllm" in variant or "maskpro" in variant):
                         row["mask_steps"] = budget.mask_steps
                         write_text_atomic(path, json.dumps(row, indent=1) + "\n")
                 else:
