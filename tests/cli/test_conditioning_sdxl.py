@@ -13,17 +13,16 @@ import pytest
 import torch
 
 from tests.cli.test_conditioning import _run, _samples, captioned, sd_pipeline  # noqa: F401 (fixtures)
-from tests.cli.test_conditioning_mmdit import CLIP_WIDTH, _clip, _clip_tokenizer, _jobs
+from tests.cli.test_conditioning_mmdit import (  # noqa: F401 (its skips and marks: transformers, diffusers)
+    CLIP_WIDTH,
+    _clip,
+    _clip_tokenizer,
+    _jobs,
+    diffusers,
+    pytestmark,
+    transformers,
+)
 from tests.tiny_models import tiny_sdxl_unet
-
-transformers = pytest.importorskip("transformers", reason="text conditioning needs transformers (requirements-dev)")
-diffusers = pytest.importorskip("diffusers")
-
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.usefixtures("one_thread_module"),
-]
 
 SIZE = 8  # latents; the VAE doubles them, so images and time ids are 16 pixels
 
