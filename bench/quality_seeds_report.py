@@ -65,9 +65,13 @@ def coverage(agg: list[dict]) -> str:
 def _learned_vs_magnitude(agg: list[dict], steps: int, lr: float | None = None) -> str | None:
     """'met'/'missed' with the best learned 2:4 row at `steps` finetune steps (at finetune lr `lr`), or None
     when not measured."""
-    learned = [r for r in agg if r["finetune_steps"] == steps and r.get("finetune_lr") == lr
-               and r["variant"].startswith("2to4-") and r["baseline"]]  # fmt: skip
-    if not learned or not any(r["beyond_spread"] is not None for r in learned):
+
+    def learned_mask(variant: str) -> bool:  # MaskLLM / MaskPro masks with the plain finetune (not -kd)
+        return variant.startswith(("2to4-maskllm", "2to4-maskpro")) and not variant.endswith(quality.KD_SUFFIX)
+
+    learned = [r for r in agg if r["finetune_steps"] == steps and r.get("finetune_lr") == lr and r["baseline"]
+               and learned_mask(r["variant"]) and r["beyond_spread"] is not None]  # 2+ seeds each  # fmt: skip
+    if not learned:
         return None
     best = min(learned, key=lambda r: r["fid_diff"])
     met = any(r["beyond_spread"] and r["fid_diff"] < 0 for r in learned)

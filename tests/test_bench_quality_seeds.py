@@ -156,6 +156,8 @@ def test_targets_are_reported_as_measured():
         _row("2to4-maskpro", s, 120.0) for s in range(2)
     ]
     assert "100 steps: missed" in qs.targets(qs.aggregate(worse))
+    kd = [_row("2to4-magnitude-kd", s, 50.0) for s in range(2)]  # a better finetune, not a learned mask
+    assert "100 steps: missed (best 2to4-maskpro," in qs.targets(qs.aggregate(worse + kd))
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
